@@ -1,0 +1,65 @@
+"""The thin HTTP face: builds the FastAPI app around injected settings and Redis. No upstream
+calls happen here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from api import errors, routes
+from api.services import Services
+from moonq.keys import Keys
+from moonq.redis import connect, ping
+from moonq.settings import Settings
+from moonq.store import JobStore
+from moonq.stream import EventHub
+
+log = logging.getLogger("moonq.api")
+
+
+def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
+    """The API. `redis` is injected by dev mode (embedded Redis) and tests."""
+    tenants = settings.tenants_by_key()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = redis or connect(settings.redis_url, settings.redis_max_connections)
+        store = JobStore(
+            client,
+            Keys(settings.key_prefix),
+            queue_name=settings.queue_name,
+            result_ttl=settings.result_ttl,
+            max_events=settings.max_events,
+        )
+        app.state.services = Services(settings, client, store, EventHub(client), tenants)
+        if not tenants:
+            log.warning("MOONQ_API_KEYS is empty: the API is open to anyone who can reach it")
+        if not await ping(client):
+            log.warning("Redis is not reachable yet; requests get 503 until it is")
+        try:
+            yield
+        finally:
+            await app.state.services.hub.close()
+            if redis is None:
+                await client.aclose()
+
+    app = FastAPI(
+        title="moonq",
+        summary="A Redis job queue for Moonshot and OpenAI-compatible chat completions",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(routes.router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """For `uvicorn --factory api.app:app_from_env`."""
+    from moonq.settings import get_settings
+
+    return create_app(get_settings())

@@ -1,0 +1,31 @@
+"""What routes need, built once per process in the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+from redis.asyncio import Redis
+
+from moonq.keys import Keys
+from moonq.settings import Settings
+from moonq.store import JobStore
+from moonq.stream import EventHub
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: Redis
+    store: JobStore
+    hub: EventHub
+    tenants: dict[str, str]
+
+    @property
+    def keys(self) -> Keys:
+        return self.store.keys
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found

@@ -1,0 +1,31 @@
+"""Every Redis key and channel name moonq uses, in one place so api and worker cannot drift."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Names under one prefix, so several deployments (or tests) can share a Redis."""
+
+    prefix: str = "moonq"
+
+    def job(self, job_id: str) -> str:
+        """Hash: the job record (status, timestamps, request, result, usage, error)."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def log(self, job_id: str) -> str:
+        """Stream: every event of the job, entry id `0-<seq>`, replayed to late subscribers."""
+        return f"{self.prefix}:log:{job_id}"
+
+    def channel(self, job_id: str) -> str:
+        """Pub/sub channel on which each event is published live."""
+        return f"{self.prefix}:events:{job_id}"
+
+    def tenant_jobs(self, tenant: str) -> str:
+        """Sorted set of a tenant's job ids, scored by creation time."""
+        return f"{self.prefix}:tenant:{tenant}:jobs"
+
+    def channel_prefix(self) -> str:
+        return f"{self.prefix}:events:"

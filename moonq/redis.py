@@ -1,0 +1,61 @@
+"""Redis clients: one bounded, blocking pool per process, and the embedded fallback for dev."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fakeredis
+from arq.connections import ArqRedis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import Pipeline
+
+from moonq.serde import arq_deserialize, arq_serialize
+
+
+def connect(url: str, max_connections: int = 64, **kwargs: Any) -> ArqRedis:
+    """A client whose pool waits for a free connection instead of opening one per command.
+
+    redis-py's default pool opens a new connection for every concurrent command; thousands of
+    streams must share a bounded pool.
+    """
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=10,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        **kwargs,
+    )
+    return ArqRedis(pool, job_serializer=arq_serialize, job_deserializer=arq_deserialize)
+
+
+class _EmbeddedPipeline(Pipeline):
+    def info(self, section: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        # An empty hash reads as an empty INFO section: arq only logs its fields.
+        return self.hgetall("moonq:embedded:info")
+
+
+class EmbeddedArqRedis(ArqRedis):
+    """ArqRedis over an in-process fakeredis server. fakeredis lacks INFO, which arq's worker
+    sends at start in a pipeline (`arq.connections.log_redis_info`); answer it with nothing."""
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Pipeline:
+        return _EmbeddedPipeline(
+            self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
+
+
+def embedded(server: fakeredis.FakeServer | None = None) -> ArqRedis:
+    server = server or fakeredis.FakeServer()
+    pool = fakeredis.FakeAsyncRedis(server=server).connection_pool
+    return EmbeddedArqRedis(pool, job_serializer=arq_serialize, job_deserializer=arq_deserialize)
+
+
+async def ping(client: Redis) -> bool:
+    try:
+        return bool(await client.ping())
+    except Exception:
+        return False
+
+
+__all__ = ["ArqRedis", "Redis", "connect", "embedded", "ping"]

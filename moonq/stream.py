@@ -1,0 +1,217 @@
+"""Reading a job's events: replay the log, then follow the live channel, each event exactly once.
+
+Pub/sub alone is at-most-once (a late or reconnecting subscriber misses what was sent), so every
+event is also in the job's log. A reader subscribes first, replays the log, then takes live
+events, dropping duplicates by `seq` and filling any gap from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from moonq.keys import Keys
+from moonq.models import TERMINAL_EVENTS
+
+log = logging.getLogger("moonq.stream")
+
+_HEAD = re.compile(rb'^\{"seq":(\d+),"event":"(\w+)"')
+_REPLAY_BATCH = 500
+
+
+@dataclass(frozen=True)
+class RawEvent:
+    """An event as published: its JSON text is passed on unchanged to SSE clients."""
+
+    seq: int
+    event: str
+    raw: bytes
+
+    @property
+    def terminal(self) -> bool:
+        return self.event in TERMINAL_EVENTS
+
+    @classmethod
+    def parse(cls, raw: bytes) -> RawEvent:
+        match = _HEAD.match(raw)
+        if match:
+            return cls(int(match[1]), match[2].decode(), raw)
+        data = json.loads(raw)  # not written by moonq's own encoder; still an event
+        return cls(int(data["seq"]), str(data["event"]), raw)
+
+
+async def replay(redis: Redis, log_key: str, after: int) -> AsyncIterator[RawEvent]:
+    """Events in the log with seq > after, in order, read a batch at a time."""
+    while True:
+        rows = await redis.xrange(log_key, f"0-{after + 1}", "+", count=_REPLAY_BATCH)
+        for _, fields in rows:
+            event = RawEvent.parse(fields[b"e"])
+            after = event.seq
+            yield event
+        if len(rows) < _REPLAY_BATCH:
+            return
+
+
+class EventHub:
+    """One pub/sub connection per process, fanned out in-process to every listener.
+
+    Each listener gets a bounded queue; a listener too slow to keep up loses live messages,
+    which its reader then takes from the log, so memory stays bounded and nothing is lost.
+    """
+
+    def __init__(self, redis: Redis, *, queue_size: int = 1024, retry_delay: float = 0.5):
+        self._redis = redis
+        self._queue_size = queue_size
+        self._retry_delay = retry_delay
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._listeners: dict[bytes, set[asyncio.Queue[bytes]]] = {}
+        self._ready: dict[bytes, asyncio.Event] = {}
+
+    @contextlib.asynccontextmanager
+    async def listen(
+        self, channel: str, confirm_within: float = 5.0
+    ) -> AsyncIterator[asyncio.Queue[bytes]]:
+        """A queue of the channel's messages from the moment Redis confirms the subscription."""
+        name = channel.encode()
+        queue: asyncio.Queue[bytes] = asyncio.Queue(self._queue_size)
+        listeners = self._listeners.setdefault(name, set())
+        listeners.add(queue)
+        try:
+            if name not in self._ready:
+                self._ready[name] = asyncio.Event()
+                await self._subscribe(name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready[name].wait(), confirm_within)
+            yield queue
+        finally:
+            listeners.discard(queue)
+            if not listeners:
+                await self._drop(name)
+
+    async def _subscribe(self, name: bytes) -> None:
+        if self._pubsub is None:
+            self._pubsub = self._redis.pubsub()
+        try:
+            await self._pubsub.subscribe(name)
+        except (RedisError, OSError):
+            log.warning("pub/sub subscribe failed; readers fall back to the log")
+            self._reset_pubsub()
+            return
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read(), name="moonq-event-hub")
+
+    async def _drop(self, name: bytes) -> None:
+        self._listeners.pop(name, None)
+        self._ready.pop(name, None)
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.unsubscribe(name)
+
+    async def _read(self) -> None:
+        while self._listeners:
+            pubsub = self._pubsub
+            try:
+                if pubsub is None or not pubsub.subscribed:
+                    await self._resubscribe()
+                    continue
+                message = await pubsub.get_message(timeout=1.0)
+            except (RedisError, OSError):
+                log.warning("pub/sub connection lost; resubscribing")
+                self._reset_pubsub()
+                await asyncio.sleep(self._retry_delay)
+                continue
+            if message is not None:
+                self._dispatch(message)
+
+    def _dispatch(self, message: dict[str, object]) -> None:
+        channel = message.get("channel")
+        if not isinstance(channel, bytes):
+            return
+        if message.get("type") == "subscribe":
+            if channel in self._ready:
+                self._ready[channel].set()
+            return
+        data = message.get("data")
+        if message.get("type") != "message" or not isinstance(data, bytes):
+            return
+        for queue in self._listeners.get(channel, ()):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(data)
+
+    async def _resubscribe(self) -> None:
+        names = list(self._listeners)
+        if not names:
+            return
+        self._pubsub = self._redis.pubsub()
+        for name in names:
+            self._ready.setdefault(name, asyncio.Event())
+        await self._pubsub.subscribe(*names)
+
+    def _reset_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            task = asyncio.ensure_future(pubsub.aclose())  # type: ignore[no-untyped-call]
+            task.add_done_callback(lambda t: t.exception())
+
+    async def close(self) -> None:
+        self._listeners.clear()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                await self._reader
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            self._pubsub = None
+
+
+async def follow(
+    redis: Redis, hub: EventHub, keys: Keys, job_id: str, *, after: int = 0, poll: float = 2.0
+) -> AsyncIterator[RawEvent]:
+    """Every event of the job with seq > after, exactly once and in order, until the terminal one.
+
+    Stops early (without a terminal event) only if the job's log disappears (expired).
+    """
+    log_key = keys.log(job_id)
+    async with hub.listen(keys.channel(job_id)) as queue:
+        last = after
+        while True:
+            async for event in replay(redis, log_key, last):
+                last = event.seq
+                yield event
+                if event.terminal:
+                    return
+            if not await redis.exists(keys.job(job_id)):
+                return
+            async for event in _live(queue, last, poll):
+                last = event.seq
+                yield event
+                if event.terminal:
+                    return
+            # idle for `poll` seconds, or a gap in the live feed: back to the log
+
+
+async def _live(queue: asyncio.Queue[bytes], last: int, poll: float) -> AsyncIterator[RawEvent]:
+    """Consecutive live events after `last`; ends on an idle `poll` or on a gap."""
+    while True:
+        try:
+            raw = await asyncio.wait_for(queue.get(), poll)
+        except TimeoutError:
+            return
+        event = RawEvent.parse(raw)
+        if event.seq <= last:
+            continue
+        if event.seq != last + 1:
+            return
+        last = event.seq
+        yield event

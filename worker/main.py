@@ -1,0 +1,99 @@
+"""The arq face: worker settings tuned for LLM jobs, and the job function.
+
+Run with `moonq worker` or `arq worker.main.WorkerSettings`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+from arq import Worker
+from arq.connections import ArqRedis, RedisSettings
+from arq.worker import func
+
+from moonq.keys import Keys
+from moonq.redis import connect
+from moonq.serde import arq_deserialize, arq_serialize
+from moonq.settings import Settings, get_settings
+from moonq.store import JOB_FUNCTION, JobStore
+from worker.jobs import Runner
+from worker.upstream import MoonshotClient
+
+log = logging.getLogger("moonq.worker")
+
+# arq counts every run (crash re-runs too); moonq counts attempts itself against
+# MOONQ_MAX_ATTEMPTS, so arq's own cap only guards against a job looping forever.
+ARQ_MAX_TRIES = 1000
+
+
+async def run_completion(ctx: dict[str, Any], job_id: str) -> str:
+    runner: Runner = ctx["moonq_runner"]
+    return await runner.run(job_id)
+
+
+def worker_kwargs(
+    settings: Settings,
+    *,
+    redis: ArqRedis | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> dict[str, Any]:
+    """Everything `arq.Worker` takes; `redis` and `transport` are injected by dev mode and tests."""
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        client = redis or connect(settings.redis_url, settings.redis_max_connections)
+        store = JobStore(
+            client,
+            Keys(settings.key_prefix),
+            queue_name=settings.queue_name,
+            result_ttl=settings.result_ttl,
+            max_events=settings.max_events,
+        )
+        upstream = MoonshotClient.from_settings(settings, transport)
+        ctx["moonq_runner"] = Runner(store, upstream, settings)
+        ctx["moonq_redis"] = client
+        log.info(
+            "moonq worker: upstream %s, concurrency %d",
+            settings.moonshot_base_url,
+            settings.worker_concurrency,
+        )
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        runner: Runner | None = ctx.get("moonq_runner")
+        if runner is not None:
+            await runner.client.aclose()
+        if redis is None and "moonq_redis" in ctx:
+            await ctx["moonq_redis"].aclose()
+
+    return {
+        "functions": [func(run_completion, name=JOB_FUNCTION, max_tries=ARQ_MAX_TRIES)],
+        "queue_name": settings.queue_name,
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_pool": redis,
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "max_jobs": settings.worker_concurrency,
+        # moonq enforces MOONQ_JOB_TIMEOUT itself and records it; arq's is the backstop.
+        "job_timeout": settings.job_timeout + 30,
+        "keep_result": 60,
+        "poll_delay": settings.poll_delay,
+        "max_tries": ARQ_MAX_TRIES,
+        "job_serializer": arq_serialize,
+        "job_deserializer": arq_deserialize,
+        "expires_extra_ms": settings.result_ttl * 1000,
+        "health_check_interval": 10,
+    }
+
+
+def create_worker(settings: Settings, **overrides: Any) -> Worker:
+    injected = {k: overrides.pop(k) for k in ("redis", "transport") if k in overrides}
+    return Worker(**{**worker_kwargs(settings, **injected), **overrides})
+
+
+def __getattr__(name: str) -> Any:
+    """`WorkerSettings`, for `arq worker.main.WorkerSettings`: built from the environment when
+    asked for, so importing this module reads no settings."""
+    if name == "WorkerSettings":
+        return worker_kwargs(get_settings())
+    raise AttributeError(name)
