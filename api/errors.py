@@ -32,9 +32,15 @@ class APIError(HTTPException):
     """An error with a moonq error type; raise it from routes and dependencies."""
 
     def __init__(
-        self, status_code: int, message: str, *, type: str | None = None, **extra: Any
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
     ) -> None:
-        super().__init__(status_code, message)
+        super().__init__(status_code, message, headers)
         self.type = type or _TYPES.get(status_code, "api_error")
         self.extra = extra
 

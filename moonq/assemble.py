@@ -27,8 +27,10 @@ class _ToolCall:
             self.name = self.name or function.get("name")
             self.arguments += function.get("arguments") or ""
 
-    def dump(self) -> dict[str, Any]:
+    def dump(self, index: int) -> dict[str, Any]:
+        # Moonshot's non-streaming answer keeps each call's `index`; so do we.
         return {
+            "index": index,
             "id": self.id,
             "type": self.type or "function",
             "function": {"name": self.name, "arguments": self.arguments},
@@ -69,7 +71,7 @@ class _Choice:
         message: dict[str, Any] = {"role": self.role, "content": self.text.get("content")}
         message.update({k: v for k, v in self.text.items() if k != "content"})
         if self.tool_calls:
-            message["tool_calls"] = [self.tool_calls[i].dump() for i in sorted(self.tool_calls)]
+            message["tool_calls"] = [self.tool_calls[i].dump(i) for i in sorted(self.tool_calls)]
         out: dict[str, Any] = {
             "index": self.index,
             "message": message,

@@ -47,8 +47,13 @@ def _fake(args: argparse.Namespace) -> None:
 def _settings() -> Settings:
     try:
         return get_settings()
-    except (ValidationError, ValueError) as exc:
-        sys.exit(f"moonq: invalid settings:\n{exc}")
+    except ValidationError as exc:
+        # Without the offending values: some settings are secrets.
+        lines = [
+            f"  {'.'.join(map(str, e['loc']))}: {e['msg']}"
+            for e in exc.errors(include_input=False, include_url=False)
+        ]
+        sys.exit("moonq: invalid settings:\n" + "\n".join(lines))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ Whether and when to retry is decided here, in one place, from status, error type
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from email.utils import parsedate_to_datetime
@@ -75,20 +76,59 @@ class UpstreamProtocolError(UpstreamError):
     retryable = True
 
 
-_NOT_RETRYABLE_429 = {"exceeded_current_quota_error"}
+# Moonshot's error types, by what a retry can do about them.
+_BY_TYPE: dict[str, type[UpstreamError]] = {
+    "rate_limit_reached_error": UpstreamRateLimited,
+    "engine_overloaded_error": UpstreamRateLimited,
+    "exceeded_current_quota_error": UpstreamQuotaExceeded,
+    "invalid_request_error": UpstreamRejected,
+    "content_filter": UpstreamRejected,
+    "invalid_authentication_error": UpstreamRejected,
+    "permission_denied_error": UpstreamRejected,
+    "resource_not_found_error": UpstreamRejected,
+    "server_error": UpstreamServerError,
+}
+
+
+def _by_status(status: int) -> tuple[type[UpstreamError], str]:
+    if status == 429:
+        return UpstreamRateLimited, "rate_limit_reached_error"
+    if status == 408:
+        return UpstreamTimeout, "timeout"
+    if status >= 500:
+        return UpstreamServerError, "server_error"
+    return UpstreamRejected, "invalid_request_error"
+
+
+def classify(kind: str | None, status: int | None) -> tuple[type[UpstreamError], str]:
+    """The class for an upstream error: by Moonshot's type when known, else by HTTP status."""
+    if kind in _BY_TYPE:
+        return _BY_TYPE[kind], kind
+    if status is None:
+        return UpstreamServerError, kind or "server_error"
+    cls, default = _by_status(status)
+    if status == 429 and kind:
+        cls = UpstreamRateLimited  # an unknown 429 type: back off rather than give up
+    return cls, kind or default
+
+
+MAX_RETRY_AFTER = 3600.0
 
 
 def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header (delta or HTTP date), clamped to [0, 1 h]."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    if not math.isfinite(seconds):
         return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 def _error_body(text: str) -> tuple[str | None, str | None]:
@@ -109,29 +149,20 @@ def from_response(status: int, text: str, headers: httpx.Headers) -> UpstreamErr
     kind, message = _error_body(text)
     message = message or (text[:500] if text else f"upstream answered HTTP {status}")
     retry_after = parse_retry_after(headers.get("retry-after"))
-    cls: type[UpstreamError]
-    if status == 429:
-        kind = kind or "rate_limit_reached_error"
-        cls = UpstreamQuotaExceeded if kind in _NOT_RETRYABLE_429 else UpstreamRateLimited
-    elif status == 408:
-        cls, kind = UpstreamTimeout, kind or "timeout"
-    elif status >= 500:
-        cls, kind = UpstreamServerError, kind or "server_error"
-    else:
-        cls, kind = UpstreamRejected, kind or "invalid_request_error"
+    if status >= 500 and kind in _BY_TYPE and not _BY_TYPE[kind].retryable:
+        kind = None  # a 5xx is the server's fault, whatever its body says
+    cls, kind = classify(kind, status)
     return cls(message, type=kind, status_code=status, retry_after=retry_after)
 
 
 def from_stream_error(error: Any) -> UpstreamError:
     """An `{"error": ...}` object sent inside the event stream instead of a chunk."""
+    kind, message = None, str(error)
     if isinstance(error, dict):
-        kind = str(error.get("type") or "server_error")
+        kind = str(error["type"]) if error.get("type") else None
         message = str(error.get("message") or "upstream sent an error mid-stream")
-    else:
-        kind, message = "server_error", str(error)
-    if kind in _NOT_RETRYABLE_429 or kind in ("invalid_request_error", "content_filter"):
-        return UpstreamRejected(message, type=kind)
-    return UpstreamServerError(message, type=kind)
+    cls, kind = classify(kind, None)
+    return cls(message, type=kind)
 
 
 def from_transport(exc: httpx.TransportError) -> UpstreamError:

@@ -26,7 +26,9 @@ def connect(url: str, max_connections: int = 64, **kwargs: Any) -> ArqRedis:
         health_check_interval=30,
         **kwargs,
     )
-    return ArqRedis(pool, job_serializer=arq_serialize, job_deserializer=arq_deserialize)
+    client = ArqRedis(pool, job_serializer=arq_serialize, job_deserializer=arq_deserialize)
+    client.auto_close_connection_pool = True  # the pool is this client's alone
+    return client
 
 
 class _EmbeddedPipeline(Pipeline):
@@ -48,7 +50,9 @@ class EmbeddedArqRedis(ArqRedis):
 def embedded(server: fakeredis.FakeServer | None = None) -> ArqRedis:
     server = server or fakeredis.FakeServer()
     pool = fakeredis.FakeAsyncRedis(server=server).connection_pool
-    return EmbeddedArqRedis(pool, job_serializer=arq_serialize, job_deserializer=arq_deserialize)
+    client = EmbeddedArqRedis(pool, job_serializer=arq_serialize, job_deserializer=arq_deserialize)
+    client.auto_close_connection_pool = True
+    return client
 
 
 async def ping(client: Redis) -> bool:

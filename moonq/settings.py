@@ -28,10 +28,18 @@ class Settings(BaseSettings):
     poll_delay: float = Field(0.05, gt=0, le=5, alias="MOONQ_POLL_DELAY")
     job_timeout: int = Field(600, ge=1, alias="MOONQ_JOB_TIMEOUT")
     max_attempts: int = Field(5, ge=1, le=100, alias="MOONQ_MAX_ATTEMPTS")
+    retry_base_delay: float = Field(1.0, ge=0, alias="MOONQ_RETRY_BASE_DELAY")
+    retry_max_delay: float = Field(60.0, ge=0, alias="MOONQ_RETRY_MAX_DELAY")
     connect_timeout: float = Field(10.0, gt=0, alias="MOONQ_CONNECT_TIMEOUT")
     read_timeout: float = Field(120.0, gt=0, alias="MOONQ_READ_TIMEOUT")
     redis_max_connections: int = Field(64, ge=2, alias="MOONQ_REDIS_MAX_CONNECTIONS")
     max_wait: float = Field(60.0, ge=0, alias="MOONQ_MAX_WAIT")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: SecretStr) -> SecretStr:
+        parse_api_keys(value.get_secret_value())
+        return value
 
     @field_validator("moonshot_base_url")
     @classmethod

@@ -76,6 +76,7 @@ class EventHub:
         self._reader: asyncio.Task[None] | None = None
         self._listeners: dict[bytes, set[asyncio.Queue[bytes]]] = {}
         self._ready: dict[bytes, asyncio.Event] = {}
+        self._lock = asyncio.Lock()
 
     @contextlib.asynccontextmanager
     async def listen(
@@ -84,19 +85,25 @@ class EventHub:
         """A queue of the channel's messages from the moment Redis confirms the subscription."""
         name = channel.encode()
         queue: asyncio.Queue[bytes] = asyncio.Queue(self._queue_size)
-        listeners = self._listeners.setdefault(name, set())
-        listeners.add(queue)
-        try:
+        # Subscribes and unsubscribes go one at a time: redis-py's PubSub would otherwise open
+        # a second connection for a concurrent first subscribe, and an unsubscribe could
+        # overtake the subscribe of a listener that just arrived.
+        async with self._lock:
+            listeners = self._listeners.setdefault(name, set())
+            listeners.add(queue)
             if name not in self._ready:
                 self._ready[name] = asyncio.Event()
                 await self._subscribe(name)
+            ready = self._ready[name]
+        try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready[name].wait(), confirm_within)
+                await asyncio.wait_for(ready.wait(), confirm_within)
             yield queue
         finally:
-            listeners.discard(queue)
-            if not listeners:
-                await self._drop(name)
+            async with self._lock:
+                listeners.discard(queue)
+                if not listeners and self._listeners.get(name) is listeners:
+                    await self._drop(name)
 
     async def _subscribe(self, name: bytes) -> None:
         if self._pubsub is None:
@@ -111,18 +118,21 @@ class EventHub:
             self._reader = asyncio.create_task(self._read(), name="moonq-event-hub")
 
     async def _drop(self, name: bytes) -> None:
-        self._listeners.pop(name, None)
+        del self._listeners[name]
         self._ready.pop(name, None)
         if self._pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
+            try:
                 await self._pubsub.unsubscribe(name)
+            except (RedisError, OSError):
+                self._reset_pubsub()
 
     async def _read(self) -> None:
         while self._listeners:
             pubsub = self._pubsub
             try:
                 if pubsub is None or not pubsub.subscribed:
-                    await self._resubscribe()
+                    async with self._lock:
+                        await self._resubscribe()
                     continue
                 message = await pubsub.get_message(timeout=1.0)
             except (RedisError, OSError):
@@ -152,6 +162,7 @@ class EventHub:
         names = list(self._listeners)
         if not names:
             return
+        self._reset_pubsub()
         self._pubsub = self._redis.pubsub()
         for name in names:
             self._ready.setdefault(name, asyncio.Event())

@@ -89,7 +89,12 @@ class Runner:
     ) -> str:
         await publisher.drain()  # chunks before the failure stay in the log, in order
         if error.retryable and attempt < self.settings.max_attempts:
-            delay = errors.retry_delay(error, attempt)
+            delay = errors.retry_delay(
+                error,
+                attempt,
+                base=self.settings.retry_base_delay,
+                cap=self.settings.retry_max_delay,
+            )
             if await self.store.requeue(job_id, attempt, f"{error.type}: {error.message}"):
                 log.info("job %s attempt %d: %s; retrying in %.1fs", job_id, attempt, error, delay)
                 raise Retry(defer=delay)

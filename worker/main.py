@@ -53,6 +53,8 @@ def worker_kwargs(
         upstream = MoonshotClient.from_settings(settings, transport)
         ctx["moonq_runner"] = Runner(store, upstream, settings)
         ctx["moonq_redis"] = client
+        if settings.moonshot_api_key is None:
+            log.warning("MOONSHOT_API_KEY is not set: upstream calls carry no key")
         log.info(
             "moonq worker: upstream %s, concurrency %d",
             settings.moonshot_base_url,

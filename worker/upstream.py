@@ -29,6 +29,7 @@ class MoonshotClient:
         read_timeout: float = 120.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        self._key = api_key
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
@@ -67,7 +68,16 @@ class MoonshotClient:
                 async for chunk in _chunks(EventSource(response)):
                     yield chunk
         except httpx.TransportError as exc:
-            raise errors.from_transport(exc) from exc
+            raise self._redact(errors.from_transport(exc)) from exc
+        except errors.UpstreamError as exc:
+            raise self._redact(exc) from exc.__cause__
+
+    def _redact(self, error: errors.UpstreamError) -> errors.UpstreamError:
+        """Upstreams may echo the key in an error message; the job's error must not keep it."""
+        if self._key and self._key in error.message:
+            error.message = error.message.replace(self._key, "***")
+            error.args = (error.message,)
+        return error
 
 
 async def _chunks(source: EventSource) -> AsyncIterator[dict[str, Any]]:

@@ -1,0 +1,149 @@
+"""Fixtures: real Redis (fails loudly in CI when missing), fakeredis, the fake upstream, and
+factories for the API and worker."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import pytest
+import redis as sync_redis
+from arq.connections import ArqRedis
+
+from api.app import create_app
+from moonq.fake_moonshot import FakeServer, start_fake
+from moonq.redis import connect, embedded
+from moonq.settings import Settings
+from worker.main import create_worker
+
+# Tests use their own database index and a key prefix of their own, and delete what they wrote.
+TEST_DB = int(os.environ.get("MOONQ_TEST_REDIS_DB", "13"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _test_redis_url() -> str:
+    parts = urlsplit(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    return urlunsplit(parts._replace(path=f"/{TEST_DB}"))
+
+
+@pytest.fixture(scope="session")
+def real_redis_url() -> str:
+    url = _test_redis_url()
+    client = sync_redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except sync_redis.RedisError as exc:
+        if IN_CI:
+            pytest.fail(f"CI=true but real Redis is not reachable at {url}: {exc}", pytrace=False)
+        pytest.skip(f"real Redis not reachable at {url} (set REDIS_URL)")
+    finally:
+        client.close()
+    return url
+
+
+def cleanup_prefix(url: str, prefix: str) -> None:
+    """Delete every key under the prefix, and arq's keys for the prefix's jobs."""
+    client = sync_redis.Redis.from_url(url)
+    try:
+        doomed = list(client.scan_iter(f"{prefix}:*", count=1000))
+        job_ids = [k.decode().rsplit(":", 1)[1] for k in doomed if b":job:" in k]
+        for job_id in job_ids:
+            doomed += list(client.scan_iter(f"arq:*{job_id}", count=1000))
+        for i in range(0, len(doomed), 500):
+            client.delete(*doomed[i : i + 500])
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A key prefix of this test's own."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    yield name
+    if "real_redis_url" in request.fixturenames:
+        cleanup_prefix(request.getfixturevalue("real_redis_url"), name)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeServer]:
+    server = await start_fake()
+    yield server
+    await server.close()
+
+
+def make_settings(redis_url: str, prefix: str, upstream: str, **extra: Any) -> Settings:
+    values: dict[str, Any] = {
+        "REDIS_URL": redis_url,
+        "MOONQ_KEY_PREFIX": prefix,
+        "MOONQ_QUEUE_NAME": f"{prefix}:queue",
+        "MOONSHOT_BASE_URL": upstream,
+        "MOONSHOT_API_KEY": "sk-test-upstream-key",
+        "MOONQ_POLL_DELAY": 0.01,
+        "MOONQ_API_KEYS": "",
+        **extra,
+    }
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+async def fake_redis() -> AsyncIterator[ArqRedis]:
+    client = embedded()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def real_redis(real_redis_url: str) -> AsyncIterator[ArqRedis]:
+    client = connect(real_redis_url)
+    yield client
+    await client.aclose()
+
+
+class Stack:
+    """An API (in-process, over ASGI) and burst workers sharing one Redis client."""
+
+    def __init__(self, settings: Settings, redis: ArqRedis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.app = create_app(settings, redis=redis)
+
+    async def run_worker(self, **overrides: Any) -> None:
+        """Run a worker until the queue is empty, as `arq --burst` would."""
+        worker = create_worker(
+            self.settings, redis=self.redis, burst=True, handle_signals=False, **overrides
+        )
+        try:
+            await worker.main()
+        finally:
+            await worker.close()
+
+
+@pytest.fixture
+async def stack_factory(fake_redis: ArqRedis, fake: FakeServer, prefix: str) -> AsyncIterator[Any]:
+    """Build `(stack, client)` pairs over fakeredis and the fake upstream."""
+    opened: list[Any] = []
+
+    async def build(**extra: Any) -> tuple[Stack, httpx.AsyncClient]:
+        stack = Stack(make_settings("redis://unused", prefix, fake.url, **extra), fake_redis)
+        lifespan = stack.app.router.lifespan_context(stack.app)
+        await lifespan.__aenter__()
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=stack.app), base_url="http://moonq"
+        )
+        opened.append((lifespan, client))
+        return stack, client
+
+    yield build
+    for lifespan, client in reversed(opened):
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+
+def chat(text: str = "hello", **extra: Any) -> dict[str, Any]:
+    """A job submission for the fake upstream."""
+    body = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": text}], **extra}
+    return {"body": body}

@@ -1,0 +1,208 @@
+"""The HTTP API over fakeredis: validation, errors, tenants, polling."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+
+from moonq.fake_moonshot import expected_content
+from tests.conftest import chat
+
+
+async def _keys(stack: Any) -> list[bytes]:
+    return sorted(await stack.redis.keys("*"))
+
+
+async def test_submit_answers_202_with_the_job(stack_factory: Any) -> None:
+    stack, client = await stack_factory()
+    response = await client.post(
+        "/v1/jobs", json={**chat(), "custom_id": "doc-1", "metadata": {"batch": "a"}}
+    )
+    assert response.status_code == 202
+    job = response.json()
+    assert job["status"] == "queued"
+    assert job["id"].startswith("job_") and len(job["id"]) == 36
+    assert job["custom_id"] == "doc-1" and job["metadata"] == {"batch": "a"}
+    assert job["model"] == "moonshot-v1-8k" and job["attempts"] == 0
+    assert job["channel"] == f"{stack.settings.key_prefix}:events:{job['id']}"
+    fetched = await client.get(f"/v1/jobs/{job['id']}")
+    assert fetched.status_code == 200 and fetched.json() == job
+
+
+async def test_job_ids_are_unguessable(stack_factory: Any) -> None:
+    _, client = await stack_factory()
+    ids = {(await client.post("/v1/jobs", json=chat())).json()["id"] for _ in range(20)}
+    assert len(ids) == 20
+    # no shared structure a client could count along: 32 random hex digits each
+    assert len({i[4:12] for i in ids}) == 20
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({"body": {"messages": [{"role": "user", "content": "x"}]}}, "body.model"),
+        ({"body": {"model": "m"}}, "body.messages"),
+        ({"body": {"model": "m", "messages": []}}, "body.messages"),
+        ({"body": {"model": 7, "messages": [{"role": "user", "content": "x"}]}}, "body.model"),
+        ({"body": {"model": "m", "messages": "hi"}}, "body.messages"),
+        ({"body": {"model": "m", "messages": [{"content": "x"}]}}, "body.messages.0.role"),
+        ({**chat(), "custom_id": 5}, "custom_id"),
+        ({**chat(), "metadata": [1]}, "metadata"),
+        ({**chat(), "bogus": 1}, "bogus"),
+        ({}, "body"),
+    ],
+)
+async def test_bad_submissions_are_422_naming_the_field(
+    stack_factory: Any, payload: dict[str, Any], param: str
+) -> None:
+    stack, client = await stack_factory()
+    before = await _keys(stack)
+    response = await client.post("/v1/jobs", json=payload)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param and param in error["message"]
+    assert await _keys(stack) == before  # nothing half-written
+
+
+async def test_malformed_json_is_422(stack_factory: Any) -> None:
+    stack, client = await stack_factory()
+    before = await _keys(stack)
+    response = await client.post(
+        "/v1/jobs", content=b'{"body": {"model": ', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert "Malformed JSON" in response.json()["error"]["message"]
+    assert await _keys(stack) == before
+
+
+async def test_unknown_chat_fields_reach_the_upstream_untouched(stack_factory: Any) -> None:
+    stack, client = await stack_factory()
+    extra = {"temperature": 0.3, "top_p": 0.9, "vendor_thing": {"nested": [1, 2]}}
+    job = (await client.post("/v1/jobs", json=chat("passthrough", **extra))).json()
+    stored = await stack.redis.hget(f"{stack.settings.key_prefix}:job:{job['id']}", "request")
+    import json
+
+    request = json.loads(stored)
+    assert {k: request[k] for k in extra} == extra
+    assert "stream" not in request  # the worker adds it upstream, the record keeps the ask
+
+
+@pytest.mark.parametrize("job_id", ["job_" + "0" * 32, "nope", "job_../../x"])
+async def test_unknown_job_is_404_json(stack_factory: Any, job_id: str) -> None:
+    _, client = await stack_factory()
+    for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/events"):
+        response = await client.get(path)
+        assert response.status_code == 404
+        assert response.json()["error"]["type"] == "not_found_error"
+
+
+async def test_completed_job_has_result_and_usage(stack_factory: Any) -> None:
+    stack, client = await stack_factory()
+    job = (await client.post("/v1/jobs", json=chat("poll me"))).json()
+    await stack.run_worker()
+    done = (await client.get(f"/v1/jobs/{job['id']}")).json()
+    assert done["status"] == "completed" and done["attempts"] == 1
+    assert done["started_at"] >= done["created_at"] and done["completed_at"] >= done["started_at"]
+    message = done["result"]["choices"][0]["message"]
+    assert message["content"] == expected_content(chat("poll me")["body"])
+    assert done["usage"] == done["result"]["usage"] and done["usage"]["total_tokens"] > 0
+    assert done["error"] is None
+
+
+async def test_long_poll_returns_when_the_job_ends(stack_factory: Any) -> None:
+    stack, client = await stack_factory()
+    job = (await client.post("/v1/jobs", json=chat(fake_moonshot={"delay": 0.05}))).json()
+    poll = asyncio.create_task(client.get(f"/v1/jobs/{job['id']}", params={"wait": 30}))
+    await asyncio.sleep(0.2)
+    assert not poll.done()  # still waiting: the job has not run
+    loop = asyncio.get_running_loop()
+    await stack.run_worker()
+    finished_at = loop.time()
+    response = await asyncio.wait_for(poll, 5)
+    assert response.json()["status"] == "completed"
+    assert loop.time() - finished_at < 2
+
+
+async def test_long_poll_gives_up_after_wait_seconds(stack_factory: Any) -> None:
+    _, client = await stack_factory()
+    job = (await client.post("/v1/jobs", json=chat())).json()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await client.get(f"/v1/jobs/{job['id']}", params={"wait": 0.5})
+    assert response.json()["status"] == "queued"
+    assert 0.4 < loop.time() - started < 3
+
+
+@pytest.mark.parametrize("wait", ["-1", "soon"])
+async def test_bad_wait_is_422(stack_factory: Any, wait: str) -> None:
+    _, client = await stack_factory()
+    job = (await client.post("/v1/jobs", json=chat())).json()
+    response = await client.get(f"/v1/jobs/{job['id']}", params={"wait": wait})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "wait"
+
+
+async def test_auth_required_when_keys_are_set(stack_factory: Any) -> None:
+    _, client = await stack_factory(MOONQ_API_KEYS="key-a=alpha,key-b=beta")
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "key-a"}):
+        response = await client.post("/v1/jobs", json=chat(), headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error"]["type"] == "authentication_error"
+        assert "key-a" not in response.text
+    ok = await client.post("/v1/jobs", json=chat(), headers={"authorization": "Bearer key-a"})
+    assert ok.status_code == 202
+
+
+async def test_tenants_cannot_see_each_other(stack_factory: Any) -> None:
+    stack, client = await stack_factory(MOONQ_API_KEYS="key-a=alpha,key-b=beta")
+    a = {"authorization": "Bearer key-a"}
+    b = {"authorization": "Bearer key-b"}
+    job = (await client.post("/v1/jobs", json=chat(), headers=a)).json()
+    await stack.run_worker()
+    for path in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/events"):
+        assert (await client.get(path, headers=b)).status_code == 404
+        assert (await client.get(path, headers=a)).status_code == 200
+    assert (await client.get("/v1/jobs", headers=b)).json()["data"] == []
+    assert [j["id"] for j in (await client.get("/v1/jobs", headers=a)).json()["data"]] == [
+        job["id"]
+    ]
+    record = await stack.redis.hgetall(f"{stack.settings.key_prefix}:job:{job['id']}")
+    assert b"key-a" not in b"".join(k + v for k, v in record.items())
+
+
+async def test_list_jobs_pages_and_filters(stack_factory: Any) -> None:
+    stack, client = await stack_factory()
+    ids = [(await client.post("/v1/jobs", json=chat(str(i)))).json()["id"] for i in range(5)]
+    page = (await client.get("/v1/jobs", params={"limit": 2})).json()
+    assert [j["id"] for j in page["data"]] == ids[::-1][:2] and page["has_more"]
+    rest = (await client.get("/v1/jobs", params={"limit": 10, "after": ids[3]})).json()
+    assert [j["id"] for j in rest["data"]] == ids[::-1][2:] and not rest["has_more"]
+    await stack.run_worker()
+    done = (await client.get("/v1/jobs", params={"status": "completed"})).json()["data"]
+    assert len(done) == 5
+    assert (await client.get("/v1/jobs", params={"status": "queued"})).json()["data"] == []
+
+
+async def test_redis_down_is_503_json(fake: Any, prefix: str) -> None:
+    from api.app import create_app
+    from moonq.redis import connect
+    from tests.conftest import make_settings
+
+    settings = make_settings("redis://127.0.0.1:1/0", prefix, fake.url)
+    app = create_app(settings, redis=connect(settings.redis_url))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://moonq") as client:
+            for method, path in (
+                ("POST", "/v1/jobs"),
+                ("GET", "/v1/jobs"),
+                ("GET", "/v1/jobs/job_" + "1" * 32),
+            ):
+                response = await client.request(method, path, json=chat())
+                assert response.status_code == 503
+                assert response.json()["error"]["type"] == "service_unavailable"
+            assert (await client.get("/readyz")).status_code == 503
+            assert (await client.get("/healthz")).status_code == 200

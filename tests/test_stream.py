@@ -1,0 +1,127 @@
+"""Replay + live: every reader sees every event exactly once, in order, whenever it joins."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from arq.connections import ArqRedis
+
+from moonq.keys import Keys
+from moonq.models import JobCreate, Status
+from moonq.store import JobStore
+from moonq.stream import EventHub, follow
+
+
+@pytest.fixture(params=["fake", "real"])
+def redis(request: pytest.FixtureRequest) -> ArqRedis:
+    client: ArqRedis = request.getfixturevalue(
+        "fake_redis" if request.param == "fake" else "real_redis"
+    )
+    return client
+
+
+@pytest.fixture
+async def hub(redis: ArqRedis) -> AsyncIterator[EventHub]:
+    events = EventHub(redis)
+    yield events
+    await events.close()
+
+
+@pytest.fixture
+def store(redis: ArqRedis, prefix: str) -> JobStore:
+    return JobStore(
+        redis, Keys(prefix), queue_name=f"{prefix}:q", result_ttl=600, max_events=10_000
+    )
+
+
+async def _running_job(store: JobStore) -> tuple[str, int]:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    job = await store.create("t", JobCreate.model_validate({"body": body}))
+    return job.id, await store.start_attempt(job.id)
+
+
+async def _publish(store: JobStore, job_id: str, attempt: int, n: int, pause: float = 0) -> None:
+    for i in range(n):
+        await store.append(job_id, attempt, [{"event": "chunk", "attempt": attempt, "data": i}])
+        if pause:
+            await asyncio.sleep(pause)
+    await store.finish(job_id, Status.COMPLETED, {"event": "done", "data": {}}, {}, attempt)
+
+
+async def _read(
+    store: JobStore, hub: EventHub, job_id: str, after: int = 0, poll: float = 2.0
+) -> list[dict[str, object]]:
+    events = follow(store.redis, hub, store.keys, job_id, after=after, poll=poll)
+    return [json.loads(e.raw) async for e in events]
+
+
+def _assert_complete(events: list[dict[str, object]], n: int, after: int = 0) -> None:
+    assert [e["seq"] for e in events] == list(range(after + 1, n + 2))
+    assert [e["event"] for e in events] == ["chunk"] * (n - after) + ["done"]
+    assert [e["data"] for e in events[:-1]] == list(range(after, n))
+
+
+async def test_a_reader_after_the_end_gets_the_whole_log(store: JobStore, hub: EventHub) -> None:
+    job_id, attempt = await _running_job(store)
+    await _publish(store, job_id, attempt, 25)
+    _assert_complete(await _read(store, hub, job_id), 25)
+
+
+async def test_last_event_id_resumes_after_it(store: JobStore, hub: EventHub) -> None:
+    job_id, attempt = await _running_job(store)
+    await _publish(store, job_id, attempt, 10)
+    _assert_complete(await _read(store, hub, job_id, after=6), 10, after=6)
+
+
+async def test_readers_joining_at_any_point_see_everything_once(
+    store: JobStore, hub: EventHub
+) -> None:
+    job_id, attempt = await _running_job(store)
+    readers: list[asyncio.Task[list[dict[str, object]]]] = []
+
+    async def join_while_publishing() -> None:
+        for _ in range(6):
+            readers.append(asyncio.create_task(_read(store, hub, job_id)))
+            await asyncio.sleep(0.02)
+
+    await asyncio.gather(_publish(store, job_id, attempt, 40, pause=0.003), join_while_publishing())
+    for events in await asyncio.wait_for(asyncio.gather(*readers), 10):
+        _assert_complete(events, 40)
+
+
+async def test_a_slow_reader_loses_nothing(redis: ArqRedis, store: JobStore) -> None:
+    tiny = EventHub(redis, queue_size=1)  # live messages overflow; the log fills the gaps
+    try:
+        job_id, attempt = await _running_job(store)
+        reader = asyncio.create_task(_read(store, tiny, job_id))
+        await asyncio.sleep(0.05)
+        await _publish(store, job_id, attempt, 200)
+        _assert_complete(await asyncio.wait_for(reader, 10), 200)
+    finally:
+        await tiny.close()
+
+
+async def test_events_missing_from_pubsub_are_found_in_the_log(
+    store: JobStore, hub: EventHub
+) -> None:
+    job_id, _ = await _running_job(store)
+    reader = asyncio.create_task(_read(store, hub, job_id, poll=0.1))
+    await asyncio.sleep(0.05)
+    # Written to the log without a publish, as if pub/sub had dropped them.
+    for seq in (1, 2):
+        event = {"seq": seq, "event": "chunk" if seq == 1 else "done", "data": 0}
+        await store.redis.xadd(store.keys.log(job_id), {"e": json.dumps(event)}, id=f"0-{seq}")
+    events = await asyncio.wait_for(reader, 5)
+    assert [e["seq"] for e in events] == [1, 2] and events[-1]["event"] == "done"
+
+
+async def test_many_channels_share_one_connection(store: JobStore, hub: EventHub) -> None:
+    jobs = [await _running_job(store) for _ in range(20)]
+    readers = [asyncio.create_task(_read(store, hub, job_id)) for job_id, _ in jobs]
+    await asyncio.sleep(0.05)
+    await asyncio.gather(*(_publish(store, j, a, 5, pause=0.001) for j, a in jobs))
+    for events in await asyncio.wait_for(asyncio.gather(*readers), 10):
+        _assert_complete(events, 5)

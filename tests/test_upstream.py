@@ -1,0 +1,283 @@
+"""MoonshotClient and the upstream error tree: every failure mode maps to one class."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable
+from email.utils import formatdate
+from typing import Any
+
+import httpx
+import pytest
+from httpx_aiohttp import AiohttpTransport
+
+from moonq import errors
+from moonq.errors import (
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamQuotaExceeded,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamServerError,
+    UpstreamTimeout,
+)
+from moonq.fake_moonshot import ERRORS, FakeServer
+from worker.upstream import MoonshotClient
+
+KEY = "sk-upstream-secret-4f9a2c7e1b"
+MOCK_URL = "http://upstream.test/v1"
+SSE = {"content-type": "text/event-stream"}
+
+
+def chat(**fake_moonshot: Any) -> dict[str, Any]:
+    body = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "hi"}]}
+    return body | ({"fake_moonshot": fake_moonshot} if fake_moonshot else {})
+
+
+async def drain(client: MoonshotClient, body: dict[str, Any]) -> list[dict[str, Any]]:
+    async with contextlib.aclosing(client.stream(body)) as chunks:
+        return [chunk async for chunk in chunks]
+
+
+async def failure(client: MoonshotClient, body: dict[str, Any], seen: list[Any]) -> UpstreamError:
+    """The error `stream()` raises; `seen` collects the chunks yielded before it."""
+    with pytest.raises(UpstreamError) as caught:
+        async with contextlib.aclosing(client.stream(body)) as chunks:
+            async for chunk in chunks:
+                seen.append(chunk)
+    return caught.value
+
+
+@pytest.fixture
+async def upstream(fake: FakeServer) -> AsyncIterator[MoonshotClient]:
+    client = MoonshotClient(fake.url, KEY, read_timeout=0.5)
+    yield client
+    await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def mocked(handler: Callable[[httpx.Request], httpx.Response]) -> AsyncIterator[Any]:
+    client = MoonshotClient(MOCK_URL, KEY, transport=httpx.MockTransport(handler))
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def sse(*events: Any, done: bool = True) -> bytes:
+    lines = [f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events]
+    return "".join([*lines, "data: [DONE]\n\n" if done else ""]).encode()
+
+
+CHUNK = {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}}]}
+
+# --- every failure mode through the real client against the fake ------------------------------
+
+HTTP_FAILURES = [
+    ("rate_limit_reached_error", 429, UpstreamRateLimited, True),
+    ("engine_overloaded_error", 429, UpstreamRateLimited, True),
+    ("exceeded_current_quota_error", 429, UpstreamQuotaExceeded, False),
+    ("invalid_request_error", 400, UpstreamRejected, False),
+    ("content_filter", 400, UpstreamRejected, False),
+    ("invalid_authentication_error", 401, UpstreamRejected, False),
+    ("permission_denied_error", 403, UpstreamRejected, False),
+    ("resource_not_found_error", 404, UpstreamRejected, False),
+    ("server_error", 500, UpstreamServerError, True),
+    ("bad_gateway", 502, UpstreamServerError, True),
+    ("unavailable", 503, UpstreamServerError, True),
+]
+
+
+@pytest.mark.parametrize(("name", "status", "cls", "retryable"), HTTP_FAILURES)
+async def test_http_failures_map_to_one_class(
+    upstream: MoonshotClient, name: str, status: int, cls: type[UpstreamError], retryable: bool
+) -> None:
+    error = await failure(upstream, chat(error=name), seen := [])
+    assert type(error) is cls and error.retryable is retryable and seen == []
+    assert error.status_code == status == ERRORS[name][0]
+    assert error.type == ("server_error" if status >= 500 else name)  # Moonshot's wire type
+    assert error.message == ERRORS[name][1] == str(error)
+    assert error.retry_after is None and error.__cause__ is None
+
+
+TRANSPORT_FAILURES = [
+    ({"error": "drop", "drop_after": 3}, UpstreamConnectionError, "connection_error", 3),
+    ({"error": "hang"}, UpstreamTimeout, "timeout", 0),
+]
+
+
+@pytest.mark.parametrize(("control", "cls", "kind", "chunks"), TRANSPORT_FAILURES)
+async def test_transport_failures_are_retryable_and_chained(
+    upstream: MoonshotClient, control: dict[str, Any], cls: type, kind: str, chunks: int
+) -> None:
+    error = await failure(upstream, chat(**control), seen := [])
+    assert type(error) is cls and error.retryable and error.type == kind
+    assert error.status_code is None and len(seen) == chunks
+    assert isinstance(error.__cause__, httpx.TransportError)
+
+
+async def test_connection_refused_is_a_connection_error() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = MoonshotClient(f"http://127.0.0.1:{port}/v1", KEY, connect_timeout=2)
+    try:
+        error = await failure(client, chat(), [])
+    finally:
+        await client.aclose()
+    assert type(error) is UpstreamConnectionError and error.retryable
+    assert error.type == "connection_error" and error.status_code is None
+    assert isinstance(error.__cause__, httpx.TransportError)
+    assert KEY not in str(error) and KEY not in json.dumps(error.info())
+
+
+# --- Retry-After and backoff ------------------------------------------------------------------
+
+
+async def test_retry_after_from_a_429_is_honoured(upstream: MoonshotClient) -> None:
+    error = await failure(upstream, chat(error="rate_limit_reached_error", retry_after=7), [])
+    assert type(error) is UpstreamRateLimited and error.retry_after == 7
+    delays = [errors.retry_delay(error, attempt) for attempt in (1, 1, 1, 2, 3, 10) * 20]
+    assert min(delays) >= 7 and errors.retry_delay(error, attempt=1) >= 7
+    assert max(delays) <= 60  # still within the default cap
+
+
+async def test_retry_after_http_date_is_parsed_from_the_response() -> None:
+    when = formatdate(time.time() + 30, usegmt=True)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = {"error": {"type": "engine_overloaded_error", "message": "busy"}}
+        return httpx.Response(429, json=body, headers={"Retry-After": when})
+
+    async with mocked(handler) as client:
+        error = await failure(client, chat(), [])
+    assert type(error) is UpstreamRateLimited and error.retry_after is not None
+    assert 27 < error.retry_after <= 31
+    assert errors.parse_retry_after(formatdate(time.time() - 60, usegmt=True)) == 0
+    assert errors.parse_retry_after("soon") is errors.parse_retry_after(None) is None
+    assert errors.parse_retry_after("inf") is errors.parse_retry_after("nan") is None
+    assert errors.parse_retry_after("-5") == 0
+    assert errors.parse_retry_after("99999999") == errors.MAX_RETRY_AFTER
+
+
+def test_retry_delay_grows_with_attempt_and_is_capped() -> None:
+    error = UpstreamServerError("boom")
+
+    def mean(attempt: int, **kw: float) -> float:
+        return statistics.fmean(errors.retry_delay(error, attempt, **kw) for _ in range(2000))
+
+    means = [mean(attempt) for attempt in range(1, 6)]
+    assert means == sorted(means) and means[-1] > 4 * means[0]
+    capped = [errors.retry_delay(error, attempt, cap=8) for attempt in (5, 12, 40) * 500]
+    assert max(capped) <= 8 and 3 < statistics.fmean(capped) < 5
+    assert all(errors.retry_delay(error, 30) <= 60 for _ in range(500))
+
+
+# --- the wire, with httpx.MockTransport -------------------------------------------------------
+
+PROTOCOL_FAILURES = [
+    pytest.param({"content-type": "application/json"}, b'{"id": "x"}', id="not-event-stream"),
+    pytest.param(SSE, sse(CHUNK, "{not json"), id="chunk-not-json"),
+    pytest.param(SSE, sse("[1, 2]"), id="chunk-not-object"),
+]
+
+
+@pytest.mark.parametrize(("headers", "content"), PROTOCOL_FAILURES)
+async def test_protocol_errors(headers: dict[str, str], content: bytes) -> None:
+    async with mocked(lambda request: httpx.Response(200, headers=headers, content=content)) as c:
+        error = await failure(c, chat(), [])
+    assert type(error) is UpstreamProtocolError and error.retryable
+    assert error.message and error.status_code is None
+
+
+async def test_a_stream_without_done_is_interrupted() -> None:
+    content = sse(CHUNK, CHUNK, done=False)
+    async with mocked(lambda request: httpx.Response(200, headers=SSE, content=content)) as c:
+        error = await failure(c, chat(), seen := [])
+    assert seen == [CHUNK, CHUNK]
+    assert type(error) is UpstreamConnectionError and error.retryable
+    assert error.type == "stream_interrupted"
+
+
+MID_STREAM = [
+    "rate_limit_reached_error",
+    "engine_overloaded_error",
+    "exceeded_current_quota_error",
+    "invalid_authentication_error",
+    "permission_denied_error",
+    "resource_not_found_error",
+    "invalid_request_error",
+    "content_filter",
+    "server_error",
+]
+
+
+@pytest.mark.parametrize("name", MID_STREAM)
+async def test_an_error_event_mid_stream_is_mapped_by_type(name: str) -> None:
+    _, _, cls, retryable = next(row for row in HTTP_FAILURES if row[0] == name)
+    message = f"{name} happened mid-stream"
+    content = sse(CHUNK, {"error": {"type": name, "message": message}})
+    async with mocked(lambda request: httpx.Response(200, headers=SSE, content=content)) as c:
+        error = await failure(c, chat(), seen := [])
+    assert seen == [CHUNK]
+    assert (error.type, error.message) == (name, message)
+    assert type(error) is cls and error.retryable is retryable
+
+
+async def test_the_request_streams_keeps_unknown_fields_and_authenticates() -> None:
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, headers=SSE, content=sse(CHUNK))
+
+    body = chat(chunks=3) | {"stream": False, "x_vendor": [1, {"deep": None}], "temperature": 0.3}
+    original = json.loads(json.dumps(body))
+    async with mocked(handler) as client:
+        assert await drain(client, body) == [CHUNK]
+    (request,) = sent
+    assert request.method == "POST" and str(request.url) == f"{MOCK_URL}/chat/completions"
+    assert request.headers["authorization"] == f"Bearer {KEY}"
+    assert json.loads(request.content) == original | {"stream": True}
+    assert body == original  # the caller's body is not mutated
+
+
+def _echo_key(request: httpx.Request) -> httpx.Response:
+    key = request.headers["authorization"].removeprefix("Bearer ")
+    error = {"type": "invalid_authentication_error", "message": f"Incorrect API key: {key}"}
+    return httpx.Response(401, json={"error": error})
+
+
+NO_KEY_CASES = [
+    pytest.param(lambda r: httpx.Response(500, text="upstream exploded"), id="http-500-text"),
+    pytest.param(
+        lambda r: httpx.Response(200, headers=SSE, content=sse({"error": "bad"})), id="event"
+    ),
+    pytest.param(lambda r: httpx.Response(200, content=b"<html>"), id="protocol"),
+    pytest.param(_echo_key, id="echoed"),
+]
+
+
+@pytest.mark.parametrize("handler", NO_KEY_CASES)
+async def test_errors_never_carry_the_api_key(handler: Any) -> None:
+    async with mocked(handler) as client:
+        error = await failure(client, chat(), [])
+    for shown in (error.message, str(error), repr(error), json.dumps(error.info())):
+        assert KEY not in shown
+
+
+async def test_the_aiohttp_pool_is_sized_to_concurrency(fake: FakeServer) -> None:
+    client = MoonshotClient(fake.url, KEY, concurrency=7)
+    try:
+        assert await drain(client, chat())
+        transport = client._http._transport
+        assert isinstance(transport, AiohttpTransport)
+        assert transport.limits.max_connections == 7
+        assert transport.client.connector.limit == 7  # what aiohttp actually enforces
+    finally:
+        await client.aclose()
