@@ -17,6 +17,7 @@ def _api(args: argparse.Namespace) -> None:
 
     from api.app import create_app
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     uvicorn.run(create_app(_settings()), host=args.host, port=args.port, log_level="info")
 
 
@@ -25,7 +26,10 @@ def _worker(args: argparse.Namespace) -> None:
 
     from worker.main import create_worker
 
-    logging.config.dictConfig(default_log_config(args.verbose))
+    config = default_log_config(args.verbose)
+    level = "DEBUG" if args.verbose else "INFO"
+    config["loggers"]["moonq"] = {"level": level, "handlers": ["arq.standard"]}
+    logging.config.dictConfig(config)
     create_worker(_settings(), burst=args.burst).run()
 
 

@@ -1,0 +1,1 @@
+"""The benchmark harness: `python -m bench.run` (or `make bench`); its last report is RESULTS.md."""
