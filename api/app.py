@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from api import errors, routes
+from api.limits import BodyLimit
 from api.services import Services
 from moonq.keys import Keys
 from moonq.redis import connect, ping
@@ -54,6 +55,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.include_router(routes.router)
     return app
 

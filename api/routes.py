@@ -7,7 +7,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -16,6 +16,7 @@ from api.auth import Tenant
 from api.errors import APIError
 from api.services import services
 from moonq.models import Job, JobCreate, JobList, Status
+from moonq.store import AlreadyFinished, IdempotencyConflict
 from moonq.stream import RawEvent, follow
 
 router = APIRouter()
@@ -34,9 +35,44 @@ async def _own_job(request: Request, job_id: str, tenant: str) -> Job:
 
 
 @router.post("/v1/jobs", status_code=202, response_model=Job, tags=["jobs"])
-async def create_job(payload: JobCreate, request: Request, tenant: Tenant) -> Job:
+async def create_job(
+    payload: JobCreate,
+    request: Request,
+    response: Response,
+    tenant: Tenant,
+    idempotency_key: Annotated[
+        str | None,
+        Header(max_length=255, description="the same key within 24 h returns the first job"),
+    ] = None,
+) -> Job:
     """Queue a chat completion. The job streams from the upstream as soon as a worker is free."""
-    return await services(request).store.create(tenant, payload)
+    try:
+        job, replayed = await services(request).store.create(tenant, payload, idempotency_key)
+    except IdempotencyConflict as exc:
+        raise APIError(
+            422,
+            "This Idempotency-Key was used for a different request within 24 h.",
+            type="idempotency_error",
+            param="Idempotency-Key",
+        ) from exc
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return job
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=Job, tags=["jobs"])
+async def cancel_job(job_id: str, request: Request, tenant: Tenant) -> Job:
+    """Cancel a queued or running job. A running job stops within a second, keeping the
+    content it had streamed as a partial result. A job that already ended is a 409."""
+    job = None
+    try:
+        if _JOB_ID.match(job_id):
+            job = await services(request).store.cancel(job_id, tenant)
+    except AlreadyFinished as exc:
+        raise APIError(409, f"Job {job_id!r} has already ended.") from exc
+    if job is None:
+        raise APIError(404, f"No job with id {job_id!r}.")
+    return job
 
 
 @router.get("/v1/jobs", response_model=JobList, tags=["jobs"])

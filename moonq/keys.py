@@ -27,5 +27,18 @@ class Keys:
         """Sorted set of a tenant's job ids, scored by creation time."""
         return f"{self.prefix}:tenant:{tenant}:jobs"
 
-    def channel_prefix(self) -> str:
-        return f"{self.prefix}:events:"
+    def idempotency(self, tenant: str, digest: str) -> str:
+        """String: the job created for a tenant's Idempotency-Key (hashed), kept 24 h."""
+        return f"{self.prefix}:idem:{tenant}:{digest}"
+
+    def usage(self, tenant: str) -> str:
+        """Hash: a tenant's token totals, added once per completed job."""
+        return f"{self.prefix}:usage:{tenant}"
+
+    def limit_leases(self) -> str:
+        """Sorted set: upstream concurrency permits held, scored by expiry (ms)."""
+        return f"{self.prefix}:limit:leases"
+
+    def limit_window(self) -> str:
+        """Sorted set: upstream requests of the last 60 s (`lease:tokens`), scored by start."""
+        return f"{self.prefix}:limit:window"

@@ -7,15 +7,36 @@ TERMINAL_CHECK = """
 local function terminal(s) return s == 'completed' or s == 'failed' or s == 'cancelled' end
 """
 
-# KEYS: job. ARGV: now. Returns the new attempt number, -1 if the job is already over,
-# -2 if it does not exist.
+# KEYS: job, tenant index, arq job, arq queue, idempotency key.
+# ARGV: job id, created (s), created (ms), ttl (s), arq payload, idempotency ttl (s) or '0',
+# request fingerprint, then the record's field/value pairs.
+# Writes the record and the queue entry together. With an idempotency key already taken,
+# writes nothing and returns "<job id> <fingerprint>" of the first job; else returns ''.
+CREATE = """
+if ARGV[6] ~= '0' then
+  local first = redis.call('GET', KEYS[5])
+  if first then return first end
+  redis.call('SET', KEYS[5], ARGV[1] .. ' ' .. ARGV[7], 'EX', ARGV[6])
+end
+local fields = {}
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[5], 'PX', tonumber(ARGV[4]) * 1000)
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+return ''
+"""
+
+# KEYS: job. ARGV: now, worker id. Returns the new attempt number, -1 if the job is already
+# over, -2 if it does not exist.
 START = (
     TERMINAL_CHECK
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -2 end
 if terminal(status) then return -1 end
-redis.call('HSET', KEYS[1], 'status', 'in_progress')
+redis.call('HSET', KEYS[1], 'status', 'in_progress', 'worker', ARGV[2])
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[1])
 return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 """
@@ -38,10 +59,11 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return seq
 """
 
-# KEYS: job, log, channel. ARGV: attempt ('' = any), status, ttl, maxlen, event body,
-# then field/value pairs to set. Moves a live job to a terminal status and appends its
-# terminal event in one step; returns the event's seq, -1 if the job is already over (or the
-# attempt is stale), -2 if it does not exist.
+# KEYS: job, log, channel, tenant usage. ARGV: attempt ('' = any), status, ttl, maxlen,
+# event body, number of field pairs N, N field/value pairs, then usage name/amount pairs.
+# Moves a live job to a terminal status with its terminal event, and adds its usage to the
+# tenant's totals, in one step: a job ends once, so its usage counts once. Returns the
+# event's seq, -1 if the job is already over (or the attempt is stale), -2 if it is missing.
 FINISH = (
     TERMINAL_CHECK
     + """
@@ -50,7 +72,9 @@ if not state[1] then return -2 end
 if terminal(state[1]) then return -1 end
 if ARGV[1] ~= '' and state[2] ~= ARGV[1] then return -1 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local last_field = 6 + 2 * tonumber(ARGV[6])
+for i = 7, last_field, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = last_field + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local event = '{"seq":' .. seq .. ',' .. string.sub(ARGV[5], 2)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '0-' .. seq, 'e', event)
@@ -61,11 +85,15 @@ return seq
 """
 )
 
-# KEYS: job. ARGV: attempt, reason. Puts a live attempt's job back to `queued` for a retry;
-# returns 1, or 0 if the attempt is no longer the job's live one.
+# KEYS: job. ARGV: attempt, reason, failure budget (0 = this is no failure of the job's).
+# Hands a live attempt's job back to the queue. Returns 1, 0 when the failure budget is spent
+# (the caller fails the job), or -1 if the attempt is no longer the job's live one.
 REQUEUE = """
 local state = redis.call('HMGET', KEYS[1], 'status', 'attempts')
-if state[1] ~= 'in_progress' or state[2] ~= ARGV[1] then return 0 end
+if state[1] ~= 'in_progress' or state[2] ~= ARGV[1] then return -1 end
+if tonumber(ARGV[3]) > 0 then
+  if redis.call('HINCRBY', KEYS[1], 'failures', 1) >= tonumber(ARGV[3]) then return 0 end
+end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'last_error', ARGV[2])
 return 1
 """

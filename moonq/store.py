@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from arq.constants import job_key_prefix
+from arq.constants import abort_jobs_ss, job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
 from moonq import scripts
+from moonq.assemble import Assembler
 from moonq.keys import Keys
-from moonq.models import ErrorInfo, Job, JobCreate, Status
+from moonq.models import Job, JobCreate, Status
 from moonq.serde import arq_serialize, dumps
 
 JOB_FUNCTION = "run_completion"
+IDEMPOTENCY_TTL = 24 * 3600
+USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 _JSON_FIELDS = ("metadata", "result", "usage", "error")
 _FLOAT_FIELDS = ("created_at", "started_at", "completed_at")
 
@@ -48,14 +52,48 @@ class JobStore:
         self._append = redis.register_script(scripts.APPEND)
         self._finish = redis.register_script(scripts.FINISH)
         self._requeue = redis.register_script(scripts.REQUEUE)
+        self._create = redis.register_script(scripts.CREATE)
 
-    async def create(self, tenant: str, request: JobCreate) -> Job:
-        """Write the record and the arq queue entry in one MULTI, so a failure leaves neither.
+    async def create(
+        self, tenant: str, request: JobCreate, idempotency_key: str | None = None
+    ) -> tuple[Job, bool]:
+        """Write the record and arq's queue entry atomically, so a failure leaves neither.
 
-        This is what `ArqRedis.enqueue_job` does, minus its uniqueness WATCH (ids are random),
-        plus our record in the same transaction.
+        Returns the job and whether it is an earlier job replayed for the same
+        `idempotency_key`. This is `ArqRedis.enqueue_job`'s write (minus its uniqueness WATCH:
+        ids are random) plus our record and the idempotency key, in one script.
         """
         job_id, now = new_job_id(), self.clock()
+        fields = self._new_record(job_id, tenant, request, now)
+        now_ms = int(now * 1000)
+        arq_job = serialize_job(JOB_FUNCTION, (job_id,), {}, None, now_ms, serializer=arq_serialize)
+        fingerprint = hashlib.sha256(request.model_dump_json().encode()).hexdigest()[:32]
+        idem_key = self.keys.idempotency(tenant, _digest(idempotency_key or ""))
+        keys = [
+            self.keys.job(job_id),
+            self.keys.tenant_jobs(tenant),
+            job_key_prefix + job_id,
+            self.queue_name,
+            idem_key,
+        ]
+        ttl = IDEMPOTENCY_TTL if idempotency_key else 0
+        args: list[Any] = [job_id, repr(now), now_ms, self.result_ttl, arq_job, ttl, fingerprint]
+        for pair in fields.items():
+            args += pair
+        first = await self._create(keys=keys, args=args)
+        if not first:
+            return self._to_job(fields), False
+        first_id, _, first_fingerprint = first.decode().partition(" ")
+        if first_fingerprint != fingerprint:
+            raise IdempotencyConflict(first_id)
+        job = await self.get(first_id)
+        if job is None:
+            raise IdempotencyConflict(first_id)
+        return job, True
+
+    def _new_record(
+        self, job_id: str, tenant: str, request: JobCreate, now: float
+    ) -> dict[str, str]:
         fields: dict[str, str] = {
             "id": job_id,
             "tenant": tenant,
@@ -70,17 +108,7 @@ class JobStore:
             fields["custom_id"] = request.custom_id
         if request.metadata is not None:
             fields["metadata"] = dumps(request.metadata)
-        now_ms = int(now * 1000)
-        arq_job = serialize_job(JOB_FUNCTION, (job_id,), {}, None, now_ms, serializer=arq_serialize)
-        key = self.keys.job(job_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, self.result_ttl)
-            pipe.zadd(self.keys.tenant_jobs(tenant), {job_id: now})
-            pipe.psetex(job_key_prefix + job_id, self.result_ttl * 1000, arq_job)
-            pipe.zadd(self.queue_name, {job_id: now_ms})
-            await pipe.execute()
-        return self._to_job(fields)
+        return fields
 
     async def raw(self, job_id: str) -> dict[str, str] | None:
         data = await self.redis.hgetall(self.keys.job(job_id))  # type: ignore[misc]
@@ -125,10 +153,10 @@ class JobStore:
             for row in rows
         ]
 
-    async def start_attempt(self, job_id: str) -> int:
+    async def start_attempt(self, job_id: str, worker: str = "") -> int:
         """Mark the job in progress; the new attempt number, or -1 / -2 if it must not run."""
-        result = await self._start(keys=[self.keys.job(job_id)], args=[repr(self.clock())])
-        return int(result)
+        args = [repr(self.clock()), worker]
+        return int(await self._start(keys=[self.keys.job(job_id)], args=args))
 
     async def append(self, job_id: str, attempt: int, events: list[dict[str, Any]]) -> int:
         """Append and publish events for a live attempt; -1 means the attempt lost the job."""
@@ -139,10 +167,14 @@ class JobStore:
         )
         return int(result)
 
-    async def requeue(self, job_id: str, attempt: int, reason: str) -> bool:
-        """Hand a live attempt's job back to the queue for a retry; False if it lost the job."""
-        result = await self._requeue(keys=[self.keys.job(job_id)], args=[str(attempt), reason])
-        return bool(result)
+    async def requeue(self, job_id: str, attempt: int, reason: str, budget: int = 0) -> int:
+        """Hand a live attempt's job back to the queue.
+
+        With a `budget`, this is a failure of the job's and counts against it: 0 means the
+        budget is spent (fail the job instead). 1 = requeued, -1 = the attempt lost the job.
+        """
+        args: list[str | int] = [str(attempt), reason, budget]
+        return int(await self._requeue(keys=[self.keys.job(job_id)], args=args))
 
     async def finish(
         self,
@@ -151,14 +183,69 @@ class JobStore:
         event: dict[str, Any],
         fields: Mapping[str, Any],
         attempt: int | None = None,
+        *,
+        tenant: str,
     ) -> int:
-        """Move a live job to a terminal status with its terminal event, atomically."""
-        pairs: list[str] = ["completed_at", repr(self.clock())]
+        """Move a live job to a terminal status with its terminal event, atomically; a
+        completed job's usage is added to its tenant's totals in the same step."""
+        pairs: list[Any] = ["completed_at", repr(self.clock())]
         for name, value in fields.items():
             pairs += [name, value if isinstance(value, str) else dumps(value)]
-        args = ["" if attempt is None else str(attempt), status.value, self.result_ttl]
-        args += [self.max_events, dumps(event), *pairs]
-        return int(await self._finish(keys=self._event_keys(job_id), args=args))
+        args: list[Any] = ["" if attempt is None else str(attempt), status.value, self.result_ttl]
+        args += [self.max_events, dumps(event), len(pairs) // 2, *pairs]
+        usage = fields.get("usage")
+        if status == Status.COMPLETED and isinstance(usage, dict):
+            counts = [(k, usage[k]) for k in USAGE_FIELDS if isinstance(usage.get(k), int)]
+            args += ["jobs", 1, *(x for pair in counts for x in pair)]
+        keys = [*self._event_keys(job_id), self.keys.usage(tenant)]
+        return int(await self._finish(keys=keys, args=args))
+
+    async def cancel(self, job_id: str, tenant: str) -> Job | None:
+        """Cancel a queued or running job; None if it is not the tenant's.
+
+        Raises `AlreadyFinished`. A running job's worker is told through arq's abort set and
+        stops within a poll; whatever it had published stays as the partial result.
+        """
+        record = await self.raw(job_id)
+        if record is None or record.get("tenant") != tenant:
+            return None
+        attempt = int(record.get("attempts", "0"))
+        event = {
+            "event": "cancelled",
+            "attempt": attempt,
+            "data": {"reason": "cancelled by request"},
+        }
+        seq = await self.finish(job_id, Status.CANCELLED, event, {}, tenant=tenant)
+        if seq == -2:
+            return None
+        if seq == -1:
+            raise AlreadyFinished(job_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.queue_name, job_id)
+            if record["status"] == Status.IN_PROGRESS:
+                pipe.zadd(abort_jobs_ss, {job_id: int(self.clock() * 1000)})
+            await pipe.execute()
+        await self._keep_partial(job_id, attempt)
+        return await self.get(job_id)
+
+    async def _keep_partial(self, job_id: str, attempt: int) -> None:
+        """Store what the cancelled attempt had published as the job's (partial) result."""
+        assembler = Assembler()
+        for _, fields in await self.redis.xrange(self.keys.log(job_id)):
+            event = json.loads(fields[b"e"])
+            if event.get("event") == "chunk" and event.get("attempt") == attempt:
+                assembler.add(event["data"])
+        if assembler.chunks:
+            result = assembler.result()
+            mapping = {"result": dumps(result)}
+            if result.get("usage"):
+                mapping["usage"] = dumps(result["usage"])
+            await self.redis.hset(self.keys.job(job_id), mapping=mapping)  # type: ignore[misc]
+
+    async def usage(self, tenant: str) -> dict[str, int]:
+        """The tenant's token totals over its completed jobs."""
+        raw = await self.redis.hgetall(self.keys.usage(tenant))  # type: ignore[misc]
+        return {k.decode(): int(v) for k, v in raw.items()}
 
     def _event_keys(self, job_id: str) -> list[str]:
         k = self.keys
@@ -180,7 +267,13 @@ class JobStore:
         return Job.model_validate(data)
 
 
-def error_info(type_: str, message: str, status_code: int | None = None) -> dict[str, Any]:
-    return ErrorInfo(type=type_, message=message, status_code=status_code).model_dump(
-        exclude_none=True
-    )
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was first used for a different request."""
+
+
+class AlreadyFinished(Exception):
+    """The job already ended; it cannot be cancelled."""
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()

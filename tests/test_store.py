@@ -10,7 +10,7 @@ from arq.connections import ArqRedis
 
 from moonq.keys import Keys
 from moonq.models import JobCreate, Status
-from moonq.store import JobStore
+from moonq.store import AlreadyFinished, IdempotencyConflict, JobStore
 
 TTL = 3600
 
@@ -33,7 +33,8 @@ def store(request: pytest.FixtureRequest, prefix: str) -> JobStore:
 
 
 async def test_create_writes_record_and_queue_entry_together(store: JobStore) -> None:
-    job = await store.create("acme", _request(custom_id="c1"))
+    job, replayed = await store.create("acme", _request(custom_id="c1"))
+    assert not replayed
     redis, keys = store.redis, store.keys
     assert await redis.zscore(store.queue_name, job.id) is not None
     arq_job = json.loads(await redis.get(f"arq:job:{job.id}"))
@@ -44,7 +45,7 @@ async def test_create_writes_record_and_queue_entry_together(store: JobStore) ->
 
 
 async def test_start_append_finish(store: JobStore) -> None:
-    job = await store.create("t", _request())
+    job, _ = await store.create("t", _request())
     attempt = await store.start_attempt(job.id)
     assert attempt == 1
     assert await store.append(job.id, attempt, [{"event": "chunk", "data": {"n": 1}}]) == 1
@@ -53,7 +54,12 @@ async def test_start_append_finish(store: JobStore) -> None:
         == 3
     )
     seq = await store.finish(
-        job.id, Status.COMPLETED, {"event": "done", "data": {}}, {"result": {"ok": True}}, attempt
+        job.id,
+        Status.COMPLETED,
+        {"event": "done", "data": {}},
+        {"result": {"ok": True}},
+        attempt,
+        tenant="t",
     )
     assert seq == 4
     done = await store.get(job.id)
@@ -66,33 +72,43 @@ async def test_start_append_finish(store: JobStore) -> None:
 
 
 async def test_a_superseded_attempt_cannot_write(store: JobStore) -> None:
-    job = await store.create("t", _request())
+    job, _ = await store.create("t", _request())
     old = await store.start_attempt(job.id)
     new = await store.start_attempt(job.id)  # e.g. the old worker was presumed dead
     assert new == old + 1
     assert await store.append(job.id, old, [{"event": "chunk", "data": {}}]) == -1
-    assert await store.finish(job.id, Status.COMPLETED, {"event": "done"}, {}, old) == -1
-    assert not await store.requeue(job.id, old, "late")
+    assert (
+        await store.finish(job.id, Status.COMPLETED, {"event": "done"}, {}, old, tenant="t") == -1
+    )
+    assert await store.requeue(job.id, old, "late") == -1
     assert await store.append(job.id, new, [{"event": "chunk", "data": {}}]) == 1
 
 
 async def test_a_finished_job_stays_finished(store: JobStore) -> None:
-    job = await store.create("t", _request())
+    job, _ = await store.create("t", _request())
     attempt = await store.start_attempt(job.id)
     await store.finish(
-        job.id, Status.FAILED, {"event": "error"}, {"error": {"type": "x", "message": "m"}}, attempt
+        job.id,
+        Status.FAILED,
+        {"event": "error"},
+        {"error": {"type": "x", "message": "m"}},
+        attempt,
+        tenant="t",
     )
     assert await store.start_attempt(job.id) == -1
-    assert await store.finish(job.id, Status.COMPLETED, {"event": "done"}, {}, attempt) == -1
+    assert (
+        await store.finish(job.id, Status.COMPLETED, {"event": "done"}, {}, attempt, tenant="t")
+        == -1
+    )
     assert await store.append(job.id, attempt, [{"event": "chunk"}]) == -1
     final = await store.get(job.id)
     assert final is not None and final.status == Status.FAILED and final.attempts == 1
 
 
 async def test_requeue_returns_the_job_to_the_queue_state(store: JobStore) -> None:
-    job = await store.create("t", _request())
+    job, _ = await store.create("t", _request())
     attempt = await store.start_attempt(job.id)
-    assert await store.requeue(job.id, attempt, "rate_limit_reached_error: slow down")
+    assert await store.requeue(job.id, attempt, "rate_limit_reached_error: slow down") == 1
     again = await store.get(job.id)
     assert again is not None and again.status == Status.QUEUED and again.attempts == 1
     assert await store.start_attempt(job.id) == 2
@@ -101,3 +117,84 @@ async def test_requeue_returns_the_job_to_the_queue_state(store: JobStore) -> No
 async def test_missing_jobs(store: JobStore) -> None:
     assert await store.get("job_" + "0" * 32) is None
     assert await store.start_attempt("job_" + "0" * 32) == -2
+
+
+async def test_requeue_spends_the_failure_budget(store: JobStore) -> None:
+    job, _ = await store.create("t", _request())
+    outcomes = []
+    for _ in range(3):
+        attempt = await store.start_attempt(job.id)
+        outcomes.append(await store.requeue(job.id, attempt, "429", budget=3))
+    assert outcomes == [1, 1, 0]  # the third failure spends a budget of three
+    # a shutdown's hand-back is no failure of the job's
+    job2, _ = await store.create("t", _request())
+    for _ in range(5):
+        assert await store.requeue(job2.id, await store.start_attempt(job2.id), "bye") == 1
+
+
+async def test_usage_counts_once_per_job(store: JobStore) -> None:
+    usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    for _ in range(2):
+        job, _ = await store.create("acme", _request())
+        attempt = await store.start_attempt(job.id)
+        fields = {"result": {}, "usage": usage}
+        for _ in range(2):  # a second finish of the same job is refused
+            await store.finish(
+                job.id, Status.COMPLETED, {"event": "done"}, fields, attempt, tenant="acme"
+            )
+    assert await store.usage("acme") == {
+        "jobs": 2,
+        "prompt_tokens": 6,
+        "completion_tokens": 10,
+        "total_tokens": 16,
+    }
+    assert await store.usage("other") == {}
+
+
+async def test_idempotency_key_returns_the_first_job(store: JobStore) -> None:
+    first, replayed = await store.create("acme", _request(), "key-1")
+    again, replayed_again = await store.create("acme", _request(), "key-1")
+    assert not replayed and replayed_again and again.id == first.id
+    assert await store.redis.zcard(store.queue_name) == 1  # enqueued once
+    other, other_replayed = await store.create("globex", _request(), "key-1")
+    assert other.id != first.id and not other_replayed  # keys are per tenant
+    with pytest.raises(IdempotencyConflict):
+        await store.create("acme", _request(custom_id="different"), "key-1")
+    assert 0 < await store.redis.ttl(store.keys.idempotency("acme", _sha("key-1"))) <= 86400
+
+
+def _sha(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+async def test_cancel_a_queued_job(store: JobStore) -> None:
+    job, _ = await store.create("t", _request())
+    cancelled = await store.cancel(job.id, "t")
+    assert cancelled is not None and cancelled.status == Status.CANCELLED
+    assert await store.redis.zscore(store.queue_name, job.id) is None
+    assert await store.start_attempt(job.id) == -1  # a worker that had it will not run it
+    with pytest.raises(AlreadyFinished):
+        await store.cancel(job.id, "t")
+    assert await store.cancel(job.id, "someone-else") is None
+
+
+async def test_cancel_keeps_the_partial_content(store: JobStore) -> None:
+    job, _ = await store.create("t", _request())
+    attempt = await store.start_attempt(job.id)
+    chunks = [
+        {"id": "c", "choices": [{"index": 0, "delta": {"content": piece}}]}
+        for piece in ("Hel", "lo")
+    ]
+    await store.append(
+        job.id, attempt, [{"event": "chunk", "attempt": attempt, "data": c} for c in chunks]
+    )
+    cancelled = await store.cancel(job.id, "t")
+    assert cancelled is not None and cancelled.result is not None
+    assert cancelled.result["choices"][0]["message"]["content"] == "Hello"
+    assert await store.append(job.id, attempt, [{"event": "chunk"}]) == -1
+    assert await store.redis.zscore("arq:abort", job.id) is not None  # the worker is told
+    await store.redis.zrem("arq:abort", job.id)
+    events = [json.loads(f[b"e"]) for _, f in await store.redis.xrange(store.keys.log(job.id))]
+    assert [e["event"] for e in events] == ["chunk", "chunk", "cancelled"]

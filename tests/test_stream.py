@@ -39,7 +39,7 @@ def store(redis: ArqRedis, prefix: str) -> JobStore:
 
 async def _running_job(store: JobStore) -> tuple[str, int]:
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
-    job = await store.create("t", JobCreate.model_validate({"body": body}))
+    job, _ = await store.create("t", JobCreate.model_validate({"body": body}))
     return job.id, await store.start_attempt(job.id)
 
 
@@ -48,7 +48,9 @@ async def _publish(store: JobStore, job_id: str, attempt: int, n: int, pause: fl
         await store.append(job_id, attempt, [{"event": "chunk", "attempt": attempt, "data": i}])
         if pause:
             await asyncio.sleep(pause)
-    await store.finish(job_id, Status.COMPLETED, {"event": "done", "data": {}}, {}, attempt)
+    await store.finish(
+        job_id, Status.COMPLETED, {"event": "done", "data": {}}, {}, attempt, tenant="t"
+    )
 
 
 async def _read(

@@ -5,15 +5,21 @@ Run with `moonq worker` or `arq worker.main.WorkerSettings`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 from arq import Worker
 from arq.connections import ArqRedis, RedisSettings
+from arq.constants import in_progress_key_prefix
 from arq.worker import func
+from redis.exceptions import RedisError
 
 from moonq.keys import Keys
+from moonq.limits import UpstreamLimiter
 from moonq.redis import connect
 from moonq.serde import arq_deserialize, arq_serialize
 from moonq.settings import Settings, get_settings
@@ -28,9 +34,51 @@ log = logging.getLogger("moonq.worker")
 ARQ_MAX_TRIES = 1000
 
 
+class MoonqWorker(Worker):
+    """arq's worker with a poll loop that rides out Redis outages instead of exiting."""
+
+    def __init__(self, *args: Any, lock_timeout: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_progress_timeout_s = lock_timeout
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as exc:
+            log.warning("Redis unavailable (%s); the worker keeps polling", type(exc).__name__)
+            await asyncio.sleep(1.0)
+
+
+@contextlib.asynccontextmanager
+async def keep_locked(redis: ArqRedis, job_id: str, ttl: float) -> AsyncIterator[None]:
+    """Hold arq's lock on a running job for `ttl` seconds at a time, renewed while it runs.
+
+    arq locks a job for the longest job timeout + 10 s, so a killed worker's job would wait
+    that long to run again; with a short lock kept alive here it runs again within `ttl`.
+    """
+    key, ttl_ms = in_progress_key_prefix + job_id, int(ttl * 1000)
+
+    async def renew() -> None:
+        while True:
+            try:
+                await redis.pexpire(key, ttl_ms)
+            except (RedisError, OSError):
+                log.warning("could not renew the lock of job %s", job_id)
+            await asyncio.sleep(ttl / 4)
+
+    keeper = asyncio.create_task(renew(), name=f"moonq-lock-{job_id}")
+    try:
+        yield
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+
+
 async def run_completion(ctx: dict[str, Any], job_id: str) -> str:
     runner: Runner = ctx["moonq_runner"]
-    return await runner.run(job_id)
+    async with keep_locked(ctx["redis"], job_id, runner.settings.lock_timeout):
+        return await runner.run(job_id)
 
 
 def worker_kwargs(
@@ -51,7 +99,15 @@ def worker_kwargs(
             max_events=settings.max_events,
         )
         upstream = MoonshotClient.from_settings(settings, transport)
-        ctx["moonq_runner"] = Runner(store, upstream, settings)
+        limiter = UpstreamLimiter(
+            client,
+            store.keys,
+            concurrency=settings.upstream_concurrency,
+            rpm=settings.upstream_rpm,
+            tpm=settings.upstream_tpm,
+            lease_ttl=settings.lock_timeout,
+        )
+        ctx["moonq_runner"] = Runner(store, upstream, limiter, settings)
         ctx["moonq_redis"] = client
         if settings.moonshot_api_key is None:
             log.warning("MOONSHOT_API_KEY is not set: upstream calls carry no key")
@@ -65,6 +121,7 @@ def worker_kwargs(
         runner: Runner | None = ctx.get("moonq_runner")
         if runner is not None:
             await runner.client.aclose()
+            await runner.limiter.close()
         if redis is None and "moonq_redis" in ctx:
             await ctx["moonq_redis"].aclose()
 
@@ -85,17 +142,22 @@ def worker_kwargs(
         "job_deserializer": arq_deserialize,
         "expires_extra_ms": settings.result_ttl * 1000,
         "health_check_interval": 10,
+        # SIGTERM: stop taking jobs, let running ones finish for the grace period, then
+        # cancel the rest, which go back to the queue.
+        "job_completion_wait": settings.shutdown_grace,
+        "allow_abort_jobs": True,
+        "lock_timeout": settings.lock_timeout,
     }
 
 
-def create_worker(settings: Settings, **overrides: Any) -> Worker:
+def create_worker(settings: Settings, **overrides: Any) -> MoonqWorker:
     injected = {k: overrides.pop(k) for k in ("redis", "transport") if k in overrides}
-    return Worker(**{**worker_kwargs(settings, **injected), **overrides})
+    return MoonqWorker(**{**worker_kwargs(settings, **injected), **overrides})
 
 
 def __getattr__(name: str) -> Any:
     """`WorkerSettings`, for `arq worker.main.WorkerSettings`: built from the environment when
     asked for, so importing this module reads no settings."""
     if name == "WorkerSettings":
-        return worker_kwargs(get_settings())
+        return worker_kwargs(get_settings())  # arq's runner drops `lock_timeout`
     raise AttributeError(name)

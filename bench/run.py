@@ -1,0 +1,369 @@
+"""How much does the queue cost next to calling the upstream directly?
+
+Starts the fake upstream, the API and a worker as real processes (the `moonq` console script) on
+127.0.0.1 with real Redis, streams the same requests both ways at a few concurrency levels in one
+run, prints Markdown tables of moonq/direct ratios and writes them to bench/RESULTS.md. Bounded:
+a fixed number of requests per level and an overall deadline; cleans up processes and keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import urlparse
+
+import httpx
+import redis
+from httpx_aiohttp import AiohttpTransport
+from httpx_sse import aconnect_sse
+
+from tests.procs import Proc, clean_env, free_port, start, wait_http
+from worker.upstream import MoonshotClient
+
+ARQ_PREFIXES = ("arq:job:", "arq:in-progress:", "arq:result:", "arq:retry:")
+PROCS = ("fake", "api", "worker")
+TICK = os.sysconf("SC_CLK_TCK")
+Body = dict[str, Any]
+
+
+@dataclass
+class Sample:
+    ttfc: float  # s from the request (the submit, for moonq) to the first upstream chunk
+    total: float  # s from the request to the end of the stream / the `done` event
+    post: float = math.nan  # the submit call alone
+    job_id: str = ""
+    done_at: float = 0.0  # wall clock, to line up with the job record's timestamps
+
+
+@dataclass
+class Run:
+    samples: list[Sample]
+    wall: float
+    cost: dict[str, float] = field(default_factory=dict)  # per request: CPU ms, Redis commands
+    peak: int = 0  # the upstream's peak of requests in flight
+    phases: dict[str, float] = field(default_factory=dict)  # moonq: p50 ms of each phase
+
+    def pct(self, name: str, q: float) -> float:
+        values: list[float] = sorted(getattr(s, name) for s in self.samples)
+        return values[max(0, math.ceil(q * len(values)) - 1)]
+
+
+class Row(NamedTuple):
+    name: str
+    direct: Run
+    moonq: Run
+    worker: int  # the worker's concurrency
+
+
+class Stack:
+    """The fake upstream, the API and one worker, started as users start them."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.prefix = args, f"bench{uuid.uuid4().hex[:10]}"
+        self.workdir = Path(tempfile.mkdtemp(prefix="moonq-bench-"))
+        self.ports = {"fake": free_port(), "api": free_port()}
+        self.fake_url, self.api_url = (f"http://127.0.0.1:{p}" for p in self.ports.values())
+        self.procs: dict[str, Proc] = {}
+        self.job_ids: set[str] = set()
+        self.redis = redis.Redis.from_url(args.redis_url)
+
+    def env(self, concurrency: int) -> dict[str, str]:
+        poll = {"MOONQ_POLL_DELAY": str(self.args.poll_delay)} if self.args.poll_delay else {}
+        return clean_env(
+            REDIS_URL=self.args.redis_url,
+            MOONQ_KEY_PREFIX=self.prefix,
+            MOONQ_QUEUE_NAME=f"{self.prefix}:queue",
+            MOONSHOT_BASE_URL=f"{self.fake_url}/v1",
+            MOONSHOT_API_KEY="sk-bench",
+            MOONQ_API_KEYS="",
+            MOONQ_WORKER_CONCURRENCY=str(concurrency),
+            **poll,
+        )
+
+    def up(self, concurrency: int) -> None:
+        for name, ready in (("fake", "/_fake/stats"), ("api", "/readyz")):
+            args = ["fake-moonshot" if name == "fake" else name, "--port", str(self.ports[name])]
+            self.procs[name] = start(name, args, self.env(concurrency), self.workdir)
+            wait_http(f"http://127.0.0.1:{self.ports[name]}{ready}", self.procs[name])
+        self.start_worker(concurrency)
+
+    def start_worker(self, concurrency: int) -> None:
+        if "worker" in self.procs:
+            self.procs.pop("worker").stop()
+        proc = start(f"worker{concurrency}", ["worker"], self.env(concurrency), self.workdir)
+        self.procs["worker"], deadline = proc, time.monotonic() + 20
+        while "moonq worker:" not in proc.output():  # logged at the end of its startup
+            if proc.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start:\n{proc.output()}")
+            time.sleep(0.05)
+
+    def counters(self) -> dict[str, float]:
+        """CPU seconds of each process (/proc utime + stime; Redis's from INFO, server-wide) and
+        Redis's command count in thousands."""
+        found = {}
+        for name in PROCS:
+            stat = Path(f"/proc/{self.procs[name].popen.pid}/stat").read_text().rsplit(")")[-1]
+            found[name] = sum(map(int, stat.split()[11:13])) / TICK
+        info: Any = self.redis.info()
+        found["redis"] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        found["cmds"] = float(info["total_commands_processed"]) / 1000
+        return found | {"client": time.process_time()}
+
+    def down(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            proc.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        doomed = list(self.redis.scan_iter(f"{self.prefix}:*", count=1000))
+        ids = self.job_ids | {k.decode().rsplit(":", 1)[1] for k in doomed if b":job:" in k}
+        doomed += [p + i for i in ids for p in ARQ_PREFIXES]
+        for i in range(0, len(doomed), 500):
+            self.redis.delete(*doomed[i : i + 500])
+        self.redis.close()
+
+
+def chat(i: int, chunks: int, delay: float) -> Body:
+    """Request `i`; its chunk gap is spread ±20% around `delay` (the same set both ways), so a
+    closed loop of equal-length calls does not phase-lock with the worker's poll timer."""
+    message = {"role": "user", "content": f"benchmark request {i}: summarise the quarterly report"}
+    steer = {"chunks": chunks, "delay": delay * (0.8 + 0.4 * (i * 0.618034 % 1))}
+    return {"model": "moonshot-v1-8k", "messages": [message], "fake_moonshot": steer}
+
+
+async def direct_one(client: MoonshotClient, body: Body) -> Sample:
+    t0, first = time.perf_counter(), math.nan
+    async with contextlib.aclosing(client.stream(body)) as chunks:
+        async for _ in chunks:
+            if math.isnan(first):
+                first = time.perf_counter() - t0
+    return Sample(first, time.perf_counter() - t0)
+
+
+async def submit(http: httpx.AsyncClient, stack: Stack, body: Body) -> Sample:
+    t0 = time.perf_counter()
+    response = await http.post("/v1/jobs", json={"body": body})
+    response.raise_for_status()
+    stack.job_ids.add(job_id := response.json()["id"])
+    return Sample(t0, math.nan, time.perf_counter() - t0, job_id)  # ttfc holds t0 until known
+
+
+async def moonq_sse_one(http: httpx.AsyncClient, stack: Stack, body: Body) -> Sample:
+    """Submit, then read the job's SSE events to `done`; all times count from the submit."""
+    sample = await submit(http, stack, body)
+    t0, sample.ttfc = sample.ttfc, math.nan
+    async with aconnect_sse(http, "GET", f"/v1/jobs/{sample.job_id}/events") as source:
+        async for sse in source.aiter_sse():
+            event = json.loads(sse.data)["event"]
+            if event == "chunk" and math.isnan(sample.ttfc):
+                sample.ttfc = time.perf_counter() - t0
+            elif event != "chunk":
+                sample.total, sample.done_at = time.perf_counter() - t0, time.time()
+                if event != "done":
+                    raise RuntimeError(f"job {sample.job_id} ended with {sse.data[:300]}")
+    if math.isnan(sample.total):
+        raise RuntimeError(f"the events of job {sample.job_id} ended with no terminal event")
+    return sample
+
+
+async def moonq_wait_one(http: httpx.AsyncClient, stack: Stack, body: Body) -> Sample:
+    """Submit, then long-poll `?wait=` until the job's result is there."""
+    sample = await submit(http, stack, body)
+    response = await http.get(f"/v1/jobs/{sample.job_id}", params={"wait": 60})
+    if response.json().get("status") != "completed":
+        raise RuntimeError(f"job {sample.job_id} did not complete: {response.text[:300]}")
+    sample.total, sample.done_at = time.perf_counter() - sample.ttfc, time.time()
+    sample.ttfc = math.nan
+    return sample
+
+
+async def batch(
+    stack: Stack, n: int, concurrency: int, one: Callable[[int], Awaitable[Sample]]
+) -> Run:
+    """`n` requests, `concurrency` at a time (closed loop), with what they cost each process."""
+    limit = asyncio.Semaphore(concurrency)
+
+    async def guarded(i: int) -> Sample:
+        async with limit:
+            return await one(i)
+
+    async with httpx.AsyncClient(base_url=stack.fake_url) as fake:
+        await fake.post("/_fake/reset")
+        before, t0 = stack.counters(), time.perf_counter()
+        run = Run(list(await asyncio.gather(*map(guarded, range(n)))), time.perf_counter() - t0)
+        after = stack.counters()
+        run.peak = (await fake.get("/_fake/stats")).json()["peak_in_flight"]
+    run.cost = {k: (after[k] - before[k]) * 1000 / n for k in before}
+    return run
+
+
+def phases(stack: Stack, run: Run) -> None:
+    """Split moonq's time with the job record's timestamps (all processes share one clock)."""
+    with stack.redis.pipeline(transaction=False) as pipe:
+        for s in run.samples:
+            pipe.hmget(
+                f"{stack.prefix}:job:{s.job_id}", ["created_at", "started_at", "completed_at"]
+            )
+        rows = [[float(v) for v in row] for row in pipe.execute()]
+    split = {
+        "queued": [r[1] - r[0] for r in rows],
+        "worker run": [r[2] - r[1] for r in rows],
+        "delivery": [s.done_at - r[2] for s, r in zip(run.samples, rows, strict=True)],
+    }
+    run.phases = {k: sorted(v)[(len(v) - 1) // 2] * 1000 for k, v in split.items()}
+
+
+async def measure(stack: Stack, args: argparse.Namespace) -> list[Row]:
+    top, rows = max(args.levels), list[Row]()
+    limits = httpx.Limits(max_connections=2 * top, max_keepalive_connections=2 * top)
+    client = MoonshotClient(f"{stack.fake_url}/v1", "sk-bench", concurrency=top)
+    transport, timeout = AiohttpTransport(limits=limits), httpx.Timeout(90, connect=10)
+    http = httpx.AsyncClient(base_url=stack.api_url, transport=transport, timeout=timeout)
+    direct, sse = partial(direct_one, client), partial(moonq_sse_one, http, stack)
+    wait = partial(moonq_wait_one, http, stack)
+
+    def run(one: Callable[[Body], Awaitable[Sample]], c: int, warm: bool = False) -> Awaitable[Run]:
+        chunks, delay = (2, 0.0) if warm else (args.chunks, args.delay)
+        n = args.requests or max(20, 2 * c)
+        return batch(stack, n, c, lambda i: one(chat(i, chunks, delay)))
+
+    async def warm_up() -> None:  # every connection pool on the way, at the top level
+        await run(direct, top, warm=True)
+        await run(sse, top, warm=True)
+
+    try:
+        await warm_up()
+        for c in args.levels:
+            rows.append(Row(f"c={c}, SSE", d := await run(direct, c), await run(sse, c), top))
+            if c == args.wait_level:
+                rows.append(Row(f"c={c}, long-poll ?wait=", d, await run(wait, c), top))
+        if 0 < args.limited < top:
+            await asyncio.to_thread(stack.start_worker, args.limited)
+            await warm_up()
+            d, m = await run(direct, top), await run(sse, top)
+            rows.append(Row(f"c={top}, SSE, worker queues", d, m, args.limited))
+    finally:
+        await http.aclose()
+        await client.aclose()
+    for row in rows:
+        phases(stack, row.moonq)
+    return rows
+
+
+def num(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.1f}" if abs(value) < 10 else f"{value:.0f}"
+
+
+def ratio(d: float, m: float, unit: str = "ms", scale: float = 1000) -> str:
+    if math.isnan(d) or math.isnan(m):
+        return "–"
+    return f"**{m / d:.2f}×** ({num(d * scale)}→{num(m * scale)} {unit})"
+
+
+def cells(r: Row) -> tuple[list[str], list[str]]:
+    d, m = r.direct, r.moonq
+    head = [r.name, str(len(m.samples)), str(r.worker), f"{d.peak}/{m.peak}"]
+    head += [ratio(d.pct(k, q), m.pct(k, q)) for k in ("ttfc", "total") for q in (0.5, 0.95)]
+    overhead = (m.pct("total", 0.5) - d.pct("total", 0.5)) * 1000
+    head += [
+        ratio(len(d.samples) / d.wall, len(m.samples) / m.wall, "req/s", 1),
+        f"+{num(overhead)}",
+    ]
+    cost = [r.name, num(m.pct("post", 0.5) * 1000), *(num(v) for v in m.phases.values())]
+    cost.insert(4, num(d.pct("total", 0.5) * 1000))
+    cost += [f"{num(d.cost[k])}→{num(m.cost[k])}" for k in (*PROCS, "redis", "client", "cmds")]
+    return head, cost
+
+
+HEADS = (
+    "scenario | n | worker conc. | upstream peak in flight (direct/moonq) | TTFC p50 | TTFC p95 "
+    "| total p50 | total p95 | throughput | overhead p50 (ms)",
+    "scenario | submit POST | queued | worker run | direct total | delivery | CPU ms/req: fake "
+    "| api | worker | redis | client | Redis cmds/req",
+)
+NOTE = (
+    "**Where moonq's time goes** (p50 ms; queued = created→started, worker run = started→"
+    "completed, delivery = completed→`done` at the client. CPU ms and Redis commands per request, "
+    "direct→moonq; the direct figures for api/worker are their idle cost)"
+)
+
+
+def report(args: argparse.Namespace, rows: list[Row], elapsed: float, redis_version: str) -> str:
+    tables = []
+    for head, lines in zip(HEADS, zip(*map(cells, rows), strict=True), strict=True):
+        rule = "|---" * (head.count("|") + 1) + "|"
+        tables.append("\n".join([f"| {head} |", rule, *(f"| {' | '.join(x)} |" for x in lines)]))
+    poll = args.poll_delay or "default (0.05 s)"
+    return f"""# moonq benchmark: the queue next to calling the upstream directly
+
+- date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}; the run took {elapsed:.0f} s (`python -m bench.run`)
+- machine: nproc {len(os.sched_getaffinity(0))}, Python {platform.python_version()}, \
+{platform.platform()}, Redis {redis_version}; the fake, API, worker, Redis and this client \
+share these cores
+- parameters: {args.chunks} content chunks {args.delay * 1000:.0f} ms apart (±20% per request); \
+levels {args.levels}, {args.requests or "max(20, 2×level)"} requests each, warm-up first; \
+worker concurrency {max(args.levels)} (last row {args.limited}); MOONQ_POLL_DELAY {poll}
+- ratio = moonq / direct (time: >1 is slower; throughput: <1 is fewer per second). moonq times \
+count from the submit call; TTFC = time to the first upstream chunk.
+
+{tables[0]}
+
+{NOTE}
+
+{tables[1]}
+"""
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    cli = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    add = cli.add_argument
+    add("--chunks", type=int, default=20, help="content chunks per answer")
+    add("--delay", type=float, default=0.025, help="seconds between chunks")
+    add("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 50, 200])
+    add("--requests", type=int, default=0, help="per level (0: max(20, 2×level))")
+    add("--limited", type=int, default=50, help="worker concurrency of the last row (0: none)")
+    add("--wait-level", type=int, default=50, help="the level with a long-poll row")
+    add("--poll-delay", type=float, default=0.0, help="MOONQ_POLL_DELAY (0: moonq's default)")
+    add("--redis-url", default="redis://127.0.0.1:6379/11")
+    add("--budget", type=float, default=170.0, help="seconds of measuring before giving up")
+    add("--output", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    args = cli.parse_args(argv)
+    if urlparse(args.redis_url).hostname not in ("127.0.0.1", "localhost"):
+        cli.error("the benchmark talks only to 127.0.0.1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    t0, stack = time.monotonic(), Stack(args)
+    try:
+        stack.up(max(args.levels))
+        rows = asyncio.run(asyncio.wait_for(measure(stack, args), args.budget))
+        server: Any = stack.redis.info("server")
+    except BaseException:
+        for proc in stack.procs.values():
+            print(f"--- {proc.name} log (tail) ---\n{proc.output()[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        stack.down()
+    text = report(args, rows, time.monotonic() - t0, str(server["redis_version"]))
+    print(text)
+    args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

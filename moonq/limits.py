@@ -1,0 +1,188 @@
+"""One upstream limiter for the whole account, kept in Redis and shared by every worker.
+
+Moonshot's limits are per account (e.g. 50 concurrent requests, 200 RPM at the first paid
+tier); only a limiter shared across workers keeps a large batch out of a 429 storm. Concurrency
+is a set of leases that expire unless their holder renews them, so a crashed worker's permits
+come back on their own. RPM and TPM are a sliding 60 s window of the requests made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from moonq.keys import Keys
+
+log = logging.getLogger("moonq.limits")
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: leases (zset lease -> expiry ms), window (zset "lease:tokens" -> start ms).
+# ARGV: lease, lease ttl ms, concurrency, rpm, tpm, tokens. Limits of 0 are off.
+# Returns 0 when the permit is granted, else the milliseconds worth waiting before asking again.
+ACQUIRE = (
+    _NOW
+    + """
+local function tokens_of(member) return tonumber(string.match(member, ':(%d+)$')) or 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
+local concurrency, rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local tokens = tonumber(ARGV[6])
+if concurrency > 0 and redis.call('ZCARD', KEYS[1]) >= concurrency then return 100 end
+if rpm > 0 and redis.call('ZCARD', KEYS[2]) >= rpm then
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  return math.max(1, tonumber(oldest[2]) + 60000 - now)
+end
+if tpm > 0 then
+  local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  local used = 0
+  for i = 1, #entries, 2 do used = used + tokens_of(entries[i]) end
+  if used > 0 and used + tokens > tpm then
+    for i = 1, #entries, 2 do
+      used = used - tokens_of(entries[i])
+      if used + tokens <= tpm then return math.max(1, tonumber(entries[i + 1]) + 60000 - now) end
+    end
+    return 1000
+  end
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZADD', KEYS[2], now, ARGV[1] .. ':' .. tokens)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+redis.call('PEXPIRE', KEYS[2], 61000)
+return 0
+"""
+)
+
+# KEYS: leases, window. ARGV: lease, tokens reserved, tokens used ('' = keep).
+RELEASE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+if ARGV[3] ~= '' then
+  local old = ARGV[1] .. ':' .. ARGV[2]
+  local score = redis.call('ZSCORE', KEYS[2], old)
+  if score then
+    redis.call('ZREM', KEYS[2], old)
+    redis.call('ZADD', KEYS[2], score, ARGV[1] .. ':' .. ARGV[3])
+  end
+end
+return 1
+"""
+
+# KEYS: leases. ARGV: ttl ms, leases... Renews the leases still held (XX: never revives one).
+RENEW = (
+    _NOW
+    + """
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
+return 1
+"""
+)
+
+
+def estimate_tokens(body: dict[str, Any]) -> int:
+    """A cautious guess of what a request will count against TPM before its usage is known:
+    about a token per 3 characters of prompt, plus the completion budget it asks for."""
+    prompt = len(json.dumps(body.get("messages", []), ensure_ascii=False)) // 3 + 1
+    budget = body.get("max_tokens") or body.get("max_completion_tokens") or 0
+    return prompt + (budget if isinstance(budget, int) and budget > 0 else 0)
+
+
+@dataclass
+class Permit:
+    lease: str
+    tokens: int
+    used: int | None = None
+
+
+class UpstreamLimiter:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        concurrency: int,
+        rpm: int,
+        tpm: int,
+        lease_ttl: float = 10.0,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.concurrency, self.rpm, self.tpm = concurrency, rpm, tpm
+        self.lease_ttl_ms = int(lease_ttl * 1000)
+        self._acquire = redis.register_script(ACQUIRE)
+        self._release = redis.register_script(RELEASE)
+        self._renew = redis.register_script(RENEW)
+        self._held: set[str] = set()
+        self._renewer: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.concurrency or self.rpm or self.tpm)
+
+    @contextlib.asynccontextmanager
+    async def permit(self, tokens: int) -> AsyncIterator[Permit]:
+        """Hold one upstream request's permit; set `permit.used` to the real token count."""
+        permit = Permit(uuid.uuid4().hex, tokens)
+        if not self.enabled:
+            yield permit
+            return
+        await self._wait_for(permit)
+        try:
+            yield permit
+        finally:
+            self._held.discard(permit.lease)
+            used = "" if permit.used is None else str(permit.used)
+            try:
+                await asyncio.shield(
+                    self._release(keys=self._keys(), args=[permit.lease, permit.tokens, used])
+                )
+            except (RedisError, OSError):
+                log.warning("could not release an upstream permit; it expires on its own")
+
+    async def _wait_for(self, permit: Permit) -> None:
+        limits = [self.concurrency, self.rpm, self.tpm]
+        args: list[str | int] = [permit.lease, self.lease_ttl_ms, *limits, permit.tokens]
+        while True:
+            wait_ms = int(await self._acquire(keys=self._keys(), args=args))
+            if wait_ms == 0:
+                self._held.add(permit.lease)
+                self._ensure_renewer()
+                return
+            # jitter keeps waiting workers from asking in lockstep
+            await asyncio.sleep(min(wait_ms, 1000) / 1000 * random.uniform(0.5, 1.5))
+
+    def _keys(self) -> list[str]:
+        return [self.keys.limit_leases(), self.keys.limit_window()]
+
+    def _ensure_renewer(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.create_task(self._renew_forever(), name="moonq-lease-renewer")
+
+    async def _renew_forever(self) -> None:
+        while self._held:
+            await asyncio.sleep(self.lease_ttl_ms / 3000)
+            held = list(self._held)
+            if not held:
+                return
+            try:
+                await self._renew(keys=[self.keys.limit_leases()], args=[self.lease_ttl_ms, *held])
+            except (RedisError, OSError) as exc:  # keep renewing through a Redis blip
+                log.warning("could not renew upstream permits: %s", type(exc).__name__)
+
+    async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
