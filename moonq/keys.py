@@ -39,6 +39,14 @@ class Keys:
         """Sorted set: upstream concurrency permits held, scored by expiry (ms)."""
         return f"{self.prefix}:limit:leases"
 
+    def limit_waiting(self) -> str:
+        """Sorted set: workers' requests waiting for a permit, scored by the job's age."""
+        return f"{self.prefix}:limit:waiting"
+
+    def limit_seen(self) -> str:
+        """Sorted set: when each waiting request last asked (ms); silent ones are dropped."""
+        return f"{self.prefix}:limit:seen"
+
     def limit_window(self) -> str:
         """Sorted set: upstream requests of the last 60 s (`lease:tokens`), scored by start."""
         return f"{self.prefix}:limit:window"

@@ -30,18 +30,34 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: leases (zset lease -> expiry ms), window (zset "lease:tokens" -> start ms).
-# ARGV: lease, lease ttl ms, concurrency, rpm, tpm, tokens. Limits of 0 are off.
-# Returns 0 when the permit is granted, else the milliseconds worth waiting before asking again.
+# KEYS: leases (zset lease -> expiry ms), window (zset "lease:tokens" -> start ms),
+# waiting (zset lease -> priority), seen (zset lease -> last ask ms).
+# ARGV: lease, lease ttl ms, concurrency, rpm, tpm, tokens, priority. Limits of 0 are off.
+# Waiters are served in priority order (the job's age): a job that was set back by a crash
+# is not overtaken by newer ones, and no job starves in a large batch. A waiter that stops
+# asking for 3 s is forgotten. Returns 0 when the permit is granted, else the milliseconds
+# worth waiting before asking again.
 ACQUIRE = (
     _NOW
     + """
 local function tokens_of(member) return tonumber(string.match(member, ':(%d+)$')) or 0 end
+local lease = ARGV[1]
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - 3000)) do
+  redis.call('ZREM', KEYS[3], gone)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 3000)
+redis.call('ZADD', KEYS[3], 'NX', ARGV[7], lease)
+redis.call('ZADD', KEYS[4], now, lease)
+redis.call('PEXPIRE', KEYS[3], 60000)
+redis.call('PEXPIRE', KEYS[4], 60000)
 local concurrency, rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local tokens = tonumber(ARGV[6])
-if concurrency > 0 and redis.call('ZCARD', KEYS[1]) >= concurrency then return 100 end
+local free = 1e12
+if concurrency > 0 then free = concurrency - redis.call('ZCARD', KEYS[1]) end
+local rank = redis.call('ZRANK', KEYS[3], lease)
+if rank >= free then return math.min(1000, 50 + 10 * (rank - math.max(free, 0))) end
 if rpm > 0 and redis.call('ZCARD', KEYS[2]) >= rpm then
   local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
   return math.max(1, tonumber(oldest[2]) + 60000 - now)
@@ -58,8 +74,10 @@ if tpm > 0 then
     return 1000
   end
 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('ZADD', KEYS[2], now, ARGV[1] .. ':' .. tokens)
+redis.call('ZREM', KEYS[3], lease)
+redis.call('ZREM', KEYS[4], lease)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), lease)
+redis.call('ZADD', KEYS[2], now, lease .. ':' .. tokens)
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
 redis.call('PEXPIRE', KEYS[2], 61000)
 return 0
@@ -104,6 +122,7 @@ class Permit:
     lease: str
     tokens: int
     used: int | None = None
+    priority: float = 0.0
 
 
 class UpstreamLimiter:
@@ -115,7 +134,7 @@ class UpstreamLimiter:
         concurrency: int,
         rpm: int,
         tpm: int,
-        lease_ttl: float = 10.0,
+        lease_ttl: float = 5.0,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -132,13 +151,21 @@ class UpstreamLimiter:
         return bool(self.concurrency or self.rpm or self.tpm)
 
     @contextlib.asynccontextmanager
-    async def permit(self, tokens: int) -> AsyncIterator[Permit]:
-        """Hold one upstream request's permit; set `permit.used` to the real token count."""
-        permit = Permit(uuid.uuid4().hex, tokens)
+    async def permit(self, tokens: int, priority: float = 0.0) -> AsyncIterator[Permit]:
+        """Hold one upstream request's permit; set `permit.used` to the real token count.
+
+        Waiters are served lowest `priority` first (moonq passes the job's creation time).
+        """
+        permit = Permit(uuid.uuid4().hex, tokens, priority=priority)
         if not self.enabled:
             yield permit
             return
-        await self._wait_for(permit)
+        try:
+            await self._wait_for(permit)
+        except BaseException:
+            with contextlib.suppress(RedisError, OSError):  # give up the place in line
+                await asyncio.shield(self.redis.zrem(self.keys.limit_waiting(), permit.lease))
+            raise
         try:
             yield permit
         finally:
@@ -153,18 +180,26 @@ class UpstreamLimiter:
 
     async def _wait_for(self, permit: Permit) -> None:
         limits = [self.concurrency, self.rpm, self.tpm]
-        args: list[str | int] = [permit.lease, self.lease_ttl_ms, *limits, permit.tokens]
+        args: list[str | int | float] = [
+            permit.lease,
+            self.lease_ttl_ms,
+            *limits,
+            permit.tokens,
+            permit.priority,
+        ]
         while True:
             wait_ms = int(await self._acquire(keys=self._keys(), args=args))
             if wait_ms == 0:
                 self._held.add(permit.lease)
                 self._ensure_renewer()
                 return
-            # jitter keeps waiting workers from asking in lockstep
+            # jitter keeps waiting workers from asking in lockstep; never past the 3 s after
+            # which a silent waiter loses its place
             await asyncio.sleep(min(wait_ms, 1000) / 1000 * random.uniform(0.5, 1.5))
 
     def _keys(self) -> list[str]:
-        return [self.keys.limit_leases(), self.keys.limit_window()]
+        k = self.keys
+        return [k.limit_leases(), k.limit_window(), k.limit_waiting(), k.limit_seen()]
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():

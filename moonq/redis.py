@@ -16,13 +16,15 @@ def connect(url: str, max_connections: int = 64, **kwargs: Any) -> ArqRedis:
     """A client whose pool waits for a free connection instead of opening one per command.
 
     redis-py's default pool opens a new connection for every concurrent command; thousands of
-    streams must share a bounded pool.
+    streams must share a bounded pool. Timeouts keep a request from hanging on a Redis that
+    stopped answering: it fails (a 503 at the API) and the next one reconnects.
     """
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=10,
-        socket_connect_timeout=5,
+        socket_connect_timeout=3,
+        socket_timeout=10,
         health_check_interval=30,
         **kwargs,
     )

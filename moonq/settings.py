@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     job_timeout: int = Field(600, ge=1, alias="MOONQ_JOB_TIMEOUT")
     max_attempts: int = Field(5, ge=1, le=100, alias="MOONQ_MAX_ATTEMPTS")
     shutdown_grace: float = Field(30.0, ge=0, alias="MOONQ_SHUTDOWN_GRACE")
-    lock_timeout: float = Field(10.0, ge=1, le=300, alias="MOONQ_LOCK_TIMEOUT")
+    lock_timeout: float = Field(5.0, ge=1, le=300, alias="MOONQ_LOCK_TIMEOUT")
     upstream_concurrency: int = Field(50, ge=0, alias="MOONQ_UPSTREAM_CONCURRENCY")
     upstream_rpm: int = Field(200, ge=0, alias="MOONQ_UPSTREAM_RPM")
     upstream_tpm: int = Field(128_000, ge=0, alias="MOONQ_UPSTREAM_TPM")

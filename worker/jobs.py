@@ -65,7 +65,8 @@ class Runner:
         if Status(record["status"]).terminal:
             return record["status"]
         body: dict[str, Any] = json.loads(record["request"])
-        async with self.limiter.permit(estimate_tokens(body)) as permit:
+        priority = float(record["created_at"])
+        async with self.limiter.permit(estimate_tokens(body), priority) as permit:
             attempt = await self.store.start_attempt(job_id, self.worker_id)
             if attempt < 0:
                 return "skipped"

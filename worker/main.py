@@ -37,7 +37,7 @@ ARQ_MAX_TRIES = 1000
 class MoonqWorker(Worker):
     """arq's worker with a poll loop that rides out Redis outages instead of exiting."""
 
-    def __init__(self, *args: Any, lock_timeout: float = 10.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lock_timeout: float = 5.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.in_progress_timeout_s = lock_timeout
 

@@ -1,0 +1,192 @@
+"""The account-wide upstream limiter: concurrency leases, RPM and TPM windows, on both Redises."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+from arq.connections import ArqRedis
+
+from moonq.keys import Keys
+from moonq.limits import UpstreamLimiter, estimate_tokens
+
+
+@pytest.fixture(params=["fake", "real"])
+def redis(request: pytest.FixtureRequest) -> ArqRedis:
+    client: ArqRedis = request.getfixturevalue(
+        "fake_redis" if request.param == "fake" else "real_redis"
+    )
+    return client
+
+
+def _limiter(
+    redis: ArqRedis,
+    prefix: str,
+    *,
+    concurrency: int = 0,
+    rpm: int = 0,
+    tpm: int = 0,
+    lease_ttl: float = 10.0,
+) -> UpstreamLimiter:
+    return UpstreamLimiter(
+        redis, Keys(prefix), concurrency=concurrency, rpm=rpm, tpm=tpm, lease_ttl=lease_ttl
+    )
+
+
+class Holder:
+    """A task that takes a permit, notes when (monotonic) it got it, and holds it until `stop`."""
+
+    def __init__(self, limiter: UpstreamLimiter, tokens: int) -> None:
+        self.granted: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.stop = asyncio.Event()
+        self.task = asyncio.create_task(self._run(limiter, tokens))
+
+    async def _run(self, limiter: UpstreamLimiter, tokens: int) -> None:
+        async with limiter.permit(tokens):
+            self.granted.set_result(time.monotonic())
+            await self.stop.wait()
+
+    async def wait_granted(self, timeout: float) -> float:
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(self.granted)
+
+    async def end(self) -> None:
+        self.stop.set()
+        if not self.granted.done():
+            self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+async def test_concurrency_holds_across_limiters(redis: ArqRedis, prefix: str) -> None:
+    limiters = [_limiter(redis, prefix, concurrency=3) for _ in range(3)]
+    live = peak = finished = 0
+
+    async def one(limiter: UpstreamLimiter) -> None:
+        nonlocal live, peak, finished
+        async with limiter.permit(10):
+            live += 1
+            peak = max(peak, live)
+            await asyncio.sleep(0.03)
+            live -= 1
+        finished += 1
+
+    try:
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(one(limiters[i % 3]) for i in range(18)))
+    finally:
+        for limiter in limiters:
+            await limiter.close()
+    assert finished == 18
+    assert peak == 3  # never more than the limit, and not serialised either
+    assert await redis.zcard(Keys(prefix).limit_leases()) == 0  # every lease handed back
+
+
+async def test_a_crashed_holders_permit_comes_back(redis: ArqRedis, prefix: str) -> None:
+    ttl = 1.0
+    crashed = _limiter(redis, prefix, concurrency=1, lease_ttl=ttl)
+    other = _limiter(redis, prefix, concurrency=1, lease_ttl=ttl)
+    held = crashed.permit(10)
+    await held.__aenter__()
+    taken = time.monotonic()
+    await crashed.close()  # the holder dies: nobody renews or releases its lease
+    waiter = Holder(other, 10)
+    try:
+        await asyncio.sleep(0.5 * ttl)
+        assert not waiter.granted.done()
+        granted = await waiter.wait_granted(2 * ttl)
+    finally:
+        await waiter.end()
+        await other.close()
+        await held.__aexit__(None, None, None)
+    assert 0.8 * ttl <= granted - taken <= 2 * ttl
+
+
+async def test_a_live_holder_keeps_its_permit(redis: ArqRedis, prefix: str) -> None:
+    ttl = 0.3
+    holder = _limiter(redis, prefix, concurrency=1, lease_ttl=ttl)
+    other = _limiter(redis, prefix, concurrency=1, lease_ttl=ttl)
+    try:
+        async with holder.permit(10):
+            waiter = Holder(other, 10)
+            await asyncio.sleep(5 * ttl)  # the holder's renewer outlives several lease periods
+            assert not waiter.granted.done()
+            released = time.monotonic()
+        granted = await waiter.wait_granted(1.0)
+        assert granted >= released  # only after the holder let go
+    finally:
+        await waiter.end()
+        await holder.close()
+        await other.close()
+
+
+async def test_rpm_counts_requests_started_in_the_window(redis: ArqRedis, prefix: str) -> None:
+    limiter = _limiter(redis, prefix, rpm=5)
+    try:
+        async with asyncio.timeout(0.5):
+            for _ in range(5):
+                async with limiter.permit(1):
+                    pass  # released at once: RPM is about starts, not concurrency
+        sixth = Holder(limiter, 1)
+        await asyncio.sleep(0.5)
+        assert not sixth.granted.done()
+        await sixth.end()
+    finally:
+        await limiter.close()
+
+
+async def test_tpm_is_corrected_to_real_usage(redis: ArqRedis, prefix: str) -> None:
+    limiter = _limiter(redis, prefix, tpm=100)
+    try:
+        async with limiter.permit(60) as first:
+            second = Holder(limiter, 60)
+            await asyncio.sleep(0.6)
+            assert not second.granted.done()  # 60 + 60 reserved would exceed 100
+            first.used = 10  # the request really cost 10 tokens
+            released = time.monotonic()
+        # granted within the limiter's own retry interval (at most 1.5 s between asks)
+        granted = await second.wait_granted(1.8)
+        assert granted >= released
+    finally:
+        await second.end()
+        await limiter.close()
+
+
+async def test_a_request_larger_than_tpm_still_runs_alone(redis: ArqRedis, prefix: str) -> None:
+    limiter = _limiter(redis, prefix, tpm=100)
+    try:
+        async with asyncio.timeout(0.5), limiter.permit(500) as permit:
+            assert permit.tokens == 500
+    finally:
+        await limiter.close()
+
+
+async def test_no_limits_means_no_redis(redis: ArqRedis, prefix: str) -> None:
+    limiter = _limiter(redis, prefix)
+    assert not limiter.enabled
+    try:
+        async with asyncio.timeout(0.1):
+            for _ in range(50):
+                async with limiter.permit(10**9):
+                    pass
+    finally:
+        await limiter.close()
+    assert await redis.keys(f"{prefix}:*") == []
+
+
+def test_enabled_by_any_single_limit(fake_redis: ArqRedis) -> None:
+    for limits in ({"concurrency": 1}, {"rpm": 1}, {"tpm": 1}):
+        assert _limiter(fake_redis, "p", **limits).enabled
+
+
+def test_estimate_grows_with_the_prompt_and_adds_max_tokens() -> None:
+    def body(text: str, **extra: int) -> dict[str, object]:
+        return {"model": "m", "messages": [{"role": "user", "content": text}], **extra}
+
+    short, long = estimate_tokens(body("hi")), estimate_tokens(body("hi " * 300))
+    assert 0 < short < long
+    assert long >= 900 // 4  # at least the usual ~4 characters a token
+    assert estimate_tokens(body("hi", max_tokens=500)) == short + 500
+    assert estimate_tokens(body("hi", max_completion_tokens=70)) == short + 70
