@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev test lint format typecheck pytest bench clean
+.PHONY: install dev test lint format typecheck pytest bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ pytest: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# The full fault suite: 500 jobs, upstream faults, workers SIGKILLed mid-stream (real Redis).
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos --redis-url "$${REDIS_URL:-redis://127.0.0.1:6379/13}"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,9 +1,9 @@
 """How much does the queue cost next to calling the upstream directly?
 
 Starts the fake upstream, the API and a worker as real processes (the `moonq` console script) on
-127.0.0.1 with real Redis, streams the same requests both ways at a few concurrency levels in one
-run, prints Markdown tables of moonq/direct ratios and writes them to bench/RESULTS.md. Bounded:
-a fixed number of requests per level and an overall deadline; cleans up processes and keys.
+127.0.0.1 with real Redis, sends the same streamed requests straight to the fake and through
+moonq at a few concurrency levels, side by side in one run, and prints (and writes to
+bench/RESULTS.md) Markdown tables of moonq/direct ratios. Bounded in requests and in time.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Sample:
 class Run:
     samples: list[Sample]
     wall: float
-    cost: dict[str, float] = field(default_factory=dict)  # per request: CPU ms, Redis commands
+    cpu: dict[str, float] = field(default_factory=dict)  # ms per request; "rest" in cores
     peak: int = 0  # the upstream's peak of requests in flight
     phases: dict[str, float] = field(default_factory=dict)  # moonq: p50 ms of each phase
 
@@ -84,7 +84,7 @@ class Stack:
         self.redis = redis.Redis.from_url(args.redis_url)
 
     def env(self, worker: int, limit: int) -> dict[str, str]:
-        """Upstream RPM/TPM limits off: the benchmark sends far more than a real account may."""
+        """RPM and TPM limits off: the benchmark sends far more than a real account may."""
         return clean_env(
             REDIS_URL=self.args.redis_url,
             MOONQ_KEY_PREFIX=self.prefix,
@@ -117,8 +117,8 @@ class Stack:
             time.sleep(0.05)
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds (utime + stime) of each process. Redis's own is left out: its counters are
-        server-wide, and other users of this Redis would show up in them."""
+        """CPU seconds of each process and of the whole machine. Redis's own counters are
+        server-wide (other users of this Redis would show up in them), so it is in "rest"."""
         busy = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
         found = {"client": time.process_time(), "machine": (sum(busy) - busy[3] - busy[4]) / TICK}
         for name in PROCS[:-1]:
@@ -155,48 +155,33 @@ async def direct_one(client: MoonshotClient, body: Body) -> Sample:
     return Sample(first, time.perf_counter() - t0)
 
 
-async def submit(http: httpx.AsyncClient, stack: Stack, body: Body) -> Sample:
+async def moonq_one(http: httpx.AsyncClient, stack: Stack, body: Body, poll: bool) -> Sample:
+    """Submit, then read the job's SSE events to `done` (or long-poll `?wait=`, when `poll`)."""
     t0 = time.perf_counter()
     response = await http.post("/v1/jobs", json={"body": body})
     response.raise_for_status()
     stack.job_ids.add(job_id := response.json()["id"])
-    return Sample(t0, math.nan, time.perf_counter() - t0, job_id)  # ttfc holds t0 until known
+    s, end = Sample(math.nan, math.nan, time.perf_counter() - t0, job_id), "no terminal event"
+    if poll:
+        end = (await http.get(f"/v1/jobs/{job_id}", params={"wait": 60})).json()["status"]
+        s.total, end = time.perf_counter() - t0, {"completed": "done"}.get(end, end)
+    else:
+        async with aconnect_sse(http, "GET", f"/v1/jobs/{job_id}/events") as source:
+            async for sse in source.aiter_sse():
+                event = json.loads(sse.data)["event"]
+                if event == "chunk" and math.isnan(s.ttfc):
+                    s.ttfc = time.perf_counter() - t0
+                elif event != "chunk":
+                    s.total, end = time.perf_counter() - t0, event
+    if end != "done":
+        raise RuntimeError(f"job {job_id} ended with {end}")
+    s.done_at = time.time() - (time.perf_counter() - t0 - s.total)  # wall clock at `done`
+    return s
 
 
-async def moonq_sse_one(http: httpx.AsyncClient, stack: Stack, body: Body) -> Sample:
-    """Submit, then read the job's SSE events to `done`; all times count from the submit."""
-    sample = await submit(http, stack, body)
-    t0, sample.ttfc = sample.ttfc, math.nan
-    async with aconnect_sse(http, "GET", f"/v1/jobs/{sample.job_id}/events") as source:
-        async for sse in source.aiter_sse():
-            event = json.loads(sse.data)["event"]
-            if event == "chunk" and math.isnan(sample.ttfc):
-                sample.ttfc = time.perf_counter() - t0
-            elif event != "chunk":
-                sample.total, sample.done_at = time.perf_counter() - t0, time.time()
-                if event != "done":
-                    raise RuntimeError(f"job {sample.job_id} ended with {sse.data[:300]}")
-    if math.isnan(sample.total):
-        raise RuntimeError(f"the events of job {sample.job_id} ended with no terminal event")
-    return sample
-
-
-async def moonq_wait_one(http: httpx.AsyncClient, stack: Stack, body: Body) -> Sample:
-    """Submit, then long-poll `?wait=` until the job's result is there."""
-    sample = await submit(http, stack, body)
-    response = await http.get(f"/v1/jobs/{sample.job_id}", params={"wait": 60})
-    if response.json().get("status") != "completed":
-        raise RuntimeError(f"job {sample.job_id} did not complete: {response.text[:300]}")
-    sample.total, sample.done_at = time.perf_counter() - sample.ttfc, time.time()
-    sample.ttfc = math.nan
-    return sample
-
-
-async def batch(
-    stack: Stack, n: int, concurrency: int, one: Callable[[int], Awaitable[Sample]]
-) -> Run:
-    """`n` requests, `concurrency` at a time (closed loop), with what they cost each process."""
-    limit = asyncio.Semaphore(concurrency)
+async def batch(stack: Stack, n: int, c: int, one: Callable[[int], Awaitable[Sample]]) -> Run:
+    """`n` requests, `c` at a time (a closed loop), with what they cost each process."""
+    limit = asyncio.Semaphore(c)
 
     async def guarded(i: int) -> Sample:
         async with limit:
@@ -208,25 +193,22 @@ async def batch(
         run = Run(list(await asyncio.gather(*map(guarded, range(n)))), time.perf_counter() - t0)
         after = stack.cpu()
         run.peak = (await fake.get("/_fake/stats")).json()["peak_in_flight"]
-    run.cost = {k: (after[k] - before[k]) * 1000 / n for k in before}
-    run.cost["rest"] = (run.cost.pop("machine") - sum(run.cost.values())) * n / run.wall / 1000
+    run.cpu = {k: (after[k] - before[k]) * 1000 / n for k in before}
+    rest = (run.cpu.pop("machine") - sum(run.cpu.values())) * n / run.wall / 1000
+    run.cpu["rest"] = max(0.0, rest)  # ticks are 10 ms: tiny negatives are rounding
+    if run.samples[0].job_id:  # moonq: split its time with the job records' timestamps
+        fields = ["created_at", "started_at", "completed_at"]
+        with stack.redis.pipeline(transaction=False) as pipe:
+            for s in run.samples:
+                pipe.hmget(f"{stack.prefix}:job:{s.job_id}", fields)
+            times = [[float(v) for v in row] for row in pipe.execute()]
+        split = {
+            "queued": [t[1] - t[0] for t in times],
+            "worker run": [t[2] - t[1] for t in times],
+            "delivery": [s.done_at - t[2] for s, t in zip(run.samples, times, strict=True)],
+        }
+        run.phases = {k: sorted(v)[(len(v) - 1) // 2] * 1000 for k, v in split.items()}
     return run
-
-
-def phases(stack: Stack, run: Run) -> None:
-    """Split moonq's time with the job record's timestamps (all processes share one clock)."""
-    with stack.redis.pipeline(transaction=False) as pipe:
-        for s in run.samples:
-            pipe.hmget(
-                f"{stack.prefix}:job:{s.job_id}", ["created_at", "started_at", "completed_at"]
-            )
-        rows = [[float(v) for v in row] for row in pipe.execute()]
-    split = {
-        "queued": [r[1] - r[0] for r in rows],
-        "worker run": [r[2] - r[1] for r in rows],
-        "delivery": [s.done_at - r[2] for s, r in zip(run.samples, rows, strict=True)],
-    }
-    run.phases = {k: sorted(v)[(len(v) - 1) // 2] * 1000 for k, v in split.items()}
 
 
 async def measure(stack: Stack, args: argparse.Namespace) -> list[Row]:
@@ -235,12 +217,15 @@ async def measure(stack: Stack, args: argparse.Namespace) -> list[Row]:
     client = MoonshotClient(f"{stack.fake_url}/v1", "sk-bench", concurrency=top)
     transport, timeout = AiohttpTransport(limits=limits), httpx.Timeout(90, connect=10)
     http = httpx.AsyncClient(base_url=stack.api_url, transport=transport, timeout=timeout)
-    direct, sse = partial(direct_one, client), partial(moonq_sse_one, http, stack)
-    wait = partial(moonq_wait_one, http, stack)
+    direct = partial(direct_one, client)
+    sse, wait = (
+        partial(moonq_one, http, stack, poll=False),
+        partial(moonq_one, http, stack, poll=True),
+    )
 
     def run(one: Callable[[Body], Awaitable[Sample]], c: int, warm: bool = False) -> Awaitable[Run]:
         chunks, delay = (2, 0.0) if warm else (args.chunks, args.delay)
-        n = args.requests or max(20, 2 * c)
+        n = args.requests or max(30, 4 * c)
         return batch(stack, n, c, lambda i: one(chat(i, chunks, delay)))
 
     async def warm_up() -> None:  # every connection pool on the way, at the top level
@@ -249,9 +234,9 @@ async def measure(stack: Stack, args: argparse.Namespace) -> list[Row]:
 
     try:
         await warm_up()
-        fair = f"{top}/{top}"
         for c in args.levels:
-            rows.append(Row(f"c={c}, SSE", d := await run(direct, c), await run(sse, c), fair))
+            d, fair = await run(direct, c), f"{top}/{top}"
+            rows.append(Row(f"c={c}, SSE", d, await run(sse, c), fair))
             if c == args.wait_level:
                 rows.append(Row(f"c={c}, long-poll ?wait=", d, await run(wait, c), fair))
         q = args.queued
@@ -264,8 +249,6 @@ async def measure(stack: Stack, args: argparse.Namespace) -> list[Row]:
     finally:
         await http.aclose()
         await client.aclose()
-    for row in rows:
-        phases(stack, row.moonq)
     return rows
 
 
@@ -283,16 +266,12 @@ def cells(r: Row) -> tuple[list[str], list[str]]:
     d, m = r.direct, r.moonq
     head = [r.name, str(len(m.samples)), r.conc, f"{d.peak}/{m.peak}"]
     head += [ratio(d.pct(k, q), m.pct(k, q)) for k in ("ttfc", "total") for q in (0.5, 0.95)]
-    overhead = (m.pct("total", 0.5) - d.pct("total", 0.5)) * 1000
-    head += [
-        ratio(len(d.samples) / d.wall, len(m.samples) / m.wall, "req/s", 1),
-        f"+{num(overhead)}",
-    ]
+    head.append(ratio(len(d.samples) / d.wall, len(m.samples) / m.wall, "req/s", 1))
+    head.append(f"+{num((m.pct('total', 0.5) - d.pct('total', 0.5)) * 1000)}")
     cost = [r.name, num(m.pct("post", 0.5) * 1000), *(num(v) for v in m.phases.values())]
     cost.insert(4, num(d.pct("total", 0.5) * 1000))
-    cost += [f"{num(d.cost[k])}→{num(m.cost[k])}" for k in PROCS]
-    cost += [f"{d.cost['rest']:.2f}→{m.cost['rest']:.2f}"]
-    return head, cost
+    cost += [f"{num(d.cpu[k])}→{num(m.cpu[k])}" for k in PROCS]
+    return head, [*cost, f"{d.cpu['rest']:.2f}→{m.cpu['rest']:.2f}"]
 
 
 HEADS = (
@@ -303,8 +282,8 @@ HEADS = (
 )
 NOTE = (
     "**Where moonq's time goes** (p50 ms; queued = created→started, worker run = started→"
-    "completed, delivery = completed→`done` at the client. CPU ms per request, direct→moonq; "
-    "the direct figures for api/worker are their idle cost)"
+    "completed, delivery = completed→`done` at the client; CPU per request, direct→moonq, the "
+    "direct figures for api/worker being their idle cost)"
 )
 
 
@@ -313,15 +292,16 @@ def report(args: argparse.Namespace, rows: list[Row], elapsed: float, redis_vers
     for head, lines in zip(HEADS, zip(*map(cells, rows), strict=True), strict=True):
         rule = "|---" * (head.count("|") + 1) + "|"
         tables.append("\n".join([f"| {head} |", rule, *(f"| {' | '.join(x)} |" for x in lines)]))
+    env = "".join(f", {item}" for item in args.env)
     return f"""# moonq benchmark: the queue next to calling the upstream directly
 
-- date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}; the run took {elapsed:.0f} s (`python -m bench.run`)
+- date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}; the run took {elapsed:.0f} s (`make bench`)
 - machine: nproc {len(os.sched_getaffinity(0))}, Python {platform.python_version()}, \
 {platform.platform()}, Redis {redis_version}; the fake, API, worker, Redis and this client \
 share these cores
 - parameters: {args.chunks} content chunks {args.delay * 1000:.0f} ms apart (±20% per request); \
-levels {args.levels}, {args.requests or "max(20, 2×level)"} requests each, warm-up first; \
-MOONQ_UPSTREAM_RPM/TPM off; other settings default{"; " if args.env else ""}{", ".join(args.env)}
+levels {args.levels}, {args.requests or "max(30, 4×level)"} requests each, after a warm-up; \
+MOONQ_UPSTREAM_RPM/TPM=0 (off), other settings default{env}
 - ratio = moonq / direct (time: >1 is slower; throughput: <1 is fewer per second). moonq times \
 count from the submit call; TTFC = time to the first upstream chunk.
 
@@ -339,7 +319,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--chunks", type=int, default=20, help="content chunks per answer")
     add("--delay", type=float, default=0.025, help="seconds between chunks")
     add("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 50, 200])
-    add("--requests", type=int, default=0, help="per level (0: max(20, 2×level))")
+    add("--requests", type=int, default=0, help="per level (0: max(30, 4×level))")
     add("--queued", type=int, default=50, help="concurrency of the queued rows (0: none)")
     add("--wait-level", type=int, default=50, help="the level with a long-poll row")
     add("--env", action="append", default=[], help="KEY=VALUE for moonq, e.g. MOONQ_POLL_DELAY")

@@ -4,6 +4,9 @@ Moonshot's limits are per account (e.g. 50 concurrent requests, 200 RPM at the f
 tier); only a limiter shared across workers keeps a large batch out of a 429 storm. Concurrency
 is a set of leases that expire unless their holder renews them, so a crashed worker's permits
 come back on their own. RPM and TPM are a sliding 60 s window of the requests made.
+
+The limiter's keys outlive any lease (an hour, renewed on use): entries expire by their
+scores, never with the key, so limiters with different lease lengths cannot drop each other's.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ redis.call('ZREM', KEYS[3], lease)
 redis.call('ZREM', KEYS[4], lease)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), lease)
 redis.call('ZADD', KEYS[2], now, lease .. ':' .. tokens)
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+redis.call('PEXPIRE', KEYS[1], 3600000)
 redis.call('PEXPIRE', KEYS[2], 61000)
 return 0
 """
@@ -103,7 +106,7 @@ RENEW = (
     _NOW
     + """
 for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i]) end
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
+redis.call('PEXPIRE', KEYS[1], 3600000)
 return 1
 """
 )

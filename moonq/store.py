@@ -76,7 +76,8 @@ class JobStore:
             self.queue_name,
             idem_key,
         ]
-        ttl = IDEMPOTENCY_TTL if idempotency_key else 0
+        # never longer than the job is kept, so a replay always finds the first job
+        ttl = min(IDEMPOTENCY_TTL, self.result_ttl) if idempotency_key else 0
         args: list[Any] = [job_id, repr(now), now_ms, self.result_ttl, arq_job, ttl, fingerprint]
         for pair in fields.items():
             args += pair

@@ -122,6 +122,25 @@ async def test_a_live_holder_keeps_its_permit(redis: ArqRedis, prefix: str) -> N
         await other.close()
 
 
+async def test_a_shorter_lease_elsewhere_keeps_live_leases(redis: ArqRedis, prefix: str) -> None:
+    holder = _limiter(redis, prefix, concurrency=2, lease_ttl=3.0)
+    brief = _limiter(redis, prefix, concurrency=2, lease_ttl=0.3)
+    try:
+        async with holder.permit(10):
+            async with brief.permit(10):
+                pass
+            await asyncio.sleep(0.8)  # past brief's 2*ttl, before holder's first renewal (1 s)
+            late = [Holder(brief, 10) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            granted = sum(h.granted.done() for h in late)
+            for h in late:
+                await h.end()
+            assert granted == 1  # the holder still has one of the two permits
+    finally:
+        await holder.close()
+        await brief.close()
+
+
 async def test_rpm_counts_requests_started_in_the_window(redis: ArqRedis, prefix: str) -> None:
     limiter = _limiter(redis, prefix, rpm=5)
     try:
