@@ -13,7 +13,6 @@ from redis.asyncio import Redis
 from api import errors, routes
 from api.limits import BodyLimit
 from api.services import Services
-from moonq.keys import Keys
 from moonq.redis import connect, ping
 from moonq.settings import Settings
 from moonq.store import JobStore
@@ -29,13 +28,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = redis or connect(settings.redis_url, settings.redis_max_connections)
-        store = JobStore(
-            client,
-            Keys(settings.key_prefix),
-            queue_name=settings.queue_name,
-            result_ttl=settings.result_ttl,
-            max_events=settings.max_events,
-        )
+        store = JobStore.from_settings(client, settings)
         app.state.services = Services(settings, client, store, EventHub(client), tenants)
         if not tenants:
             log.warning("MOONQ_API_KEYS is empty: the API is open to anyone who can reach it")

@@ -138,11 +138,12 @@ class Stack:
         self.redis.close()
 
 
-def chat(i: int, chunks: int, delay: float) -> Body:
-    """Request `i`; its chunk gap is spread ±20% around `delay` (the same set both ways), so a
-    closed loop of equal-length calls does not phase-lock with the worker's poll timer."""
+def chat(i: int, chunks: int, delay: float, first: float) -> Body:
+    """Request `i`; its delays are spread ±20% (the same set both ways), so a closed loop of
+    equal-length calls does not phase-lock with the worker's poll timer."""
     message = {"role": "user", "content": f"benchmark request {i}: summarise the quarterly report"}
-    steer = {"chunks": chunks, "delay": delay * (0.8 + 0.4 * (i * 0.618034 % 1))}
+    spread = 0.8 + 0.4 * (i * 0.618034 % 1)
+    steer = {"chunks": chunks, "delay": delay * spread, "first_byte_delay": first * spread}
     return {"model": "moonshot-v1-8k", "messages": [message], "fake_moonshot": steer}
 
 
@@ -224,9 +225,9 @@ async def measure(stack: Stack, args: argparse.Namespace) -> list[Row]:
     )
 
     def run(one: Callable[[Body], Awaitable[Sample]], c: int, warm: bool = False) -> Awaitable[Run]:
-        chunks, delay = (2, 0.0) if warm else (args.chunks, args.delay)
-        n = args.requests or max(30, 4 * c)
-        return batch(stack, n, c, lambda i: one(chat(i, chunks, delay)))
+        shape = (2, 0.0, 0.0) if warm else (args.chunks, args.delay, args.first_byte)
+        n = args.requests or max(20, 4 * c)
+        return batch(stack, n, c, lambda i: one(chat(i, *shape)))
 
     async def warm_up() -> None:  # every connection pool on the way, at the top level
         await run(direct, top, warm=True)
@@ -299,8 +300,9 @@ def report(args: argparse.Namespace, rows: list[Row], elapsed: float, redis_vers
 - machine: nproc {len(os.sched_getaffinity(0))}, Python {platform.python_version()}, \
 {platform.platform()}, Redis {redis_version}; the fake, API, worker, Redis and this client \
 share these cores
-- parameters: {args.chunks} content chunks {args.delay * 1000:.0f} ms apart (±20% per request); \
-levels {args.levels}, {args.requests or "max(30, 4×level)"} requests each, after a warm-up; \
+- parameters: the upstream answers after {args.first_byte * 1000:.0f} ms with \
+{args.chunks} content chunks {args.delay * 1000:.0f} ms apart (delays ±20% per request); \
+levels {args.levels}, {args.requests or "max(20, 4×level)"} requests each, after a warm-up; \
 MOONQ_UPSTREAM_RPM/TPM=0 (off), other settings default{env}
 - ratio = moonq / direct (time: >1 is slower; throughput: <1 is fewer per second). moonq times \
 count from the submit call; TTFC = time to the first upstream chunk.
@@ -318,8 +320,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add = cli.add_argument
     add("--chunks", type=int, default=20, help="content chunks per answer")
     add("--delay", type=float, default=0.025, help="seconds between chunks")
+    add("--first-byte", type=float, default=0.2, help="seconds before the upstream answers")
     add("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 50, 200])
-    add("--requests", type=int, default=0, help="per level (0: max(30, 4×level))")
+    add("--requests", type=int, default=0, help="per level (0: max(20, 4×level))")
     add("--queued", type=int, default=50, help="concurrency of the queued rows (0: none)")
     add("--wait-level", type=int, default=50, help="the level with a long-poll row")
     add("--env", action="append", default=[], help="KEY=VALUE for moonq, e.g. MOONQ_POLL_DELAY")

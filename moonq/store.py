@@ -18,6 +18,7 @@ from moonq.assemble import Assembler
 from moonq.keys import Keys
 from moonq.models import Job, JobCreate, Status
 from moonq.serde import arq_serialize, dumps
+from moonq.settings import Settings
 
 JOB_FUNCTION = "run_completion"
 IDEMPOTENCY_TTL = 24 * 3600
@@ -53,6 +54,16 @@ class JobStore:
         self._finish = redis.register_script(scripts.FINISH)
         self._requeue = redis.register_script(scripts.REQUEUE)
         self._create = redis.register_script(scripts.CREATE)
+
+    @classmethod
+    def from_settings(cls, redis: Redis, settings: Settings) -> JobStore:
+        return cls(
+            redis,
+            Keys(settings.key_prefix),
+            queue_name=settings.queue_name,
+            result_ttl=settings.result_ttl,
+            max_events=settings.max_events,
+        )
 
     async def create(
         self, tenant: str, request: JobCreate, idempotency_key: str | None = None

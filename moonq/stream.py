@@ -111,9 +111,10 @@ class EventHub:
         try:
             await self._pubsub.subscribe(name)
         except (RedisError, OSError):
+            # Readers poll the log meanwhile; the reader task keeps trying to resubscribe.
             log.warning("pub/sub subscribe failed; readers fall back to the log")
             self._reset_pubsub()
-            return
+            self._ready[name].set()
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read(), name="moonq-event-hub")
 
@@ -172,7 +173,7 @@ class EventHub:
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             task = asyncio.ensure_future(pubsub.aclose())  # type: ignore[no-untyped-call]
-            task.add_done_callback(lambda t: t.exception())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def close(self) -> None:
         self._listeners.clear()

@@ -10,12 +10,14 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis as sync_redis
+from httpx_sse import connect_sse
 
 from moonq.fake_moonshot import expected_content, expected_usage
 from tests.chaos import Cluster, Config
@@ -221,3 +223,43 @@ def test_redis_outage_is_503_and_everything_recovers(
     after = _submit(cluster, chat("the worker recovered"))
     assert _job(cluster, after, wait=30)["status"] == "completed"
     assert worker.popen.poll() is None  # the same worker, never restarted
+
+
+def _read_sse(url: str, last_event_id: str | None = None) -> list[tuple[str, str, str]]:
+    """(event name, id, data) of every SSE event until the server ends the stream."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    with (
+        httpx.Client(timeout=60) as client,
+        connect_sse(client, "GET", url, headers=headers) as sse,
+    ):
+        return [(e.event, e.id, e.data) for e in sse.iter_sse()]
+
+
+def test_a_redis_blip_mid_stream_loses_nothing(
+    cluster_factory: Any, own_redis: RedisServer
+) -> None:
+    cluster = cluster_factory(redis_url=own_redis.url, workers=1)
+    payload = chat("through the blip", fake_moonshot={"chunks": 40, "delay": 0.1})
+    job_id = _submit(cluster, payload)
+    url = f"{cluster.api_url}/v1/jobs/{job_id}/events"
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(_read_sse, url)
+        _until(lambda: _job(cluster, job_id)["status"] == "in_progress", 10)
+        time.sleep(1.0)  # mid-stream
+        own_redis.kill()
+        cut = first.result(timeout=30)
+    assert cut[-1][0] == "stream_error"  # the open stream says so, and ends
+    seen = [(i, d) for name, i, d in cut if name == "message"]
+    time.sleep(1.0)
+    own_redis.start()
+    rest = _read_sse(url, last_event_id=seen[-1][0] if seen else None)
+    events = [json.loads(d) for _, d in seen] + [
+        json.loads(d) for name, _, d in rest if name == "message"
+    ]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))  # none lost or doubled
+    assert events[-1]["event"] == "done"
+    assert any(e["event"] == "retry" for e in events)
+    final = [e for e in events if e["attempt"] == events[-1]["attempt"] and e["event"] == "chunk"]
+    content = "".join(e["data"]["choices"][0]["delta"].get("content") or "" for e in final)
+    assert content == expected_content(payload["body"])
+    assert _job(cluster, job_id)["result"]["choices"][0]["message"]["content"] == content

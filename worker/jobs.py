@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 from arq import Retry
@@ -28,6 +29,25 @@ log = logging.getLogger("moonq.worker")
 # MOONQ_MAX_ATTEMPTS; past this many, the job is taken to be what kills its workers.
 MAX_INTERRUPTIONS = 20
 REDIS_RETRY_DELAY = 1.0
+
+
+@dataclass
+class Attempt:
+    """One run of a job, from its permit to its last write."""
+
+    job_id: str
+    number: int
+    record: dict[str, str]
+    body: dict[str, Any]
+    permit: Permit
+    publisher: EventPublisher
+
+    @property
+    def tenant(self) -> str:
+        return self.record["tenant"]
+
+    def event(self, kind: str, data: Any) -> dict[str, Any]:
+        return {"event": kind, "attempt": self.number, "data": data}
 
 
 class Runner:
@@ -65,124 +85,115 @@ class Runner:
         if Status(record["status"]).terminal:
             return record["status"]
         body: dict[str, Any] = json.loads(record["request"])
-        priority = float(record["created_at"])
+        priority = float(record["created_at"])  # oldest jobs get permits first
         async with self.limiter.permit(estimate_tokens(body), priority) as permit:
-            attempt = await self.store.start_attempt(job_id, self.worker_id)
-            if attempt < 0:
+            number = await self.store.start_attempt(job_id, self.worker_id)
+            if number < 0:
                 return "skipped"
-            return await self._guarded(job_id, attempt, record, body, permit)
+            publisher = EventPublisher(self.store, job_id, number)
+            try:
+                return await self._guarded(Attempt(job_id, number, record, body, permit, publisher))
+            finally:
+                publisher.close()
 
-    async def _guarded(
-        self,
-        job_id: str,
-        attempt: int,
-        record: dict[str, str],
-        body: dict[str, Any],
-        permit: Permit,
-    ) -> str:
-        tenant = record["tenant"]
-        interruptions = attempt - 1 - int(record.get("failures", "0"))
+    async def _guarded(self, attempt: Attempt) -> str:
+        interruptions = attempt.number - 1 - int(attempt.record.get("failures", "0"))
         if interruptions > MAX_INTERRUPTIONS:
             error = errors.UpstreamError(
                 f"the job was interrupted {interruptions} times (worker crashes or shutdowns)",
                 type="worker_lost",
             )
-            return await self._fail(job_id, attempt, tenant, error)
-        publisher = EventPublisher(self.store, job_id, attempt)
+            return await self._fail(attempt, error)
         try:
-            return await self._attempt(job_id, attempt, record, body, publisher, permit)
+            return await self._attempt(attempt)
         except AttemptLost:
-            log.info("job %s attempt %d lost the job (cancelled or superseded)", job_id, attempt)
+            log.info(
+                "job %s attempt %d lost the job (cancelled or superseded)",
+                attempt.job_id,
+                attempt.number,
+            )
             return "lost"
         except asyncio.CancelledError:
             # Shutdown (or an abort): hand the job back without spending its attempts.
+            reason = "the worker shut down mid-attempt"
             with contextlib.suppress(RedisError, OSError):
-                await asyncio.shield(
-                    self.store.requeue(job_id, attempt, "the worker shut down mid-attempt")
-                )
+                await asyncio.shield(self.store.requeue(attempt.job_id, attempt.number, reason))
             raise
-        finally:
-            publisher.close()
 
-    async def _attempt(
-        self,
-        job_id: str,
-        attempt: int,
-        record: dict[str, str],
-        body: dict[str, Any],
-        publisher: EventPublisher,
-        permit: Permit,
-    ) -> str:
-        if int(record.get("seq", "0")) > 0:
-            reason = record.get("last_error") or "the previous attempt did not finish"
-            publisher.emit("retry", {"attempt": attempt, "reason": reason})
+    async def _attempt(self, attempt: Attempt) -> str:
+        if int(attempt.record.get("seq", "0")) > 0:
+            reason = attempt.record.get("last_error") or "the previous attempt did not finish"
+            attempt.publisher.emit("retry", {"attempt": attempt.number, "reason": reason})
         assembler = Assembler()
-        tenant = record["tenant"]
         try:
             async with asyncio.timeout(self.settings.job_timeout):
-                await self._stream(body, assembler, publisher)
-            await publisher.drain()
+                await self._stream(attempt, assembler)
+            await attempt.publisher.drain()
         except TimeoutError:
             error = errors.UpstreamTimeout(
                 f"the job took longer than MOONQ_JOB_TIMEOUT={self.settings.job_timeout}s",
                 type="job_timeout",
             )
-            return await self._fail(job_id, attempt, tenant, error)
+            return await self._fail(attempt, error)
         except errors.UpstreamError as error:
-            return await self._upstream_failed(job_id, attempt, tenant, error, publisher)
-        result = assembler.result()
-        usage = result.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
-            permit.used = usage["total_tokens"]
-        fields = {"result": result, "usage": usage}
-        event = _event("done", attempt, result)
-        await self.store.finish(job_id, Status.COMPLETED, event, fields, attempt, tenant=tenant)
-        return Status.COMPLETED.value
+            return await self._upstream_failed(attempt, error)
+        return await self._complete(attempt, assembler.result())
 
-    async def _stream(
-        self, body: dict[str, Any], assembler: Assembler, publisher: EventPublisher
-    ) -> None:
-        async with contextlib.aclosing(self.client.stream(body)) as chunks:
+    async def _stream(self, attempt: Attempt, assembler: Assembler) -> None:
+        async with contextlib.aclosing(self.client.stream(attempt.body)) as chunks:
             async for chunk in chunks:
                 assembler.add(chunk)
-                publisher.emit("chunk", chunk)
+                attempt.publisher.emit("chunk", chunk)
 
-    async def _upstream_failed(
-        self,
-        job_id: str,
-        attempt: int,
-        tenant: str,
-        error: errors.UpstreamError,
-        publisher: EventPublisher,
-    ) -> str:
-        await publisher.drain()  # chunks before the failure stay in the log, in order
+    async def _complete(self, attempt: Attempt, result: dict[str, Any]) -> str:
+        usage = result.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
+            attempt.permit.used = usage["total_tokens"]
+        await self.store.finish(
+            attempt.job_id,
+            Status.COMPLETED,
+            attempt.event("done", result),
+            {"result": result, "usage": usage},
+            attempt.number,
+            tenant=attempt.tenant,
+        )
+        return Status.COMPLETED.value
+
+    async def _upstream_failed(self, attempt: Attempt, error: errors.UpstreamError) -> str:
+        await attempt.publisher.drain()  # chunks before the failure stay in the log, in order
         if error.retryable:
             reason = f"{error.type}: {error.message}"
-            outcome = await self.store.requeue(job_id, attempt, reason, self.settings.max_attempts)
+            outcome = await self.store.requeue(
+                attempt.job_id, attempt.number, reason, self.settings.max_attempts
+            )
             if outcome < 0:
                 return "lost"
             if outcome > 0:
                 delay = errors.retry_delay(
                     error,
-                    attempt,
+                    attempt.number,
                     base=self.settings.retry_base_delay,
                     cap=self.settings.retry_max_delay,
                 )
-                log.info("job %s attempt %d: %s; retry in %.2fs", job_id, attempt, reason, delay)
+                log.info(
+                    "job %s attempt %d: %s; retry in %.2fs",
+                    attempt.job_id,
+                    attempt.number,
+                    reason,
+                    delay,
+                )
                 raise Retry(defer=delay)
-        return await self._fail(job_id, attempt, tenant, error)
+        return await self._fail(attempt, error)
 
-    async def _fail(
-        self, job_id: str, attempt: int, tenant: str, error: errors.UpstreamError
-    ) -> str:
-        log.info("job %s failed on attempt %d: %s", job_id, attempt, error.type)
+    async def _fail(self, attempt: Attempt, error: errors.UpstreamError) -> str:
+        log.info("job %s failed on attempt %d: %s", attempt.job_id, attempt.number, error.type)
         info = error.info()
-        event = _event("error", attempt, info)
         await self.store.finish(
-            job_id, Status.FAILED, event, {"error": info}, attempt, tenant=tenant
+            attempt.job_id,
+            Status.FAILED,
+            attempt.event("error", info),
+            {"error": info},
+            attempt.number,
+            tenant=attempt.tenant,
         )
         return Status.FAILED.value
-
-
-def _event(kind: str, attempt: int, data: Any) -> dict[str, Any]:
-    return {"event": kind, "attempt": attempt, "data": data}

@@ -18,7 +18,6 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import func
 from redis.exceptions import RedisError
 
-from moonq.keys import Keys
 from moonq.limits import UpstreamLimiter
 from moonq.redis import connect
 from moonq.serde import arq_deserialize, arq_serialize
@@ -91,13 +90,7 @@ def worker_kwargs(
 
     async def startup(ctx: dict[str, Any]) -> None:
         client = redis or connect(settings.redis_url, settings.redis_max_connections)
-        store = JobStore(
-            client,
-            Keys(settings.key_prefix),
-            queue_name=settings.queue_name,
-            result_ttl=settings.result_ttl,
-            max_events=settings.max_events,
-        )
+        store = JobStore.from_settings(client, settings)
         upstream = MoonshotClient.from_settings(settings, transport)
         limiter = UpstreamLimiter(
             client,
