@@ -33,7 +33,7 @@ def tenant_for(authorization: str | None, keys: dict[str, str]) -> str:
     return tenant
 
 
-def current_tenant(request: Request) -> str:
+async def current_tenant(request: Request) -> str:
     return tenant_for(request.headers.get("authorization"), services(request).tenants)
 
 

@@ -85,19 +85,19 @@ class Stack:
 
     def env(self, worker: int, limit: int) -> dict[str, str]:
         """RPM and TPM limits off: the benchmark sends far more than a real account may."""
-        return clean_env(
-            REDIS_URL=self.args.redis_url,
-            MOONQ_KEY_PREFIX=self.prefix,
-            MOONQ_QUEUE_NAME=f"{self.prefix}:queue",
-            MOONSHOT_BASE_URL=f"{self.fake_url}/v1",
-            MOONSHOT_API_KEY="sk-bench",
-            MOONQ_API_KEYS="",
-            MOONQ_WORKER_CONCURRENCY=str(worker),
-            MOONQ_UPSTREAM_CONCURRENCY=str(limit),
-            MOONQ_UPSTREAM_RPM="0",
-            MOONQ_UPSTREAM_TPM="0",
-            **dict(item.split("=", 1) for item in self.args.env),
-        )
+        env = {
+            "REDIS_URL": self.args.redis_url,
+            "MOONQ_KEY_PREFIX": self.prefix,
+            "MOONQ_QUEUE_NAME": f"{self.prefix}:queue",
+            "MOONSHOT_BASE_URL": f"{self.fake_url}/v1",
+            "MOONSHOT_API_KEY": "sk-bench",
+            "MOONQ_API_KEYS": "",
+            "MOONQ_WORKER_CONCURRENCY": str(worker),
+            "MOONQ_UPSTREAM_CONCURRENCY": str(limit),
+            "MOONQ_UPSTREAM_RPM": "0",
+            "MOONQ_UPSTREAM_TPM": "0",
+        }
+        return clean_env(**env | dict(item.split("=", 1) for item in self.args.env))
 
     def up(self, concurrency: int) -> None:
         for name, ready in (("fake", "/_fake/stats"), ("api", "/readyz")):
@@ -296,7 +296,7 @@ def report(args: argparse.Namespace, rows: list[Row], elapsed: float, redis_vers
     env = "".join(f", {item}" for item in args.env)
     return f"""# moonq benchmark: the queue next to calling the upstream directly
 
-- date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}; the run took {elapsed:.0f} s (`make bench`)
+- date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}; run time {elapsed:.0f} s (`make bench`: defaults)
 - machine: nproc {len(os.sched_getaffinity(0))}, Python {platform.python_version()}, \
 {platform.platform()}, Redis {redis_version}; the fake, API, worker, Redis and this client \
 share these cores
