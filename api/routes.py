@@ -22,6 +22,7 @@ from moonq.stream import RawEvent, follow
 router = APIRouter()
 
 _JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
+_SEQ = re.compile(r"^[0-9]{1,15}$")
 
 
 async def _own_job(request: Request, job_id: str, tenant: str) -> Job:
@@ -148,7 +149,7 @@ async def job_events(
     job = await _own_job(request, job_id, tenant)
     after = 0
     if last_event_id:
-        if not last_event_id.strip().isdigit():
+        if not _SEQ.fullmatch(last_event_id.strip()):
             raise APIError(
                 422, "Last-Event-ID must be an event seq (an integer).", param="Last-Event-ID"
             )

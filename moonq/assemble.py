@@ -12,6 +12,10 @@ from typing import Any
 _TEXT_FIELDS = ("content", "reasoning_content", "refusal")
 
 
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 @dataclass
 class _ToolCall:
     id: str | None = None
@@ -20,12 +24,13 @@ class _ToolCall:
     arguments: str = ""
 
     def add(self, delta: dict[str, Any]) -> None:
-        self.id = self.id or delta.get("id")
-        self.type = self.type or delta.get("type")
+        self.id = self.id or _str(delta.get("id"))
+        self.type = self.type or _str(delta.get("type"))
         function = delta.get("function") or {}
         if isinstance(function, dict):
-            self.name = self.name or function.get("name")
-            self.arguments += function.get("arguments") or ""
+            name, arguments = function.get("name"), function.get("arguments")
+            self.name = self.name or (name if isinstance(name, str) else None)
+            self.arguments += arguments if isinstance(arguments, str) else ""
 
     def dump(self, index: int) -> dict[str, Any]:
         # Moonshot's non-streaming answer keeps each call's `index`; so do we.
@@ -50,7 +55,7 @@ class _Choice:
         delta = choice.get("delta")
         if isinstance(delta, dict):
             self._add_delta(delta)
-        if choice.get("finish_reason"):
+        if isinstance(choice.get("finish_reason"), str):
             self.finish_reason = choice["finish_reason"]
         logprobs = choice.get("logprobs")
         if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
@@ -62,9 +67,10 @@ class _Choice:
         for name in _TEXT_FIELDS:
             if isinstance(delta.get(name), str):
                 self.text[name] = self.text.get(name, "") + delta[name]
-        for call in delta.get("tool_calls") or ():
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
             if isinstance(call, dict):
-                index = int(call.get("index", len(self.tool_calls)))
+                index = _index(call.get("index"), default=len(self.tool_calls))
                 self.tool_calls.setdefault(index, _ToolCall()).add(call)
 
     def dump(self) -> dict[str, Any]:
@@ -80,6 +86,11 @@ class _Choice:
         if self.logprobs is not None:
             out["logprobs"] = {"content": self.logprobs}
         return out
+
+
+def _index(value: Any, default: int) -> int:
+    """An upstream's `index`, or `default` when it sent something else (null, a string)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 class Assembler:
@@ -98,10 +109,11 @@ class Assembler:
                 self._meta.setdefault(name, chunk[name])
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict):
                 continue
-            index = int(choice.get("index", 0))
+            index = _index(choice.get("index"), default=0)
             self._choices.setdefault(index, _Choice(index)).add(choice)
             if isinstance(choice.get("usage"), dict):
                 self.usage = choice["usage"]

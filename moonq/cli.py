@@ -24,7 +24,10 @@ def _api(args: argparse.Namespace) -> None:
 def _worker(args: argparse.Namespace) -> None:
     from arq.logs import default_log_config
 
-    from worker.main import create_worker
+    from worker.main import create_worker, worker_is_alive
+
+    if args.check:
+        sys.exit(0 if worker_is_alive() else "moonq: no worker has polled here lately")
 
     config = default_log_config(args.verbose)
     level = "DEBUG" if args.verbose else "INFO"
@@ -72,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run an arq worker")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.add_argument("-v", "--verbose", action="store_true")
+    worker.add_argument(
+        "--check", action="store_true", help="exit 0 if this host's worker is alive (healthcheck)"
+    )
     worker.set_defaults(run=_worker)
 
     dev = sub.add_parser("dev", help="API + worker in one process, with local fallbacks")

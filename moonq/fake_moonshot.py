@@ -274,7 +274,11 @@ def _events(body: JSON, answer: _Answer, ctl: _Control, usage_style: str) -> lis
     final["finish_reason"] = answer.finish_reason
     events = [{**base, "choices": [c]} for c in [*choices, final]]
     if usage_style == "openai":
-        return [*events, {**base, "choices": [], "usage": answer.usage}]
+        # Like OpenAI: a streamed answer carries usage only when the request asks for it.
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            return [*events, {**base, "choices": [], "usage": answer.usage}]
+        return events
     final["usage"] = answer.usage
     return events
 

@@ -17,7 +17,7 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +120,10 @@ def estimate_tokens(body: dict[str, Any]) -> int:
     return prompt + (budget if isinstance(budget, int) and budget > 0 else 0)
 
 
+class PermitAbandoned(Exception):
+    """The caller stopped waiting for a permit (the worker is shutting down)."""
+
+
 @dataclass
 class Permit:
     lease: str
@@ -154,17 +158,20 @@ class UpstreamLimiter:
         return bool(self.concurrency or self.rpm or self.tpm)
 
     @contextlib.asynccontextmanager
-    async def permit(self, tokens: int, priority: float = 0.0) -> AsyncIterator[Permit]:
+    async def permit(
+        self, tokens: int, priority: float = 0.0, give_up: Callable[[], bool] = lambda: False
+    ) -> AsyncIterator[Permit]:
         """Hold one upstream request's permit; set `permit.used` to the real token count.
 
         Waiters are served lowest `priority` first (moonq passes the job's creation time).
+        Raises `PermitAbandoned` when `give_up()` turns true while waiting.
         """
         permit = Permit(uuid.uuid4().hex, tokens, priority=priority)
         if not self.enabled:
             yield permit
             return
         try:
-            await self._wait_for(permit)
+            await self._wait_for(permit, give_up)
         except BaseException:
             with contextlib.suppress(RedisError, OSError):  # give up the place in line
                 await asyncio.shield(self.redis.zrem(self.keys.limit_waiting(), permit.lease))
@@ -181,7 +188,7 @@ class UpstreamLimiter:
             except (RedisError, OSError):
                 log.warning("could not release an upstream permit; it expires on its own")
 
-    async def _wait_for(self, permit: Permit) -> None:
+    async def _wait_for(self, permit: Permit, give_up: Callable[[], bool]) -> None:
         limits = [self.concurrency, self.rpm, self.tpm]
         args: list[str | int | float] = [
             permit.lease,
@@ -191,6 +198,8 @@ class UpstreamLimiter:
             permit.priority,
         ]
         while True:
+            if give_up():
+                raise PermitAbandoned(permit.lease)
             wait_ms = int(await self._acquire(keys=self._keys(), args=args))
             if wait_ms == 0:
                 self._held.add(permit.lease)

@@ -8,22 +8,24 @@ local function terminal(s) return s == 'completed' or s == 'failed' or s == 'can
 """
 
 # KEYS: job, tenant index, arq job, arq queue, idempotency key.
-# ARGV: job id, created (s), created (ms), ttl (s), arq payload, idempotency ttl (s) or '0',
-# request fingerprint, then the record's field/value pairs.
-# Writes the record and the queue entry together. With an idempotency key already taken,
-# writes nothing and returns "<job id> <fingerprint>" of the first job; else returns ''.
+# ARGV: job id, created (s), created (ms), job key prefix, arq payload, idempotency ttl (s) or
+# '0', request fingerprint, then the record's field/value pairs.
+# Writes the record and the queue entry together; neither expires until the job ends. With
+# an idempotency key already taken by a job that still exists, writes nothing and returns
+# "<job id> <fingerprint>" of that first job; else returns ''.
 CREATE = """
 if ARGV[6] ~= '0' then
   local first = redis.call('GET', KEYS[5])
-  if first then return first end
+  if first and redis.call('EXISTS', ARGV[4] .. string.match(first, '^(%S+)')) == 1 then
+    return first
+  end
   redis.call('SET', KEYS[5], ARGV[1] .. ' ' .. ARGV[7], 'EX', ARGV[6])
 end
 local fields = {}
 for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('SET', KEYS[3], ARGV[5], 'PX', tonumber(ARGV[4]) * 1000)
+redis.call('SET', KEYS[3], ARGV[5])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 return ''
 """
@@ -60,20 +62,23 @@ return seq
 """
 
 # KEYS: job, log, channel, tenant usage. ARGV: attempt ('' = any), status, ttl, maxlen,
-# event body, number of field pairs N, N field/value pairs, then usage name/amount pairs.
+# event body, expected seq ('' = any), number of field pairs N, N field/value pairs, then
+# usage name/amount pairs.
 # Moves a live job to a terminal status with its terminal event, and adds its usage to the
-# tenant's totals, in one step: a job ends once, so its usage counts once. Returns the
-# event's seq, -1 if the job is already over (or the attempt is stale), -2 if it is missing.
+# tenant's totals, in one step: a job ends once, so its usage counts once. The job and its
+# log then expire after ttl. Returns the event's seq; -1 if the job is already over (or the
+# attempt is stale), -2 if it is missing, -3 if its log moved past the expected seq.
 FINISH = (
     TERMINAL_CHECK
     + """
-local state = redis.call('HMGET', KEYS[1], 'status', 'attempts')
+local state = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'seq')
 if not state[1] then return -2 end
 if terminal(state[1]) then return -1 end
 if ARGV[1] ~= '' and state[2] ~= ARGV[1] then return -1 end
+if ARGV[6] ~= '' and state[3] ~= ARGV[6] then return -3 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
-local last_field = 6 + 2 * tonumber(ARGV[6])
-for i = 7, last_field, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local last_field = 7 + 2 * tonumber(ARGV[7])
+for i = 8, last_field, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 for i = last_field + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local event = '{"seq":' .. seq .. ',' .. string.sub(ARGV[5], 2)

@@ -11,8 +11,13 @@ def dumps(value: Any) -> str:
 
 
 def arq_serialize(value: Any) -> bytes:
-    """arq's job and result serializer; a failed job's exception becomes its repr."""
-    return json.dumps(value, default=repr, separators=(",", ":")).encode()
+    """arq's job and result serializer. Anything that is not JSON (a failed job's exception)
+    is written as its type name only: a repr can carry request headers, keys among them."""
+    return json.dumps(value, default=_type_name, separators=(",", ":")).encode()
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
 
 
 def arq_deserialize(raw: bytes) -> Any:

@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     moonshot_api_key: SecretStr | None = Field(None, alias="MOONSHOT_API_KEY")
     moonshot_base_url: str = Field(DEFAULT_MOONSHOT_BASE_URL, alias="MOONSHOT_BASE_URL")
     api_keys: SecretStr = Field(SecretStr(""), alias="MOONQ_API_KEYS")
+    stream_usage: bool = Field(False, alias="MOONQ_STREAM_USAGE")
 
     key_prefix: str = Field("moonq", alias="MOONQ_KEY_PREFIX")
     queue_name: str = Field("moonq:queue", alias="MOONQ_QUEUE_NAME")
@@ -40,6 +41,11 @@ class Settings(BaseSettings):
     read_timeout: float = Field(120.0, gt=0, alias="MOONQ_READ_TIMEOUT")
     redis_max_connections: int = Field(64, ge=2, alias="MOONQ_REDIS_MAX_CONNECTIONS")
     max_wait: float = Field(60.0, ge=0, alias="MOONQ_MAX_WAIT")
+
+    @field_validator("moonshot_api_key")
+    @classmethod
+    def _blank_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value().strip() else None
 
     @field_validator("api_keys")
     @classmethod

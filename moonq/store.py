@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from arq.constants import abort_jobs_ss, job_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
@@ -87,9 +87,9 @@ class JobStore:
             self.queue_name,
             idem_key,
         ]
-        # never longer than the job is kept, so a replay always finds the first job
-        ttl = min(IDEMPOTENCY_TTL, self.result_ttl) if idempotency_key else 0
-        args: list[Any] = [job_id, repr(now), now_ms, self.result_ttl, arq_job, ttl, fingerprint]
+        ttl = IDEMPOTENCY_TTL if idempotency_key else 0
+        job_prefix = self.keys.job("")
+        args: list[Any] = [job_id, repr(now), now_ms, job_prefix, arq_job, ttl, fingerprint]
         for pair in fields.items():
             args += pair
         first = await self._create(keys=keys, args=args)
@@ -150,9 +150,12 @@ class JobStore:
             if not ids:
                 break
             start += len(ids)
-            for job in await self._many([i.decode() for i in ids]):
-                if job is not None and (status is None or job.status == status):
-                    jobs.append(job)
+            found = await self._many([i.decode() for i in ids])
+            gone = [i for i, job in zip(ids, found, strict=True) if job is None]
+            if gone:  # expired jobs leave the tenant's index as they are met
+                await self.redis.zrem(index, *gone)
+                start -= len(gone)
+            jobs += [j for j in found if j is not None and status in (None, j.status)]
         return jobs[:limit], len(jobs) > limit
 
     async def _many(self, job_ids: list[str]) -> list[Job | None]:
@@ -197,6 +200,7 @@ class JobStore:
         attempt: int | None = None,
         *,
         tenant: str,
+        expected_seq: int | None = None,
     ) -> int:
         """Move a live job to a terminal status with its terminal event, atomically; a
         completed job's usage is added to its tenant's totals in the same step."""
@@ -204,7 +208,8 @@ class JobStore:
         for name, value in fields.items():
             pairs += [name, value if isinstance(value, str) else dumps(value)]
         args: list[Any] = ["" if attempt is None else str(attempt), status.value, self.result_ttl]
-        args += [self.max_events, dumps(event), len(pairs) // 2, *pairs]
+        args += [self.max_events, dumps(event), "" if expected_seq is None else expected_seq]
+        args += [len(pairs) // 2, *pairs]
         usage = fields.get("usage")
         if status == Status.COMPLETED and isinstance(usage, dict):
             counts = [(k, usage[k]) for k in USAGE_FIELDS if isinstance(usage.get(k), int)]
@@ -215,44 +220,52 @@ class JobStore:
     async def cancel(self, job_id: str, tenant: str) -> Job | None:
         """Cancel a queued or running job; None if it is not the tenant's.
 
-        Raises `AlreadyFinished`. A running job's worker is told through arq's abort set and
-        stops within a poll; whatever it had published stays as the partial result.
+        Raises `AlreadyFinished`. What the job had published is kept, assembled, as its
+        (partial) result, written with the `cancelled` event so a reader woken by the event
+        finds it. A worker holding the job is told through arq's abort set and stops within
+        a poll, whether it is streaming or still waiting for an upstream permit.
         """
-        record = await self.raw(job_id)
-        if record is None or record.get("tenant") != tenant:
-            return None
-        attempt = int(record.get("attempts", "0"))
-        event = {
-            "event": "cancelled",
-            "attempt": attempt,
-            "data": {"reason": "cancelled by request"},
-        }
-        seq = await self.finish(job_id, Status.CANCELLED, event, {}, tenant=tenant)
-        if seq == -2:
-            return None
-        if seq == -1:
-            raise AlreadyFinished(job_id)
+        for _ in range(10):  # the log may move between reading it and finishing
+            record = await self.raw(job_id)
+            if record is None or record.get("tenant") != tenant:
+                return None
+            attempt, seq = int(record.get("attempts", "0")), int(record.get("seq", "0"))
+            partial = await self._partial(job_id, attempt) if seq else {}
+            event = {"event": "cancelled", "attempt": attempt, "data": {"reason": "cancelled"}}
+            done = await self.finish(
+                job_id, Status.CANCELLED, event, partial, tenant=tenant, expected_seq=seq
+            )
+            if done == -1:
+                raise AlreadyFinished(job_id)
+            if done >= 0:
+                await self._withdraw(job_id)
+                return await self.get(job_id)
+            if done == -2:
+                return None
+        raise AlreadyFinished(job_id)  # pragma: no cover - it kept finishing under us
+
+    async def _withdraw(self, job_id: str) -> None:
+        """Take a cancelled job out of arq: off the queue, and aborted where a worker holds it."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zrem(self.queue_name, job_id)
-            if record["status"] == Status.IN_PROGRESS:
-                pipe.zadd(abort_jobs_ss, {job_id: int(self.clock() * 1000)})
-            await pipe.execute()
-        await self._keep_partial(job_id, attempt)
-        return await self.get(job_id)
+            pipe.exists(in_progress_key_prefix + job_id)
+            _, held = await pipe.execute()
+        if held:
+            await self.redis.zadd(abort_jobs_ss, {job_id: int(self.clock() * 1000)})
+        else:
+            await self.redis.delete(job_key_prefix + job_id)
 
-    async def _keep_partial(self, job_id: str, attempt: int) -> None:
-        """Store what the cancelled attempt had published as the job's (partial) result."""
+    async def _partial(self, job_id: str, attempt: int) -> dict[str, Any]:
+        """The fields holding what the given attempt had published, assembled."""
         assembler = Assembler()
         for _, fields in await self.redis.xrange(self.keys.log(job_id)):
             event = json.loads(fields[b"e"])
             if event.get("event") == "chunk" and event.get("attempt") == attempt:
                 assembler.add(event["data"])
-        if assembler.chunks:
-            result = assembler.result()
-            mapping = {"result": dumps(result)}
-            if result.get("usage"):
-                mapping["usage"] = dumps(result["usage"])
-            await self.redis.hset(self.keys.job(job_id), mapping=mapping)  # type: ignore[misc]
+        if not assembler.chunks:
+            return {}
+        result = assembler.result()
+        return {"result": result, **({"usage": result["usage"]} if result.get("usage") else {})}
 
     async def usage(self, tenant: str) -> dict[str, int]:
         """The tenant's token totals over its completed jobs."""

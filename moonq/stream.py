@@ -20,12 +20,13 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from moonq.keys import Keys
-from moonq.models import TERMINAL_EVENTS
+from moonq.models import TERMINAL, TERMINAL_EVENTS
 
 log = logging.getLogger("moonq.stream")
 
 _HEAD = re.compile(rb'^\{"seq":(\d+),"event":"(\w+)"')
 _REPLAY_BATCH = 500
+TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL)
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,8 @@ async def follow(
 ) -> AsyncIterator[RawEvent]:
     """Every event of the job with seq > after, exactly once and in order, until the terminal one.
 
-    Stops early (without a terminal event) only if the job's log disappears (expired).
+    Ends at once when the job is over and `after` is at or past its terminal event (a client
+    reconnecting after the end), and early if the job expires.
     """
     log_key = keys.log(job_id)
     async with hub.listen(keys.channel(job_id)) as queue:
@@ -203,7 +205,7 @@ async def follow(
                 yield event
                 if event.terminal:
                     return
-            if not await redis.exists(keys.job(job_id)):
+            if await _nothing_more(redis, keys.job(job_id), last):
                 return
             async for event in _live(queue, last, poll):
                 last = event.seq
@@ -211,6 +213,14 @@ async def follow(
                 if event.terminal:
                     return
             # idle for `poll` seconds, or a gap in the live feed: back to the log
+
+
+async def _nothing_more(redis: Redis, job_key: str, last: int) -> bool:
+    """The job is gone, or over with no event after `last`."""
+    status, seq = await redis.hmget(job_key, ["status", "seq"])  # type: ignore[misc]
+    if status is None:
+        return True
+    return status.decode() in TERMINAL_STATUSES and int(seq or 0) <= last
 
 
 async def _live(queue: asyncio.Queue[bytes], last: int, poll: float) -> AsyncIterator[RawEvent]:

@@ -206,3 +206,13 @@ async def test_redis_down_is_503_json(fake: Any, prefix: str) -> None:
                 assert response.json()["error"]["type"] == "service_unavailable"
             assert (await client.get("/readyz")).status_code == 503
             assert (await client.get("/healthz")).status_code == 200
+
+
+@pytest.mark.parametrize("value", ["²", "1" * 5000, "-1", "1.5", "9" * 40])
+async def test_bad_last_event_id_is_422(stack_factory: Any, value: str) -> None:
+    _, client = await stack_factory()
+    job = (await client.post("/v1/jobs", json=chat())).json()
+    headers = {"Last-Event-ID": value.encode()}
+    response = await client.get(f"/v1/jobs/{job['id']}/events", headers=headers)
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "Last-Event-ID"

@@ -200,7 +200,8 @@ async def test_streamed_and_assembled_equals_the_non_streaming_answer(
     styled_fake: FakeServer, request_body: dict[str, Any]
 ) -> None:
     fake = styled_fake
-    client = MoonshotClient(fake.url, "sk-any")
+    # OpenAI-style upstreams report usage in a stream only when asked (MOONQ_STREAM_USAGE)
+    client = MoonshotClient(fake.url, "sk-any", include_usage=fake.config.usage_style == "openai")
     assembler = Assembler()
     try:
         async with contextlib.aclosing(client.stream(request_body)) as chunks:
@@ -217,3 +218,20 @@ async def test_streamed_and_assembled_equals_the_non_streaming_answer(
     assert result["model"] == expected["model"]
     assert result["usage"] == expected["usage"]
     assert result["choices"] == expected["choices"]
+
+
+def test_junk_where_numbers_and_strings_belong_is_tolerated() -> None:
+    assembler = Assembler()
+    junk: list[dict[str, Any]] = [
+        {"id": "x", "choices": [{"index": None, "delta": {"role": "assistant", "content": "a"}}]},
+        {"choices": [{"index": "0", "delta": {"content": "b", "tool_calls": "nope"}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": None, "function": {"arguments": 5}}]}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": 1}], "usage": "many"},
+        {"choices": "none"},
+    ]
+    for chunk in junk:
+        assembler.add(chunk)
+    choice = assembler.result()["choices"][0]
+    assert choice["message"]["content"] == "ab"
+    assert choice["message"]["tool_calls"][0]["function"]["arguments"] == ""
+    assert choice["finish_reason"] is None and assembler.result()["usage"] is None

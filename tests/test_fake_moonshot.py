@@ -112,11 +112,14 @@ async def test_stream_moonshot_format_puts_usage_inside_the_choice(client: httpx
 
 
 async def test_stream_openai_usage_style_adds_a_usage_only_chunk():
+    asked = {**chat(), "stream_options": {"include_usage": True}}
     async with (
         serving(FakeConfig(usage_style="openai", chunks=4)) as server,
         httpx.AsyncClient(base_url=server.url, headers=AUTH) as c,
     ):
-        events = await stream_events(c, chat())
+        events = await stream_events(c, asked)
+        unasked = await stream_events(c, chat())
+    assert all("usage" not in e and "usage" not in e["choices"][0] for e in unasked)
     assert events[-1]["choices"] == []
     assert events[-1]["usage"] == expected_usage(chat(), FakeConfig(chunks=4))
     assert events[-2]["choices"][0]["finish_reason"] == "stop"

@@ -39,7 +39,9 @@ async def test_create_writes_record_and_queue_entry_together(store: JobStore) ->
     assert await redis.zscore(store.queue_name, job.id) is not None
     arq_job = json.loads(await redis.get(f"arq:job:{job.id}"))
     assert arq_job["f"] == "run_completion" and arq_job["a"] == [job.id]  # JSON, not pickle
-    assert 0 < await redis.ttl(keys.job(job.id)) <= TTL
+    # nothing expires while the job waits or runs; it is kept MOONQ_RESULT_TTL once it ends
+    assert await redis.ttl(keys.job(job.id)) == -1
+    assert await redis.ttl(f"arq:job:{job.id}") == -1
     assert await store.get(job.id, "acme") == job
     assert await store.get(job.id, "other") is None
 
@@ -69,6 +71,7 @@ async def test_start_append_finish(store: JobStore) -> None:
     assert [e["seq"] for e in events] == [1, 2, 3, 4]
     assert [e.get("data", {}).get("n") for e in events[:3]] == [1, 2, 3]
     assert 0 < await store.redis.ttl(store.keys.log(job.id)) <= TTL
+    assert 0 < await store.redis.ttl(store.keys.job(job.id)) <= TTL
 
 
 async def test_a_superseded_attempt_cannot_write(store: JobStore) -> None:
@@ -160,8 +163,11 @@ async def test_idempotency_key_returns_the_first_job(store: JobStore) -> None:
     assert other.id != first.id and not other_replayed  # keys are per tenant
     with pytest.raises(IdempotencyConflict):
         await store.create("acme", _request(custom_id="different"), "key-1")
-    # kept no longer than the job itself (here MOONQ_RESULT_TTL < 24 h)
-    assert 0 < await store.redis.ttl(store.keys.idempotency("acme", _sha("key-1"))) <= TTL
+    assert 0 < await store.redis.ttl(store.keys.idempotency("acme", _sha("key-1"))) <= 86400
+    # once the first job has expired (MOONQ_RESULT_TTL may be under 24 h), the key is free
+    await store.redis.delete(store.keys.job(first.id))
+    fresh, fresh_replayed = await store.create("acme", _request(), "key-1")
+    assert fresh.id != first.id and not fresh_replayed
 
 
 def _sha(key: str) -> str:
@@ -175,6 +181,8 @@ async def test_cancel_a_queued_job(store: JobStore) -> None:
     cancelled = await store.cancel(job.id, "t")
     assert cancelled is not None and cancelled.status == Status.CANCELLED
     assert await store.redis.zscore(store.queue_name, job.id) is None
+    assert not await store.redis.exists(f"arq:job:{job.id}")  # nothing left for arq to run
+    assert await store.redis.zscore("arq:abort", job.id) is None  # no worker to tell
     assert await store.start_attempt(job.id) == -1  # a worker that had it will not run it
     with pytest.raises(AlreadyFinished):
         await store.cancel(job.id, "t")
@@ -191,11 +199,13 @@ async def test_cancel_keeps_the_partial_content(store: JobStore) -> None:
     await store.append(
         job.id, attempt, [{"event": "chunk", "attempt": attempt, "data": c} for c in chunks]
     )
+    await store.redis.psetex(f"arq:in-progress:{job.id}", 5000, b"1")  # a worker holds it
     cancelled = await store.cancel(job.id, "t")
     assert cancelled is not None and cancelled.result is not None
     assert cancelled.result["choices"][0]["message"]["content"] == "Hello"
     assert await store.append(job.id, attempt, [{"event": "chunk"}]) == -1
     assert await store.redis.zscore("arq:abort", job.id) is not None  # the worker is told
     await store.redis.zrem("arq:abort", job.id)
+    await store.redis.delete(f"arq:in-progress:{job.id}")
     events = [json.loads(f[b"e"]) for _, f in await store.redis.xrange(store.keys.log(job.id))]
     assert [e["event"] for e in events] == ["chunk", "chunk", "cancelled"]

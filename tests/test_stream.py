@@ -127,3 +127,12 @@ async def test_many_channels_share_one_connection(store: JobStore, hub: EventHub
     await asyncio.gather(*(_publish(store, j, a, 5, pause=0.001) for j, a in jobs))
     for events in await asyncio.wait_for(asyncio.gather(*readers), 10):
         _assert_complete(events, 5)
+
+
+@pytest.mark.parametrize("beyond", [0, 1, 500])
+async def test_a_reader_resuming_after_the_end_is_done_at_once(
+    store: JobStore, hub: EventHub, beyond: int
+) -> None:
+    job_id, attempt = await _running_job(store)
+    await _publish(store, job_id, attempt, 3)  # seq 1-3 chunks, 4 done
+    assert await asyncio.wait_for(_read(store, hub, job_id, after=4 + beyond), 1) == []

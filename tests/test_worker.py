@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from moonq.fake_moonshot import expected_message, expected_usage
 from tests.conftest import chat
 
@@ -151,3 +153,188 @@ async def test_the_upstream_key_never_reaches_redis(stack_factory: Any) -> None:
         elif kind == b"string":
             dump += await stack.redis.get(key) or b""
     assert dump and b"sk-test-upstream-key" not in dump and b"client-secret" not in dump
+
+
+async def _all_redis_bytes(redis: Any) -> bytes:
+    dump = b""
+    for key in await redis.keys("*"):
+        kind = await redis.type(key)
+        if kind == b"hash":
+            dump += b"".join(k + v for k, v in (await redis.hgetall(key)).items())
+        elif kind == b"stream":
+            dump += b"".join(f[b"e"] for _, f in await redis.xrange(key) if b"e" in f)
+        elif kind == b"string":
+            dump += await redis.get(key) or b""
+    return dump
+
+
+async def test_an_unexpected_failure_ends_the_job_without_leaking(stack_factory: Any) -> None:
+    import httpx
+
+    def explode(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError(f"boom with {request.headers['authorization']}")
+
+    stack, client = await stack_factory()
+    job_id = await _submit(client, chat("x"))
+    await stack.run_worker(transport=httpx.MockTransport(explode))
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "failed" and job["error"]["type"] == "internal_error"
+    assert "RuntimeError" in job["error"]["message"]
+    assert [e["event"] for e in await _events(stack, job_id)] == ["error"]
+    assert b"sk-test-upstream-key" not in await _all_redis_bytes(stack.redis)
+
+
+async def test_an_unreadable_upstream_answer_is_retried_then_fails(stack_factory: Any) -> None:
+    import asyncio
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 twohundred\r\n\r\n")  # not a status line
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        stack, client = await stack_factory(
+            MOONSHOT_BASE_URL=f"http://127.0.0.1:{port}/v1", MOONQ_MAX_ATTEMPTS=2, **FAST_RETRY
+        )
+        job_id = await _submit(client, chat("x"))
+        await stack.run_worker()
+    finally:
+        server.close()
+        await server.wait_closed()
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "failed" and job["attempts"] == 2
+    assert b"sk-test-upstream-key" not in await _all_redis_bytes(stack.redis)
+
+
+async def test_waiting_for_a_permit_is_not_running(stack_factory: Any, fake: Any) -> None:
+    """MOONQ_JOB_TIMEOUT bounds an attempt's stream, not the queueing before it."""
+    stack, client = await stack_factory(
+        MOONQ_JOB_TIMEOUT=1, MOONQ_UPSTREAM_CONCURRENCY=1, MOONQ_WORKER_CONCURRENCY=5
+    )
+    ids = [
+        await _submit(client, chat(str(i), fake_moonshot={"chunks": 8, "delay": 0.08}))
+        for i in range(3)
+    ]
+    await stack.run_worker()
+    jobs = [(await client.get(f"/v1/jobs/{i}")).json() for i in ids]
+    assert [j["status"] for j in jobs] == ["completed"] * 3
+    assert max(j["completed_at"] for j in jobs) - min(j["created_at"] for j in jobs) > 1.5
+    assert fake.stats.peak_in_flight == 1
+
+
+async def test_sigterm_sends_permit_waiters_back_at_once(stack_factory: Any, fake: Any) -> None:
+    import asyncio
+    import signal
+
+    from worker.main import create_worker
+
+    stack, client = await stack_factory(
+        MOONQ_UPSTREAM_CONCURRENCY=1, MOONQ_SHUTDOWN_GRACE=5, MOONQ_WORKER_CONCURRENCY=5
+    )
+    running = await _submit(client, chat("a", fake_moonshot={"chunks": 10, "delay": 0.05}))
+    waiting = await _submit(client, chat("b"))
+    worker = create_worker(stack.settings, redis=stack.redis, handle_signals=False)
+    task = asyncio.create_task(worker.async_run())
+    try:
+        while len(worker.tasks) < 2 or fake.stats.in_flight < 1:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        worker.handle_sig_wait_for_completion(signal.SIGTERM)
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+    finally:
+        await worker.close()
+    assert (await client.get(f"/v1/jobs/{running}")).json()["status"] == "completed"
+    back = (await client.get(f"/v1/jobs/{waiting}")).json()
+    assert back["status"] == "queued" and back["attempts"] == 0
+    assert await stack.redis.zscore(stack.settings.queue_name, waiting) is not None
+    assert fake.stats.requests == 1  # the waiter never reached the upstream
+
+
+async def test_a_redis_error_while_starting_a_job_keeps_the_slot(stack_factory: Any) -> None:
+    import asyncio
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from worker.main import create_worker
+
+    stack, client = await stack_factory(MOONQ_WORKER_CONCURRENCY=2)
+    worker = create_worker(stack.settings, redis=stack.redis, handle_signals=False)
+    worker._pool = stack.redis
+    real_pipeline = stack.redis.pipeline
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RedisConnectionError("gone")
+
+    stack.redis.pipeline = broken  # type: ignore[method-assign]
+    try:
+        for _ in range(3):
+            with pytest.raises(RedisConnectionError):
+                await worker.start_jobs([b"job_x"])
+    finally:
+        stack.redis.pipeline = real_pipeline  # type: ignore[method-assign]
+    assert worker.job_counter == 0
+    # the same worker still has both its slots
+    worker.ctx["redis"] = stack.redis
+    assert worker.on_startup is not None
+    await worker.on_startup(worker.ctx)
+    ids = [await _submit(client, chat(f"after the blip {i}")) for i in range(2)]
+    await worker.start_jobs([i.encode() for i in ids])
+    assert set(worker.tasks) == set(ids)
+    await asyncio.gather(*worker.tasks.values())
+    for job_id in ids:
+        assert (await client.get(f"/v1/jobs/{job_id}")).json()["status"] == "completed"
+    await worker.close()
+
+
+@pytest.mark.parametrize("ask", [True, False])
+async def test_openai_style_upstreams_report_usage_when_asked(
+    stack_factory: Any, ask: bool
+) -> None:
+    from moonq.fake_moonshot import FakeConfig, start_fake
+
+    openai_like = await start_fake(config=FakeConfig(usage_style="openai"))
+    try:
+        stack, client = await stack_factory(
+            MOONSHOT_BASE_URL=openai_like.url, MOONQ_STREAM_USAGE=ask
+        )
+        payload = chat("count me")
+        job_id = await _submit(client, payload)
+        await stack.run_worker()
+    finally:
+        await openai_like.close()
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "completed"
+    assert job["result"]["choices"][0]["message"] == expected_message(payload["body"])
+    assert job["usage"] == (expected_usage(payload["body"]) if ask else None)
+
+
+async def test_cancelling_a_job_that_waits_for_a_permit_frees_its_slot(
+    stack_factory: Any, fake: Any
+) -> None:
+    import asyncio
+
+    from worker.main import create_worker
+
+    stack, client = await stack_factory(MOONQ_UPSTREAM_CONCURRENCY=1, MOONQ_WORKER_CONCURRENCY=5)
+    running = await _submit(client, chat("a", fake_moonshot={"chunks": 20, "delay": 0.05}))
+    waiting = await _submit(client, chat("b"))
+    worker = create_worker(stack.settings, redis=stack.redis, handle_signals=False, burst=True)
+    task = asyncio.create_task(worker.async_run())
+    try:
+        while len(worker.tasks) < 2 or fake.stats.in_flight < 1:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        assert (await client.post(f"/v1/jobs/{waiting}/cancel")).status_code == 200
+        async with asyncio.timeout(1):
+            while (held := worker.tasks.get(waiting)) is not None and not held.done():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert fake.stats.in_flight == 1  # the running job was left alone
+        await asyncio.wait_for(task, 10)
+    finally:
+        await worker.close()
+    assert (await client.get(f"/v1/jobs/{running}")).json()["status"] == "completed"
+    assert (await client.get(f"/v1/jobs/{waiting}")).json()["status"] == "cancelled"
+    assert fake.stats.requests == 1  # the cancelled job never reached the upstream
+    window = await stack.redis.zcard(f"{stack.settings.key_prefix}:limit:window")
+    assert window == 1  # nor took a slot of the account's request window

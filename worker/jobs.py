@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from moonq import errors
 from moonq.assemble import Assembler
-from moonq.limits import Permit, UpstreamLimiter, estimate_tokens
+from moonq.limits import Permit, PermitAbandoned, UpstreamLimiter, estimate_tokens
 from moonq.models import Status
 from moonq.settings import Settings
 from moonq.store import JobStore
@@ -65,6 +65,7 @@ class Runner:
         self.limiter = limiter
         self.settings = settings
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.draining = False  # set on SIGTERM: take no new upstream permits
 
     async def run(self, job_id: str) -> str:
         """Run one attempt of the job; returns the status it left the job in.
@@ -76,6 +77,12 @@ class Runner:
         except (RedisError, OSError) as exc:
             log.warning("job %s: Redis failed (%s); the job runs again", job_id, exc)
             raise Retry(defer=REDIS_RETRY_DELAY) from exc
+        except PermitAbandoned:
+            log.info("job %s goes back to the queue: the worker is shutting down", job_id)
+            raise Retry(defer=0) from None
+
+    def _is_draining(self) -> bool:
+        return self.draining
 
     async def _run(self, job_id: str) -> str:
         record = await self.store.raw(job_id)
@@ -86,7 +93,8 @@ class Runner:
             return record["status"]
         body: dict[str, Any] = json.loads(record["request"])
         priority = float(record["created_at"])  # oldest jobs get permits first
-        async with self.limiter.permit(estimate_tokens(body), priority) as permit:
+        tokens = estimate_tokens(body)
+        async with self.limiter.permit(tokens, priority, self._is_draining) as permit:
             number = await self.store.start_attempt(job_id, self.worker_id)
             if number < 0:
                 return "skipped"
@@ -119,6 +127,16 @@ class Runner:
             with contextlib.suppress(RedisError, OSError):
                 await asyncio.shield(self.store.requeue(attempt.job_id, attempt.number, reason))
             raise
+        except (Retry, RedisError, OSError):
+            raise
+        except Exception as exc:
+            # A bug, or an upstream answer nothing above foresaw: end the job rather than
+            # leave it running forever. Only the exception's type: its text may hold secrets.
+            log.exception("job %s attempt %d failed unexpectedly", attempt.job_id, attempt.number)
+            error = errors.UpstreamError(
+                f"moonq could not process this job ({type(exc).__name__})", type="internal_error"
+            )
+            return await self._fail(attempt, error)
 
     async def _attempt(self, attempt: Attempt) -> str:
         if int(attempt.record.get("seq", "0")) > 0:

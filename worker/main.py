@@ -8,7 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import tempfile
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,19 +37,58 @@ log = logging.getLogger("moonq.worker")
 ARQ_MAX_TRIES = 1000
 
 
+HEARTBEAT_FILE = Path(tempfile.gettempdir()) / "moonq-worker.alive"
+HEARTBEAT_EVERY = 5.0
+
+
 class MoonqWorker(Worker):
-    """arq's worker with a poll loop that rides out Redis outages instead of exiting."""
+    """arq's worker that rides out Redis outages instead of exiting, stops waiting for upstream
+    permits on SIGTERM, and leaves a heartbeat file for `moonq worker --check`."""
 
     def __init__(self, *args: Any, lock_timeout: float = 5.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.in_progress_timeout_s = lock_timeout
+        self._beat = 0.0
 
     async def _poll_iteration(self) -> None:
+        self._heartbeat()
         try:
             await super()._poll_iteration()
         except (RedisError, OSError) as exc:
             log.warning("Redis unavailable (%s); the worker keeps polling", type(exc).__name__)
             await asyncio.sleep(1.0)
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq takes a job slot before its Redis round trips and gives it back only on a
+        WATCH conflict: after any other Redis error the slot would be lost for good."""
+        for job_id in job_ids:
+            try:
+                await super().start_jobs([job_id])
+            except (RedisError, OSError):
+                self.job_counter -= 1
+                self.sem.release()
+                raise
+
+    def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
+        runner: Runner | None = self.ctx.get("moonq_runner")
+        if runner is not None:
+            runner.draining = True  # jobs still waiting for an upstream permit go back now
+        super().handle_sig_wait_for_completion(signum)
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._beat >= HEARTBEAT_EVERY:
+            self._beat = now
+            with contextlib.suppress(OSError):
+                HEARTBEAT_FILE.touch()
+
+
+def worker_is_alive(max_age: float = 6 * HEARTBEAT_EVERY) -> bool:
+    """For container healthchecks: this host's worker polled within `max_age` seconds."""
+    try:
+        return time.time() - HEARTBEAT_FILE.stat().st_mtime < max_age
+    except OSError:
+        return False
 
 
 @contextlib.asynccontextmanager
@@ -126,9 +169,11 @@ def worker_kwargs(
         "on_startup": startup,
         "on_shutdown": shutdown,
         "max_jobs": settings.worker_concurrency,
-        # moonq enforces MOONQ_JOB_TIMEOUT itself and records it; arq's is the backstop.
-        "job_timeout": settings.job_timeout + 30,
-        "keep_result": 60,
+        # moonq bounds each attempt's stream itself (MOONQ_JOB_TIMEOUT) and records why; arq's
+        # timeout would also count the wait for an upstream permit, then drop the job.
+        "job_timeout": None,
+        # moonq keeps results itself; arq's copy would only hold failures' reprs.
+        "keep_result": 0,
         "poll_delay": settings.poll_delay,
         "max_tries": ARQ_MAX_TRIES,
         "job_serializer": arq_serialize,

@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 from httpx_sse import EventSource, SSEError
@@ -27,9 +28,11 @@ class MoonshotClient:
         concurrency: int = 50,
         connect_timeout: float = 10.0,
         read_timeout: float = 120.0,
+        include_usage: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._key = api_key
+        self._include_usage = include_usage
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
@@ -48,6 +51,7 @@ class MoonshotClient:
             concurrency=settings.worker_concurrency,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
+            include_usage=settings.stream_usage,
             transport=transport,
         )
 
@@ -60,6 +64,8 @@ class MoonshotClient:
         Leaving the iteration early closes the upstream connection.
         """
         request = {**body, "stream": True}
+        if self._include_usage and "stream_options" not in body:
+            request["stream_options"] = {"include_usage": True}
         try:
             async with self._http.stream("POST", "chat/completions", json=request) as response:
                 if response.status_code >= 400:
@@ -69,6 +75,12 @@ class MoonshotClient:
                     yield chunk
         except httpx.TransportError as exc:
             raise self._redact(errors.from_transport(exc)) from exc
+        except aiohttp.ClientError as exc:
+            # Not mapped by the transport (e.g. a malformed status line). Its repr carries the
+            # request headers, the key among them: keep only the kind of failure.
+            raise errors.UpstreamProtocolError(
+                f"the upstream answer could not be read ({type(exc).__name__})"
+            ) from None
         except errors.UpstreamError as exc:
             raise self._redact(exc) from exc.__cause__
 
