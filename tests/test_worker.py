@@ -338,3 +338,13 @@ async def test_cancelling_a_job_that_waits_for_a_permit_frees_its_slot(
     assert fake.stats.requests == 1  # the cancelled job never reached the upstream
     window = await stack.redis.zcard(f"{stack.settings.key_prefix}:limit:window")
     assert window == 1  # nor took a slot of the account's request window
+
+
+async def test_a_job_that_cannot_even_start_fails_instead_of_hanging(stack_factory: Any) -> None:
+    stack, client = await stack_factory()
+    job_id = await _submit(client, chat("x"))
+    await stack.redis.hset(f"{stack.settings.key_prefix}:job:{job_id}", "request", "{broken")
+    await stack.run_worker()
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "failed" and job["error"]["type"] == "internal_error"
+    assert [e["event"] for e in await _events(stack, job_id)] == ["error"]

@@ -91,6 +91,20 @@ class Runner:
             return "missing"
         if Status(record["status"]).terminal:
             return record["status"]
+        try:
+            return await self._permitted(job_id, record)
+        except (Retry, PermitAbandoned, RedisError, OSError):
+            raise
+        except Exception as exc:  # before an attempt started: see `_guarded`
+            log.exception("job %s could not start", job_id)
+            error = _unforeseen(exc)
+            event = {"event": "error", "attempt": 0, "data": error.info()}
+            fields = {"error": error.info()}
+            await self.store.finish(job_id, Status.FAILED, event, fields, tenant=record["tenant"])
+            return Status.FAILED.value
+
+    async def _permitted(self, job_id: str, record: dict[str, str]) -> str:
+        """Wait for an upstream permit, then run an attempt under it."""
         body: dict[str, Any] = json.loads(record["request"])
         priority = float(record["created_at"])  # oldest jobs get permits first
         tokens = estimate_tokens(body)
@@ -130,13 +144,8 @@ class Runner:
         except (Retry, RedisError, OSError):
             raise
         except Exception as exc:
-            # A bug, or an upstream answer nothing above foresaw: end the job rather than
-            # leave it running forever. Only the exception's type: its text may hold secrets.
             log.exception("job %s attempt %d failed unexpectedly", attempt.job_id, attempt.number)
-            error = errors.UpstreamError(
-                f"moonq could not process this job ({type(exc).__name__})", type="internal_error"
-            )
-            return await self._fail(attempt, error)
+            return await self._fail(attempt, _unforeseen(exc))
 
     async def _attempt(self, attempt: Attempt) -> str:
         if int(attempt.record.get("seq", "0")) > 0:
@@ -215,3 +224,11 @@ class Runner:
             tenant=attempt.tenant,
         )
         return Status.FAILED.value
+
+
+def _unforeseen(exc: Exception) -> errors.UpstreamError:
+    """A bug, or an upstream answer nothing foresaw: the job ends rather than staying in
+    progress forever. Only the exception's type is kept: its text may hold secrets."""
+    return errors.UpstreamError(
+        f"moonq could not process this job ({type(exc).__name__})", type="internal_error"
+    )

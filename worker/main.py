@@ -178,7 +178,6 @@ def worker_kwargs(
         "max_tries": ARQ_MAX_TRIES,
         "job_serializer": arq_serialize,
         "job_deserializer": arq_deserialize,
-        "expires_extra_ms": settings.result_ttl * 1000,
         "health_check_interval": 10,
         # SIGTERM: stop taking jobs, let running ones finish for the grace period, then
         # cancel the rest, which go back to the queue.
