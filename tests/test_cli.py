@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -67,3 +68,21 @@ def test_fake_moonshot_command_serves(tmp_path: Path) -> None:
         assert answer["usage"]["completion_tokens"] == 3
     finally:
         proc.stop()
+
+
+def test_a_blank_upstream_key_counts_as_unset() -> None:
+    from moonq.settings import Settings
+
+    assert Settings(_env_file=None, MOONSHOT_API_KEY="  ").moonshot_api_key is None  # type: ignore[call-arg]
+
+
+@pytest.mark.e2e
+def test_worker_check_sees_a_live_worker(tmp_path: Path, real_redis_url: str) -> None:
+    env = clean_env(REDIS_URL=real_redis_url, MOONQ_QUEUE_NAME=f"check{free_port()}:queue")
+    worker = start("worker", ["worker"], env, tmp_path)
+    try:
+        time.sleep(1.5)
+        check = start("check", ["worker", "--check"], env, tmp_path)
+        assert check.popen.wait(20) == 0, check.output()
+    finally:
+        worker.stop()

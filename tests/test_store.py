@@ -209,3 +209,12 @@ async def test_cancel_keeps_the_partial_content(store: JobStore) -> None:
     await store.redis.delete(f"arq:in-progress:{job.id}")
     events = [json.loads(f[b"e"]) for _, f in await store.redis.xrange(store.keys.log(job.id))]
     assert [e["event"] for e in events] == ["chunk", "chunk", "cancelled"]
+
+
+async def test_expired_jobs_leave_the_tenant_index(store: JobStore) -> None:
+    jobs = [(await store.create("t", _request()))[0] for _ in range(4)]
+    await store.redis.delete(store.keys.job(jobs[1].id))  # as if it had expired
+    listed, more = await store.list_jobs("t", limit=10)
+    assert [j.id for j in listed] == [j.id for j in reversed(jobs) if j.id != jobs[1].id]
+    assert not more
+    assert await store.redis.zscore(store.keys.tenant_jobs("t"), jobs[1].id) is None
