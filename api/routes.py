@@ -16,7 +16,7 @@ from api.auth import Tenant
 from api.errors import APIError
 from api.services import services
 from moonq.models import Job, JobCreate, JobList, Status
-from moonq.store import AlreadyFinished, IdempotencyConflict
+from moonq.store import AlreadyFinished, IdempotencyConflict, UnknownCursor
 from moonq.stream import RawEvent, follow
 
 router = APIRouter()
@@ -85,9 +85,13 @@ async def list_jobs(
     status: Status | None = None,
 ) -> JobList:
     """The caller's own jobs, newest first."""
-    jobs, more = await services(request).store.list_jobs(
-        tenant, limit=limit, after=after, status=status
-    )
+    try:
+        jobs, more = await services(request).store.list_jobs(
+            tenant, limit=limit, after=after, status=status
+        )
+    except UnknownCursor as exc:
+        message = f"`after` is not one of your jobs (it may have expired): {after!r}."
+        raise APIError(400, message, param="after") from exc
     return JobList(data=jobs, has_more=more)
 
 

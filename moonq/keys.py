@@ -47,6 +47,10 @@ class Keys:
         """Sorted set: when each waiting request last asked (ms); silent ones are dropped."""
         return f"{self.prefix}:limit:seen"
 
+    def limit_asks(self) -> str:
+        """Hash: the tokens each waiting request asks for (TPM is served in order too)."""
+        return f"{self.prefix}:limit:asks"
+
     def limit_window(self) -> str:
         """Sorted set: upstream requests of the last 60 s (`lease:tokens`), scored by start."""
         return f"{self.prefix}:limit:window"

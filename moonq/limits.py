@@ -34,53 +34,62 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 # KEYS: leases (zset lease -> expiry ms), window (zset "lease:tokens" -> start ms),
-# waiting (zset lease -> priority), seen (zset lease -> last ask ms).
+# waiting (zset lease -> priority), seen (zset lease -> last ask ms), asks (hash lease -> tokens).
 # ARGV: lease, lease ttl ms, concurrency, rpm, tpm, tokens, priority. Limits of 0 are off.
-# Waiters are served in priority order (the job's age): a job that was set back by a crash
-# is not overtaken by newer ones, and no job starves in a large batch. A waiter that stops
-# asking for 3 s is forgotten. Returns 0 when the permit is granted, else the milliseconds
-# worth waiting before asking again.
+# Waiters are served strictly in priority order (the job's age): one is granted only if it
+# and every waiter ahead of it fit the free permits, the minute's requests and its tokens. So
+# a job set back by a crash is not overtaken by newer ones, and no job of a large batch
+# starves, a large one under TPM included. A waiter that stops asking for 3 s is forgotten.
+# Returns 0 when the permit is granted, else the milliseconds worth waiting before asking again.
 ACQUIRE = (
     _NOW
     + """
 local function tokens_of(member) return tonumber(string.match(member, ':(%d+)$')) or 0 end
 local lease = ARGV[1]
+local concurrency, rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - 3000)) do
   redis.call('ZREM', KEYS[3], gone)
+  redis.call('HDEL', KEYS[5], gone)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 3000)
 redis.call('ZADD', KEYS[3], 'NX', ARGV[7], lease)
 redis.call('ZADD', KEYS[4], now, lease)
-redis.call('PEXPIRE', KEYS[3], 60000)
-redis.call('PEXPIRE', KEYS[4], 60000)
-local concurrency, rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local tokens = tonumber(ARGV[6])
+redis.call('HSET', KEYS[5], lease, ARGV[6])
+for i = 3, 5 do redis.call('PEXPIRE', KEYS[i], 60000) end
 local free = 1e12
 if concurrency > 0 then free = concurrency - redis.call('ZCARD', KEYS[1]) end
 local rank = redis.call('ZRANK', KEYS[3], lease)
 if rank >= free then return math.min(1000, 50 + 10 * (rank - math.max(free, 0))) end
-if rpm > 0 and redis.call('ZCARD', KEYS[2]) >= rpm then
-  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  return math.max(1, tonumber(oldest[2]) + 60000 - now)
+local window = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+if rpm > 0 then
+  local over = #window / 2 + rank + 1 - rpm
+  if over > #window / 2 then return 1000 end
+  if over > 0 then return math.max(1, tonumber(window[2 * over]) + 60000 - now) end
 end
 if tpm > 0 then
-  local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  local ahead = 0
+  for _, w in ipairs(redis.call('ZRANGE', KEYS[3], 0, rank)) do
+    ahead = ahead + (tonumber(redis.call('HGET', KEYS[5], w)) or 0)
+  end
   local used = 0
-  for i = 1, #entries, 2 do used = used + tokens_of(entries[i]) end
-  if used > 0 and used + tokens > tpm then
-    for i = 1, #entries, 2 do
-      used = used - tokens_of(entries[i])
-      if used + tokens <= tpm then return math.max(1, tonumber(entries[i + 1]) + 60000 - now) end
+  for i = 1, #window, 2 do used = used + tokens_of(window[i]) end
+  if used + ahead > tpm and not (used == 0 and rank == 0) then
+    if used == 0 then return 100 end
+    for i = 1, #window, 2 do
+      used = used - tokens_of(window[i])
+      if used + ahead <= tpm or used == 0 then
+        return math.max(1, tonumber(window[i + 1]) + 60000 - now)
+      end
     end
-    return 1000
   end
 end
 redis.call('ZREM', KEYS[3], lease)
 redis.call('ZREM', KEYS[4], lease)
+redis.call('HDEL', KEYS[5], lease)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), lease)
-redis.call('ZADD', KEYS[2], now, lease .. ':' .. tokens)
+redis.call('ZADD', KEYS[2], now, lease .. ':' .. ARGV[6])
 redis.call('PEXPIRE', KEYS[1], 3600000)
 redis.call('PEXPIRE', KEYS[2], 61000)
 return 0
@@ -174,7 +183,7 @@ class UpstreamLimiter:
             await self._wait_for(permit, give_up)
         except BaseException:
             with contextlib.suppress(RedisError, OSError):  # give up the place in line
-                await asyncio.shield(self.redis.zrem(self.keys.limit_waiting(), permit.lease))
+                await asyncio.shield(self._leave_line(permit.lease))
             raise
         try:
             yield permit
@@ -209,9 +218,22 @@ class UpstreamLimiter:
             # which a silent waiter loses its place
             await asyncio.sleep(min(wait_ms, 1000) / 1000 * random.uniform(0.5, 1.5))
 
+    async def _leave_line(self, lease: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.keys.limit_waiting(), lease)
+            pipe.zrem(self.keys.limit_seen(), lease)
+            pipe.hdel(self.keys.limit_asks(), lease)
+            await pipe.execute()
+
     def _keys(self) -> list[str]:
         k = self.keys
-        return [k.limit_leases(), k.limit_window(), k.limit_waiting(), k.limit_seen()]
+        return [
+            k.limit_leases(),
+            k.limit_window(),
+            k.limit_waiting(),
+            k.limit_seen(),
+            k.limit_asks(),
+        ]
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():

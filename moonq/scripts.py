@@ -9,7 +9,7 @@ local function terminal(s) return s == 'completed' or s == 'failed' or s == 'can
 
 # KEYS: job, tenant index, arq job, arq queue, idempotency key.
 # ARGV: job id, created (s), created (ms), job key prefix, arq payload, idempotency ttl (s) or
-# '0', request fingerprint, then the record's field/value pairs.
+# '0', request fingerprint, index horizon (s), then the record's field/value pairs.
 # Writes the record and the queue entry together; neither expires until the job ends. With
 # an idempotency key already taken by a job that still exists, writes nothing and returns
 # "<job id> <fingerprint>" of that first job; else returns ''.
@@ -22,8 +22,9 @@ if ARGV[6] ~= '0' then
   redis.call('SET', KEYS[5], ARGV[1] .. ' ' .. ARGV[7], 'EX', ARGV[6])
 end
 local fields = {}
-for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[8])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('SET', KEYS[3], ARGV[5])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
@@ -44,20 +45,20 @@ return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 """
 )
 
-# KEYS: job, log, channel. ARGV: attempt, maxlen, ttl, event bodies (JSON objects without seq).
+# KEYS: job, log, channel. ARGV: attempt, maxlen, event bodies (JSON objects without seq).
 # Appends and publishes each event with the next seq; returns the last seq, or -1 if this
-# attempt is no longer the job's live one (superseded, cancelled, finished).
+# attempt is no longer the job's live one (superseded, cancelled, finished). Like the job,
+# the log does not expire before the job ends.
 APPEND = """
 local state = redis.call('HMGET', KEYS[1], 'status', 'attempts')
 if state[1] ~= 'in_progress' or state[2] ~= ARGV[1] then return -1 end
 local seq = 0
-for i = 4, #ARGV do
+for i = 3, #ARGV do
   seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   local event = '{"seq":' .. seq .. ',' .. string.sub(ARGV[i], 2)
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '0-' .. seq, 'e', event)
   redis.call('PUBLISH', KEYS[3], event)
 end
-redis.call('EXPIRE', KEYS[2], ARGV[3])
 return seq
 """
 
@@ -102,3 +103,21 @@ end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'last_error', ARGV[2])
 return 1
 """
+
+# KEYS: arq's lock on the job, arq's queue, arq's job, the job. ARGV: lock ttl (ms), job id,
+# queue score, arq payload. Renews a running job's lock. If the lock is gone but the job is
+# not over (another, superseded run of it ended and arq cleaned up after it), takes the lock
+# back and puts arq's job and queue entry back, so the job is never left without them.
+# Returns 1 when renewed, 2 when restored, 0 when the job is over, -1 when another run holds it.
+KEEP_LOCK = (
+    TERMINAL_CHECK
+    + """
+if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 1 then return 1 end
+local status = redis.call('HGET', KEYS[4], 'status')
+if not status or terminal(status) then return 0 end
+if not redis.call('SET', KEYS[1], '1', 'PX', ARGV[1], 'NX') then return -1 end
+redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[4], 'NX')
+return 2
+"""
+)

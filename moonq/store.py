@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -12,6 +13,7 @@ from typing import Any
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from moonq import scripts
 from moonq.assemble import Assembler
@@ -20,11 +22,21 @@ from moonq.models import Job, JobCreate, Status
 from moonq.serde import arq_serialize, dumps
 from moonq.settings import Settings
 
+log = logging.getLogger("moonq.store")
+
 JOB_FUNCTION = "run_completion"
+# A tenant's index forgets ids older than MOONQ_RESULT_TTL + this: such jobs have long expired
+# (unless one waited in the queue for a month).
+INDEX_SLACK = 30 * 24 * 3600
 IDEMPOTENCY_TTL = 24 * 3600
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 _JSON_FIELDS = ("metadata", "result", "usage", "error")
 _FLOAT_FIELDS = ("created_at", "started_at", "completed_at")
+
+
+def arq_payload(job_id: str, enqueued_ms: int) -> bytes:
+    """arq's job entry for a moonq job: the job function with the job id, as JSON."""
+    return serialize_job(JOB_FUNCTION, (job_id,), {}, None, enqueued_ms, serializer=arq_serialize)
 
 
 def new_job_id() -> str:
@@ -77,7 +89,7 @@ class JobStore:
         job_id, now = new_job_id(), self.clock()
         fields = self._new_record(job_id, tenant, request, now)
         now_ms = int(now * 1000)
-        arq_job = serialize_job(JOB_FUNCTION, (job_id,), {}, None, now_ms, serializer=arq_serialize)
+        arq_job = arq_payload(job_id, now_ms)
         fingerprint = hashlib.sha256(request.model_dump_json().encode()).hexdigest()[:32]
         idem_key = self.keys.idempotency(tenant, _digest(idempotency_key or ""))
         keys = [
@@ -90,6 +102,7 @@ class JobStore:
         ttl = IDEMPOTENCY_TTL if idempotency_key else 0
         job_prefix = self.keys.job("")
         args: list[Any] = [job_id, repr(now), now_ms, job_prefix, arq_job, ttl, fingerprint]
+        args.append(repr(now - self.result_ttl - INDEX_SLACK))
         for pair in fields.items():
             args += pair
         first = await self._create(keys=keys, args=args)
@@ -143,7 +156,9 @@ class JobStore:
         start = 0
         if after is not None:
             rank = await self.redis.zrevrank(index, after)
-            start = 0 if rank is None else rank + 1
+            if rank is None:
+                raise UnknownCursor(after)
+            start = rank + 1
         jobs: list[Job] = []
         while len(jobs) <= limit:
             ids = await self.redis.zrevrange(index, start, start + limit * 2)
@@ -151,7 +166,9 @@ class JobStore:
                 break
             start += len(ids)
             found = await self._many([i.decode() for i in ids])
-            gone = [i for i, job in zip(ids, found, strict=True) if job is None]
+            gone = [
+                i for i, job in zip(ids, found, strict=True) if job is None and i.decode() != after
+            ]
             if gone:  # expired jobs leave the tenant's index as they are met
                 await self.redis.zrem(index, *gone)
                 start -= len(gone)
@@ -177,8 +194,7 @@ class JobStore:
         """Append and publish events for a live attempt; -1 means the attempt lost the job."""
         bodies = [dumps(event) for event in events]
         result = await self._append(
-            keys=self._event_keys(job_id),
-            args=[str(attempt), self.max_events, self.result_ttl, *bodies],
+            keys=self._event_keys(job_id), args=[str(attempt), self.max_events, *bodies]
         )
         return int(result)
 
@@ -225,47 +241,57 @@ class JobStore:
         finds it. A worker holding the job is told through arq's abort set and stops within
         a poll, whether it is streaming or still waiting for an upstream permit.
         """
-        for _ in range(10):  # the log may move between reading it and finishing
+        partial = _Partial(self, job_id)
+        for tries_left in reversed(range(CANCEL_TRIES)):
             record = await self.raw(job_id)
             if record is None or record.get("tenant") != tenant:
                 return None
             attempt, seq = int(record.get("attempts", "0")), int(record.get("seq", "0"))
-            partial = await self._partial(job_id, attempt) if seq else {}
+            await partial.read(attempt, seq)
             event = {"event": "cancelled", "attempt": attempt, "data": {"reason": "cancelled"}}
             done = await self.finish(
-                job_id, Status.CANCELLED, event, partial, tenant=tenant, expected_seq=seq
+                job_id,
+                Status.CANCELLED,
+                event,
+                partial.fields(),
+                tenant=tenant,
+                # The log may grow between reading and finishing; past a few tries, cancel
+                # with what was read rather than keep chasing a fast stream.
+                expected_seq=seq if tries_left else None,
             )
             if done == -1:
                 raise AlreadyFinished(job_id)
-            if done >= 0:
-                await self._withdraw(job_id)
-                return await self.get(job_id)
             if done == -2:
                 return None
-        raise AlreadyFinished(job_id)  # pragma: no cover - it kept finishing under us
+            if done >= 0:
+                if not tries_left:  # cancelled with a stale read: now the log is still
+                    await self._complete_partial(partial, attempt, done - 1)
+                await self._withdraw(job_id)
+                return await self.get(job_id)
+        raise AssertionError("unreachable: the last try does not check the seq")
+
+    async def _complete_partial(self, partial: _Partial, attempt: int, upto: int) -> None:
+        before = partial.assembler.chunks
+        await partial.read(attempt, upto)
+        if partial.assembler.chunks != before:
+            fields = {k: dumps(v) for k, v in partial.fields().items()}
+            await self.redis.hset(self.keys.job(partial.job_id), mapping=fields)  # type: ignore[misc]
 
     async def _withdraw(self, job_id: str) -> None:
-        """Take a cancelled job out of arq: off the queue, and aborted where a worker holds it."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self.queue_name, job_id)
-            pipe.exists(in_progress_key_prefix + job_id)
-            _, held = await pipe.execute()
-        if held:
-            await self.redis.zadd(abort_jobs_ss, {job_id: int(self.clock() * 1000)})
-        else:
-            await self.redis.delete(job_key_prefix + job_id)
-
-    async def _partial(self, job_id: str, attempt: int) -> dict[str, Any]:
-        """The fields holding what the given attempt had published, assembled."""
-        assembler = Assembler()
-        for _, fields in await self.redis.xrange(self.keys.log(job_id)):
-            event = json.loads(fields[b"e"])
-            if event.get("event") == "chunk" and event.get("attempt") == attempt:
-                assembler.add(event["data"])
-        if not assembler.chunks:
-            return {}
-        result = assembler.result()
-        return {"result": result, **({"usage": result["usage"]} if result.get("usage") else {})}
+        """Take a cancelled job out of arq: off the queue, its entry deleted, and aborted where
+        a worker holds it. Best effort: a worker that still starts it finds it cancelled."""
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(self.queue_name, job_id)
+                pipe.delete(job_key_prefix + job_id)
+                pipe.exists(in_progress_key_prefix + job_id)
+                *_, held = await pipe.execute()
+            if held:
+                await self.redis.zadd(abort_jobs_ss, {job_id: int(self.clock() * 1000)})
+        except (RedisError, OSError):
+            log.warning(
+                "job %s was cancelled but arq could not be told; it stops at its next write", job_id
+            )
 
     async def usage(self, tenant: str) -> dict[str, int]:
         """The tenant's token totals over its completed jobs."""
@@ -294,6 +320,39 @@ class JobStore:
 
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was first used for a different request."""
+
+
+CANCEL_TRIES = 8
+
+
+class _Partial:
+    """What one attempt of a job published, assembled, read from the log a little at a time."""
+
+    def __init__(self, store: JobStore, job_id: str) -> None:
+        self.store, self.job_id = store, job_id
+        self.attempt, self.seq, self.assembler = -1, 0, Assembler()
+
+    async def read(self, attempt: int, upto: int) -> None:
+        if attempt != self.attempt:
+            self.attempt, self.seq, self.assembler = attempt, 0, Assembler()
+        if upto <= self.seq:
+            return
+        log_key = self.store.keys.log(self.job_id)
+        for _, fields in await self.store.redis.xrange(log_key, f"0-{self.seq + 1}", f"0-{upto}"):
+            event = json.loads(fields[b"e"])
+            if event.get("event") == "chunk" and event.get("attempt") == attempt:
+                self.assembler.add(event["data"])
+        self.seq = upto
+
+    def fields(self) -> dict[str, Any]:
+        if not self.assembler.chunks:
+            return {}
+        result = self.assembler.result()
+        return {"result": result, **({"usage": result["usage"]} if result.get("usage") else {})}
+
+
+class UnknownCursor(Exception):
+    """`after` names no job of the tenant's (any more)."""
 
 
 class AlreadyFinished(Exception):

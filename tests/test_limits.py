@@ -209,3 +209,46 @@ def test_estimate_grows_with_the_prompt_and_adds_max_tokens() -> None:
     assert long >= 900 // 4  # at least the usual ~4 characters a token
     assert estimate_tokens(body("hi", max_tokens=500)) == short + 500
     assert estimate_tokens(body("hi", max_completion_tokens=70)) == short + 70
+
+
+async def test_waiters_are_served_oldest_first_under_tpm(redis: ArqRedis, prefix: str) -> None:
+    """A large old request is not starved by a stream of small new ones."""
+    limiter = _limiter(redis, prefix, concurrency=10, tpm=1000)
+    order: list[str] = []
+
+    async def ask(name: str, tokens: int, priority: float) -> None:
+        async with limiter.permit(tokens, priority):
+            order.append(name)
+
+    async with limiter.permit(500):  # half the minute's tokens in use
+        big = asyncio.create_task(ask("old-600", 600, priority=1.0))
+        await asyncio.sleep(0.3)
+        small = [asyncio.create_task(ask(f"new-{i}", 100, priority=2.0 + i)) for i in range(3)]
+        await asyncio.sleep(1.0)
+        assert order == []  # the head does not fit, so nobody behind it goes either
+        for task in (big, *small):
+            task.cancel()
+        await asyncio.gather(big, *small, return_exceptions=True)
+    await limiter.close()
+
+
+async def test_waiters_are_served_oldest_first_for_concurrency(
+    redis: ArqRedis, prefix: str
+) -> None:
+    limiter = _limiter(redis, prefix, concurrency=1)
+    order: list[float] = []
+
+    async def ask(priority: float) -> None:
+        async with limiter.permit(1, priority):
+            order.append(priority)
+            await asyncio.sleep(0.05)
+
+    async with limiter.permit(1, 0.0):
+        tasks = []
+        for priority in (5.0, 3.0, 4.0, 1.0, 2.0):  # arriving in no particular order
+            tasks.append(asyncio.create_task(ask(priority)))
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert order == sorted(order)
+    await limiter.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -10,7 +11,7 @@ from arq.connections import ArqRedis
 
 from moonq.keys import Keys
 from moonq.models import JobCreate, Status
-from moonq.store import AlreadyFinished, IdempotencyConflict, JobStore
+from moonq.store import AlreadyFinished, IdempotencyConflict, JobStore, UnknownCursor
 
 TTL = 3600
 
@@ -218,3 +219,50 @@ async def test_expired_jobs_leave_the_tenant_index(store: JobStore) -> None:
     assert [j.id for j in listed] == [j.id for j in reversed(jobs) if j.id != jobs[1].id]
     assert not more
     assert await store.redis.zscore(store.keys.tenant_jobs("t"), jobs[1].id) is None
+
+
+async def test_cancel_catches_a_fast_stream(store: JobStore) -> None:
+    job, _ = await store.create("t", _request())
+    attempt = await store.start_attempt(job.id)
+    chunk = {"choices": [{"index": 0, "delta": {"content": "x"}}]}
+    for _ in range(30):  # a log of some length already
+        await store.append(
+            job.id, attempt, [{"event": "chunk", "attempt": attempt, "data": chunk}] * 100
+        )
+
+    async def stream() -> None:
+        event = {"event": "chunk", "attempt": attempt, "data": chunk}
+        while await store.append(job.id, attempt, [event]) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+
+    writer = asyncio.create_task(stream())
+    await asyncio.sleep(0.05)
+    cancelled = await store.cancel(job.id, "t")
+    await asyncio.wait_for(writer, 5)  # the stream is fenced off
+    assert cancelled is not None and cancelled.status == Status.CANCELLED
+    assert cancelled.result is not None
+    content = cancelled.result["choices"][0]["message"]["content"]
+    log = await store.redis.xrange(store.keys.log(job.id))
+    kept = sum(json.loads(f[b"e"])["event"] == "chunk" for _, f in log)  # capped at max_events
+    assert len(content) >= kept >= 900 and set(content) == {"x"}
+
+
+async def test_cancel_of_a_job_held_by_a_dead_worker_leaves_nothing(store: JobStore) -> None:
+    job, _ = await store.create("t", _request())
+    await store.start_attempt(job.id)
+    await store.redis.psetex(f"arq:in-progress:{job.id}", 200, b"1")  # its worker just died
+    await store.cancel(job.id, "t")
+    assert not await store.redis.exists(f"arq:job:{job.id}")
+    assert await store.redis.zscore(store.queue_name, job.id) is None
+    await store.redis.zrem("arq:abort", job.id)
+
+
+async def test_a_cursor_that_is_gone_is_an_error_not_a_restart(store: JobStore) -> None:
+    jobs = [(await store.create("t", _request()))[0] for _ in range(3)]
+    await store.redis.delete(store.keys.job(jobs[1].id))
+    listed, _ = await store.list_jobs("t", limit=10)
+    assert jobs[1].id not in [j.id for j in listed]
+    with pytest.raises(UnknownCursor):
+        await store.list_jobs("t", limit=10, after=jobs[1].id)
+    older, _ = await store.list_jobs("t", limit=10, after=jobs[2].id)
+    assert [j.id for j in older] == [jobs[0].id]

@@ -348,3 +348,43 @@ async def test_a_job_that_cannot_even_start_fails_instead_of_hanging(stack_facto
     job = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert job["status"] == "failed" and job["error"]["type"] == "internal_error"
     assert [e["event"] for e in await _events(stack, job_id)] == ["error"]
+
+
+async def test_a_superseded_run_never_strands_the_job(stack_factory: Any, fake: Any) -> None:
+    """Worker A's lock lapses mid-stream, B takes the job over; when A's run ends, arq cleans
+    up after it: B's run puts arq's entries back, so the job still finishes and, had B died,
+    would still be picked up again."""
+    import asyncio
+
+    from worker.main import create_worker
+
+    stack, client = await stack_factory(MOONQ_LOCK_TIMEOUT=1)
+    payload = chat("twice", fake_moonshot={"chunks": 40, "delay": 0.05})
+    job_id = await _submit(client, payload)
+    lock = f"arq:in-progress:{job_id}"
+    a = create_worker(stack.settings, redis=stack.redis, handle_signals=False)
+    b = create_worker(stack.settings, redis=stack.redis, handle_signals=False, burst=True)
+    run_a = asyncio.create_task(a.async_run())
+    try:
+        while fake.stats.in_flight < 1:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        await stack.redis.delete(lock)  # A's lock lapses (a stall, a partition)
+        run_b = asyncio.create_task(b.async_run())
+        async with asyncio.timeout(5):  # B starts attempt 2; A's next write is refused
+            while (await client.get(f"/v1/jobs/{job_id}")).json()["attempts"] < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            while job_id in a.tasks:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.6)  # B's lock keeper notices arq's cleanup and restores it
+        assert await stack.redis.exists(f"arq:job:{job_id}", lock) == 2
+        assert await stack.redis.zscore(stack.settings.queue_name, job_id) is not None
+        await asyncio.wait_for(run_b, 10)
+    finally:
+        run_a.cancel()
+        await asyncio.gather(run_a, return_exceptions=True)
+        await a.close()
+        await b.close()
+    done = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert done["status"] == "completed" and done["attempts"] == 2
+    assert done["result"]["choices"][0]["message"] == expected_message(payload["body"])
+    assert not await stack.redis.exists(f"arq:job:{job_id}")  # and then cleaned up for good

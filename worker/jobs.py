@@ -100,7 +100,10 @@ class Runner:
             error = _unforeseen(exc)
             event = {"event": "error", "attempt": 0, "data": error.info()}
             fields = {"error": error.info()}
-            await self.store.finish(job_id, Status.FAILED, event, fields, tenant=record["tenant"])
+            seen = int(record.get("attempts", "0"))  # not if another run has started since
+            await self.store.finish(
+                job_id, Status.FAILED, event, fields, seen, tenant=record["tenant"]
+            )
             return Status.FAILED.value
 
     async def _permitted(self, job_id: str, record: dict[str, str]) -> str:

@@ -18,15 +18,17 @@ from typing import Any
 import httpx
 from arq import Worker
 from arq.connections import ArqRedis, RedisSettings
-from arq.constants import in_progress_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
 from arq.worker import func
 from redis.exceptions import RedisError
 
+from moonq import scripts
+from moonq.keys import Keys
 from moonq.limits import UpstreamLimiter
 from moonq.redis import connect
 from moonq.serde import arq_deserialize, arq_serialize
 from moonq.settings import Settings, get_settings
-from moonq.store import JOB_FUNCTION, JobStore
+from moonq.store import JOB_FUNCTION, JobStore, arq_payload
 from worker.jobs import Runner
 from worker.upstream import MoonshotClient
 
@@ -39,6 +41,7 @@ ARQ_MAX_TRIES = 1000
 
 HEARTBEAT_FILE = Path(tempfile.gettempdir()) / "moonq-worker.alive"
 HEARTBEAT_EVERY = 5.0
+ABORT_MAX_AGE_MS = 60_000
 
 
 class MoonqWorker(Worker):
@@ -49,6 +52,7 @@ class MoonqWorker(Worker):
         super().__init__(*args, **kwargs)
         self.in_progress_timeout_s = lock_timeout
         self._beat = 0.0
+        self._trim_aborts = False
 
     async def _poll_iteration(self) -> None:
         self._heartbeat()
@@ -81,6 +85,16 @@ class MoonqWorker(Worker):
             self._beat = now
             with contextlib.suppress(OSError):
                 HEARTBEAT_FILE.touch()
+            self._trim_aborts = True
+
+    async def _cancel_aborted_jobs(self) -> None:
+        await super()._cancel_aborted_jobs()
+        if self._trim_aborts:
+            # arq means to drop abort requests older than a minute, but its trim removes
+            # nothing; one for a job no worker holds any more would stay for ever.
+            self._trim_aborts = False
+            cutoff = int(time.time() * 1000) - ABORT_MAX_AGE_MS
+            await self.pool.zremrangebyscore(abort_jobs_ss, "-inf", cutoff)
 
 
 def worker_is_alive(max_age: float = 6 * HEARTBEAT_EVERY) -> bool:
@@ -92,18 +106,25 @@ def worker_is_alive(max_age: float = 6 * HEARTBEAT_EVERY) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def keep_locked(redis: ArqRedis, job_id: str, ttl: float) -> AsyncIterator[None]:
+async def keep_locked(
+    redis: ArqRedis, keys: Keys, queue: str, job_id: str, score: int, ttl: float
+) -> AsyncIterator[None]:
     """Hold arq's lock on a running job for `ttl` seconds at a time, renewed while it runs.
 
     arq locks a job for the longest job timeout + 10 s, so a killed worker's job would wait
-    that long to run again; with a short lock kept alive here it runs again within `ttl`.
+    that long to run again; with a short lock kept alive here it runs again within `ttl`. If
+    arq's entries for the job vanish while it runs (a superseded run of it ended elsewhere and
+    arq cleaned up after it), they are put back, so the job can never be left without them.
     """
-    key, ttl_ms = in_progress_key_prefix + job_id, int(ttl * 1000)
+    keep = redis.register_script(scripts.KEEP_LOCK)
+    lock_keys = [in_progress_key_prefix + job_id, queue, job_key_prefix + job_id, keys.job(job_id)]
+    args: list[str | int | bytes] = [int(ttl * 1000), job_id, score, arq_payload(job_id, score)]
 
     async def renew() -> None:
         while True:
             try:
-                await redis.pexpire(key, ttl_ms)
+                if await keep(keys=lock_keys, args=args) == 2:
+                    log.warning("job %s: arq's lock and entry were gone; restored", job_id)
             except (RedisError, OSError):
                 log.warning("could not renew the lock of job %s", job_id)
             await asyncio.sleep(ttl / 4)
@@ -119,7 +140,15 @@ async def keep_locked(redis: ArqRedis, job_id: str, ttl: float) -> AsyncIterator
 
 async def run_completion(ctx: dict[str, Any], job_id: str) -> str:
     runner: Runner = ctx["moonq_runner"]
-    async with keep_locked(ctx["redis"], job_id, runner.settings.lock_timeout):
+    settings = runner.settings
+    async with keep_locked(
+        ctx["redis"],
+        runner.store.keys,
+        settings.queue_name,
+        job_id,
+        int(ctx["score"]),
+        settings.lock_timeout,
+    ):
         return await runner.run(job_id)
 
 
