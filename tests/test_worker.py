@@ -368,11 +368,12 @@ async def test_a_superseded_run_never_strands_the_job(stack_factory: Any, fake: 
     try:
         while fake.stats.in_flight < 1:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-        await stack.redis.delete(lock)  # A's lock lapses (a stall, a partition)
         run_b = asyncio.create_task(b.async_run())
-        async with asyncio.timeout(5):  # B starts attempt 2; A's next write is refused
-            while (await client.get(f"/v1/jobs/{job_id}")).json()["attempts"] < 2:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
+        async with asyncio.timeout(5):  # A's lock lapses and stays lapsed (a stalled A)...
+            while (await client.get(f"/v1/jobs/{job_id}")).json()["attempts"] < 2:
+                await stack.redis.delete(lock)
+                await asyncio.sleep(0.005)
+            # ...until B starts attempt 2; A's next write is refused
             while job_id in a.tasks:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
         await asyncio.sleep(0.6)  # B's lock keeper notices arq's cleanup and restores it

@@ -64,8 +64,12 @@ class MoonqWorker(Worker):
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq takes a job slot before its Redis round trips and gives it back only on a
-        WATCH conflict: after any other Redis error the slot would be lost for good."""
+        WATCH conflict: after any other Redis error the slot would be lost for good. And a job
+        this worker is still running is not started twice, even if its lock lapsed."""
         for job_id in job_ids:
+            running = self.tasks.get(job_id.decode())
+            if running is not None and not running.done():
+                continue
             try:
                 await super().start_jobs([job_id])
             except (RedisError, OSError):
