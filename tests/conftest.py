@@ -50,7 +50,10 @@ def cleanup_prefix(url: str, prefix: str) -> None:
     client = sync_redis.Redis.from_url(url)
     try:
         doomed = list(client.scan_iter(f"{prefix}:*", count=1000))
-        job_ids = [k.decode().rsplit(":", 1)[1] for k in doomed if b":job:" in k]
+        job_ids = {k.decode().rsplit(":", 1)[1] for k in doomed if b":job:" in k}
+        for key in doomed:  # also jobs whose record a test deleted
+            if key.endswith((b":jobs", b":queue")) and client.type(key) == b"zset":
+                job_ids.update(m.decode() for m in client.zrange(key, 0, -1))
         for job_id in job_ids:
             doomed += list(client.scan_iter(f"arq:*{job_id}", count=1000))
         for i in range(0, len(doomed), 500):
