@@ -3,6 +3,7 @@ factories for the API and worker."""
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -114,6 +115,11 @@ class Stack:
         self.redis = redis
         self.app = create_app(settings, redis=redis)
 
+    async def events(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's event log, read straight from Redis."""
+        rows = await self.redis.xrange(f"{self.settings.key_prefix}:log:{job_id}")
+        return [json.loads(fields[b"e"]) for _, fields in rows]
+
     async def run_worker(self, **overrides: Any) -> None:
         """Run a worker until the queue is empty, as `arq --burst` would."""
         worker = create_worker(
@@ -144,6 +150,14 @@ async def stack_factory(fake_redis: ArqRedis, fake: FakeServer, prefix: str) -> 
     for lifespan, client in reversed(opened):
         await client.aclose()
         await lifespan.__aexit__(None, None, None)
+
+
+async def submit(client: httpx.AsyncClient, payload: dict[str, Any], **kwargs: Any) -> str:
+    """POST a job; its id."""
+    response = await client.post("/v1/jobs", json=payload, **kwargs)
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["id"]
+    return job_id
 
 
 def chat(text: str = "hello", **extra: Any) -> dict[str, Any]:

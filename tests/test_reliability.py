@@ -9,27 +9,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from moonq.fake_moonshot import expected_content
-from tests.conftest import chat
+from tests.conftest import chat, submit
 
 TENANTS = {"MOONQ_API_KEYS": "ka=alpha,kb=beta"}
 A = {"authorization": "Bearer ka"}
 B = {"authorization": "Bearer kb"}
 
 
-async def _submit(client: Any, payload: dict[str, Any], **kwargs: Any) -> str:
-    response = await client.post("/v1/jobs", json=payload, **kwargs)
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["id"]
-    return job_id
-
-
-async def _events(stack: Any, job_id: str) -> list[dict[str, Any]]:
-    rows = await stack.redis.xrange(f"{stack.settings.key_prefix}:log:{job_id}")
-    return [json.loads(fields[b"e"]) for _, fields in rows]
-
-
 async def _has_events(stack: Any, job_id: str, n: int) -> bool:
-    return len(await _events(stack, job_id)) >= n
+    return len(await stack.events(job_id)) >= n
 
 
 async def _no_upstream(fake: Any) -> bool:
@@ -52,7 +40,7 @@ def _kinds(events: list[dict[str, Any]]) -> list[str]:
 
 async def test_cancel_a_queued_job(stack_factory: Any, fake: Any) -> None:
     stack, client = await stack_factory(**TENANTS)
-    job_id = await _submit(client, chat("never run"), headers=A)
+    job_id = await submit(client, chat("never run"), headers=A)
     response = await client.post(f"/v1/jobs/{job_id}/cancel", headers=B)
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
     assert (await client.get(f"/v1/jobs/{job_id}", headers=A)).json()["status"] == "queued"
@@ -63,7 +51,7 @@ async def test_cancel_a_queued_job(stack_factory: Any, fake: Any) -> None:
     await stack.run_worker()
     assert fake.stats.requests == 0
     assert (await client.get(f"/v1/jobs/{job_id}", headers=A)).json()["status"] == "cancelled"
-    assert _kinds(await _events(stack, job_id)) == ["cancelled"]
+    assert _kinds(await stack.events(job_id)) == ["cancelled"]
 
     again = await client.post(f"/v1/jobs/{job_id}/cancel", headers=A)
     assert again.status_code == 409 and again.json()["error"]["type"] == "conflict_error"
@@ -73,20 +61,20 @@ async def test_cancel_a_queued_job(stack_factory: Any, fake: Any) -> None:
 
 async def test_cancelling_a_completed_job_is_409(stack_factory: Any, fake: Any) -> None:
     stack, client = await stack_factory()
-    job_id = await _submit(client, chat("finish first"))
+    job_id = await submit(client, chat("finish first"))
     await stack.run_worker()
     before = await client.get(f"/v1/jobs/{job_id}")
     response = await client.post(f"/v1/jobs/{job_id}/cancel")
     assert response.status_code == 409 and response.json()["error"]["type"] == "conflict_error"
     after = await client.get(f"/v1/jobs/{job_id}")
     assert after.json() == before.json() and after.json()["status"] == "completed"
-    assert _kinds(await _events(stack, job_id))[-1] == "done"
+    assert _kinds(await stack.events(job_id))[-1] == "done"
 
 
 async def test_cancel_in_flight_stops_the_upstream(stack_factory: Any, fake: Any) -> None:
     stack, client = await stack_factory()
     payload = chat("a long answer", fake_moonshot={"chunks": 200, "delay": 0.02})
-    job_id = await _submit(client, payload)
+    job_id = await submit(client, payload)
     worker = asyncio.create_task(stack.run_worker())
     try:
         await _until(lambda: _has_events(stack, job_id, 4), timeout=2)
@@ -107,7 +95,7 @@ async def test_cancel_in_flight_stops_the_upstream(stack_factory: Any, fake: Any
     content = job["result"]["choices"][0]["message"]["content"]
     full = expected_content(payload["body"])
     assert content and full.startswith(content) and len(content) < len(full)
-    kinds = _kinds(await _events(stack, job_id))
+    kinds = _kinds(await stack.events(job_id))
     assert kinds[-1] == "cancelled" and kinds.count("cancelled") == 1 and "done" not in kinds
     assert fake.stats.completed == 0
 
@@ -196,7 +184,7 @@ async def test_body_limit_413_and_nothing_stored(stack_factory: Any) -> None:
 async def test_worker_keeps_to_the_account_concurrency(stack_factory: Any, fake: Any) -> None:
     stack, client = await stack_factory(MOONQ_UPSTREAM_CONCURRENCY=2, MOONQ_WORKER_CONCURRENCY=10)
     slow = {"chunks": 10, "delay": 0.02}
-    ids = [await _submit(client, chat(f"doc {i}", fake_moonshot=slow)) for i in range(10)]
+    ids = [await submit(client, chat(f"doc {i}", fake_moonshot=slow)) for i in range(10)]
     await asyncio.wait_for(stack.run_worker(), 10)
     for job_id in ids:
         assert (await client.get(f"/v1/jobs/{job_id}")).json()["status"] == "completed"

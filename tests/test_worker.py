@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 
 from moonq.fake_moonshot import expected_message, expected_usage
-from tests.conftest import chat
+from tests.conftest import chat, submit
 
 FAST_RETRY = {"MOONQ_RETRY_BASE_DELAY": 0.01, "MOONQ_RETRY_MAX_DELAY": 0.05}
-
-
-async def _submit(client: Any, payload: dict[str, Any]) -> str:
-    response = await client.post("/v1/jobs", json=payload)
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["id"]
-    return job_id
-
-
-async def _events(stack: Any, job_id: str) -> list[dict[str, Any]]:
-    rows = await stack.redis.xrange(f"{stack.settings.key_prefix}:log:{job_id}")
-    return [json.loads(fields[b"e"]) for _, fields in rows]
 
 
 async def test_result_equals_the_non_streaming_answer(stack_factory: Any) -> None:
@@ -38,7 +25,7 @@ async def test_result_equals_the_non_streaming_answer(stack_factory: Any) -> Non
             fake_moonshot={"parallel_tools": True, "chunks": 5},
         ),
     }
-    ids = {name: await _submit(client, p) for name, p in payloads.items()}
+    ids = {name: await submit(client, p) for name, p in payloads.items()}
     await stack.run_worker()
     for name, job_id in ids.items():
         job = (await client.get(f"/v1/jobs/{job_id}")).json()
@@ -51,9 +38,9 @@ async def test_result_equals_the_non_streaming_answer(stack_factory: Any) -> Non
 
 async def test_every_chunk_is_an_event_and_done_ends_the_log(stack_factory: Any) -> None:
     stack, client = await stack_factory()
-    job_id = await _submit(client, chat("count", fake_moonshot={"chunks": 12}))
+    job_id = await submit(client, chat("count", fake_moonshot={"chunks": 12}))
     await stack.run_worker()
-    events = await _events(stack, job_id)
+    events = await stack.events(job_id)
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     chunks = [e for e in events if e["event"] == "chunk"]
     assert len(chunks) == 12 + 2  # the role chunk, 12 pieces, the finish chunk
@@ -71,7 +58,7 @@ async def test_upstream_4xx_fails_the_job_with_its_error(stack_factory: Any) -> 
         "invalid_authentication_error": 401,
         "exceeded_current_quota_error": 429,
     }
-    ids = {kind: await _submit(client, chat(fake_moonshot={"error": kind})) for kind in cases}
+    ids = {kind: await submit(client, chat(fake_moonshot={"error": kind})) for kind in cases}
     await stack.run_worker()
     for kind, job_id in ids.items():
         job = (await client.get(f"/v1/jobs/{job_id}")).json()
@@ -80,7 +67,7 @@ async def test_upstream_4xx_fails_the_job_with_its_error(stack_factory: Any) -> 
         assert job["error"]["status_code"] == cases[kind]
         assert job["error"]["message"]
         assert job["result"] is None
-        events = await _events(stack, job_id)
+        events = await stack.events(job_id)
         assert [e["event"] for e in events] == ["error"]
         assert events[0]["data"] == job["error"]
 
@@ -89,12 +76,12 @@ async def test_a_dropped_stream_is_retried_from_scratch(stack_factory: Any) -> N
     stack, client = await stack_factory(**FAST_RETRY)
     steer = {"error": "drop", "drop_after": 3, "fail_times": 2, "key": "drop-twice"}
     payload = chat("retry me", fake_moonshot=steer)
-    job_id = await _submit(client, payload)
+    job_id = await submit(client, payload)
     await stack.run_worker()
     job = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert job["status"] == "completed" and job["attempts"] == 3
     assert job["result"]["choices"][0]["message"] == expected_message(payload["body"])
-    events = await _events(stack, job_id)
+    events = await stack.events(job_id)
     retries = [e for e in events if e["event"] == "retry"]
     assert [r["data"]["attempt"] for r in retries] == [2, 3]
     assert all("stream" in r["data"]["reason"] for r in retries)
@@ -110,15 +97,15 @@ async def test_a_dropped_stream_is_retried_from_scratch(stack_factory: Any) -> N
 
 async def test_rate_limits_are_retried_then_give_up(stack_factory: Any) -> None:
     stack, client = await stack_factory(MOONQ_MAX_ATTEMPTS=3, **FAST_RETRY)
-    flaky = await _submit(
+    flaky = await submit(
         client,
         chat("a", fake_moonshot={"error": "rate_limit_reached_error", "fail_times": 2, "key": "f"}),
     )
-    hopeless = await _submit(client, chat("b", fake_moonshot={"error": "engine_overloaded_error"}))
+    hopeless = await submit(client, chat("b", fake_moonshot={"error": "engine_overloaded_error"}))
     await stack.run_worker()
     ok = (await client.get(f"/v1/jobs/{flaky}")).json()
     assert ok["status"] == "completed" and ok["attempts"] == 3
-    assert [e["event"] for e in await _events(stack, flaky)][-1] == "done"
+    assert [e["event"] for e in await stack.events(flaky)][-1] == "done"
     bad = (await client.get(f"/v1/jobs/{hopeless}")).json()
     assert bad["status"] == "failed" and bad["attempts"] == 3
     assert bad["error"]["type"] == "engine_overloaded_error"
@@ -126,7 +113,7 @@ async def test_rate_limits_are_retried_then_give_up(stack_factory: Any) -> None:
 
 async def test_job_timeout_fails_the_job(stack_factory: Any) -> None:
     stack, client = await stack_factory(MOONQ_JOB_TIMEOUT=1)
-    job_id = await _submit(client, chat(fake_moonshot={"chunks": 50, "delay": 0.1}))
+    job_id = await submit(client, chat(fake_moonshot={"chunks": 50, "delay": 0.1}))
     await stack.run_worker()
     job = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert job["status"] == "failed" and job["error"]["type"] == "job_timeout"
@@ -175,12 +162,12 @@ async def test_an_unexpected_failure_ends_the_job_without_leaking(stack_factory:
         raise RuntimeError(f"boom with {request.headers['authorization']}")
 
     stack, client = await stack_factory()
-    job_id = await _submit(client, chat("x"))
+    job_id = await submit(client, chat("x"))
     await stack.run_worker(transport=httpx.MockTransport(explode))
     job = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert job["status"] == "failed" and job["error"]["type"] == "internal_error"
     assert "RuntimeError" in job["error"]["message"]
-    assert [e["event"] for e in await _events(stack, job_id)] == ["error"]
+    assert [e["event"] for e in await stack.events(job_id)] == ["error"]
     assert b"sk-test-upstream-key" not in await _all_redis_bytes(stack.redis)
 
 
@@ -199,7 +186,7 @@ async def test_an_unreadable_upstream_answer_is_retried_then_fails(stack_factory
         stack, client = await stack_factory(
             MOONSHOT_BASE_URL=f"http://127.0.0.1:{port}/v1", MOONQ_MAX_ATTEMPTS=2, **FAST_RETRY
         )
-        job_id = await _submit(client, chat("x"))
+        job_id = await submit(client, chat("x"))
         await stack.run_worker()
     finally:
         server.close()
@@ -215,7 +202,7 @@ async def test_waiting_for_a_permit_is_not_running(stack_factory: Any, fake: Any
         MOONQ_JOB_TIMEOUT=1, MOONQ_UPSTREAM_CONCURRENCY=1, MOONQ_WORKER_CONCURRENCY=5
     )
     ids = [
-        await _submit(client, chat(str(i), fake_moonshot={"chunks": 8, "delay": 0.08}))
+        await submit(client, chat(str(i), fake_moonshot={"chunks": 8, "delay": 0.08}))
         for i in range(3)
     ]
     await stack.run_worker()
@@ -234,8 +221,8 @@ async def test_sigterm_sends_permit_waiters_back_at_once(stack_factory: Any, fak
     stack, client = await stack_factory(
         MOONQ_UPSTREAM_CONCURRENCY=1, MOONQ_SHUTDOWN_GRACE=5, MOONQ_WORKER_CONCURRENCY=5
     )
-    running = await _submit(client, chat("a", fake_moonshot={"chunks": 10, "delay": 0.05}))
-    waiting = await _submit(client, chat("b"))
+    running = await submit(client, chat("a", fake_moonshot={"chunks": 10, "delay": 0.05}))
+    waiting = await submit(client, chat("b"))
     worker = create_worker(stack.settings, redis=stack.redis, handle_signals=False)
     task = asyncio.create_task(worker.async_run())
     try:
@@ -279,7 +266,7 @@ async def test_a_redis_error_while_starting_a_job_keeps_the_slot(stack_factory: 
     worker.ctx["redis"] = stack.redis
     assert worker.on_startup is not None
     await worker.on_startup(worker.ctx)
-    ids = [await _submit(client, chat(f"after the blip {i}")) for i in range(2)]
+    ids = [await submit(client, chat(f"after the blip {i}")) for i in range(2)]
     await worker.start_jobs([i.encode() for i in ids])
     assert set(worker.tasks) == set(ids)
     await asyncio.gather(*worker.tasks.values())
@@ -300,7 +287,7 @@ async def test_openai_style_upstreams_report_usage_when_asked(
             MOONSHOT_BASE_URL=openai_like.url, MOONQ_STREAM_USAGE=ask
         )
         payload = chat("count me")
-        job_id = await _submit(client, payload)
+        job_id = await submit(client, payload)
         await stack.run_worker()
     finally:
         await openai_like.close()
@@ -318,8 +305,8 @@ async def test_cancelling_a_job_that_waits_for_a_permit_frees_its_slot(
     from worker.main import create_worker
 
     stack, client = await stack_factory(MOONQ_UPSTREAM_CONCURRENCY=1, MOONQ_WORKER_CONCURRENCY=5)
-    running = await _submit(client, chat("a", fake_moonshot={"chunks": 20, "delay": 0.05}))
-    waiting = await _submit(client, chat("b"))
+    running = await submit(client, chat("a", fake_moonshot={"chunks": 20, "delay": 0.05}))
+    waiting = await submit(client, chat("b"))
     worker = create_worker(stack.settings, redis=stack.redis, handle_signals=False, burst=True)
     task = asyncio.create_task(worker.async_run())
     try:
@@ -342,12 +329,12 @@ async def test_cancelling_a_job_that_waits_for_a_permit_frees_its_slot(
 
 async def test_a_job_that_cannot_even_start_fails_instead_of_hanging(stack_factory: Any) -> None:
     stack, client = await stack_factory()
-    job_id = await _submit(client, chat("x"))
+    job_id = await submit(client, chat("x"))
     await stack.redis.hset(f"{stack.settings.key_prefix}:job:{job_id}", "request", "{broken")
     await stack.run_worker()
     job = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert job["status"] == "failed" and job["error"]["type"] == "internal_error"
-    assert [e["event"] for e in await _events(stack, job_id)] == ["error"]
+    assert [e["event"] for e in await stack.events(job_id)] == ["error"]
 
 
 async def test_a_superseded_run_never_strands_the_job(stack_factory: Any, fake: Any) -> None:
@@ -360,7 +347,7 @@ async def test_a_superseded_run_never_strands_the_job(stack_factory: Any, fake: 
 
     stack, client = await stack_factory(MOONQ_LOCK_TIMEOUT=1)
     payload = chat("twice", fake_moonshot={"chunks": 40, "delay": 0.05})
-    job_id = await _submit(client, payload)
+    job_id = await submit(client, payload)
     lock = f"arq:in-progress:{job_id}"
     a = create_worker(stack.settings, redis=stack.redis, handle_signals=False)
     b = create_worker(stack.settings, redis=stack.redis, handle_signals=False, burst=True)
