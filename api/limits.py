@@ -1,4 +1,4 @@
-"""Request bodies over `MOONQ_MAX_BODY_BYTES` get a 413 before they are read into memory."""
+"""Request bodies over `MOONQ_MAX_BODY_BYTES` get a 413 and are never held in memory."""
 
 from __future__ import annotations
 
@@ -6,10 +6,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import APIError, error_response
 
+# How much of a too-large body is read (and thrown away) before answering: a client that is
+# still sending when the server answers and closes sees a reset, not the 413.
+DRAIN_LIMIT = 64 * 1024 * 1024
+
+
+async def _drain(receive: Receive, budget: int) -> None:
+    while budget > 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
 
 class BodyLimit:
-    """Pure ASGI: rejects a too-large Content-Length up front, and stops reading a chunked
-    body at the limit (the 413 then comes from the app's error handler)."""
+    """Pure ASGI: a too-large Content-Length is refused up front, a chunked body is stopped
+    at the limit (the 413 then comes from the app's error handler)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -25,9 +39,9 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
+            await _drain(receive, DRAIN_LIMIT)
             error = self._error()
             response = error_response(413, str(error.detail), error.type)
-            response.headers["connection"] = "close"
             await response(scope, receive, send)
             return
         received = 0
@@ -38,6 +52,8 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    if message.get("more_body", False):
+                        await _drain(receive, DRAIN_LIMIT)
                     raise self._error()
             return message
 

@@ -22,7 +22,6 @@ class Status(StrEnum):
 
 TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
 
-EventType = Literal["chunk", "retry", "done", "error", "cancelled"]
 TERMINAL_EVENTS = frozenset({"done", "error", "cancelled"})
 
 

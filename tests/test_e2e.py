@@ -30,6 +30,7 @@ class Deployment:
     url: str
     redis_url: str
     prefix: str
+    fake_url: str
     procs: list[Proc]
 
     def headers(self, tenant: str = "alpha") -> dict[str, str]:
@@ -65,7 +66,13 @@ def deployment(
         procs.append(start("api", ["api", "--port", str(api_port)], env, workdir))
         procs.append(start("worker", ["worker"], env, workdir))
         wait_http(f"http://127.0.0.1:{api_port}/readyz", procs[1])
-        yield Deployment(f"http://127.0.0.1:{api_port}", real_redis_url, prefix, procs)
+        yield Deployment(
+            f"http://127.0.0.1:{api_port}",
+            real_redis_url,
+            prefix,
+            f"http://127.0.0.1:{fake_port}",
+            procs,
+        )
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -176,3 +183,55 @@ async def test_tenants_over_the_wire(client: httpx.AsyncClient, deployment: Depl
         assert (await client.get(path, headers=other)).status_code == 404
     anonymous = await client.post("/v1/jobs", json=chat(), headers={"authorization": ""})
     assert anonymous.status_code == 401 and anonymous.json()["error"]["message"]
+
+
+async def test_cancel_in_flight_over_the_wire(
+    client: httpx.AsyncClient, deployment: Deployment
+) -> None:
+    payload = chat("stop me", fake_moonshot={"chunks": 200, "delay": 0.02})
+    job = await _submit(client, payload)
+    stats = f"{deployment.fake_url}/_fake/stats"
+    async with asyncio.timeout(10):
+        while (await client.get(stats)).json()["in_flight"] < 1:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)  # some chunks out
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    cancelled = (await client.post(f"/v1/jobs/{job['id']}/cancel")).json()
+    async with asyncio.timeout(1):  # the upstream connection is closed within a second
+        while (await client.get(stats)).json()["in_flight"] > 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    assert loop.time() - started < 1
+    assert cancelled["status"] == "cancelled"
+    partial = cancelled["result"]["choices"][0]["message"]["content"]
+    assert partial and expected_content(payload["body"]).startswith(partial)
+    events = [json.loads(d) for _, d in await _sse(client, job["id"])]
+    assert events[-1]["event"] == "cancelled" and "done" not in [e["event"] for e in events]
+    again = await client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["type"] == "conflict_error"
+
+
+async def test_idempotent_submit_over_the_wire(
+    client: httpx.AsyncClient, deployment: Deployment
+) -> None:
+    stats = f"{deployment.fake_url}/_fake/stats"
+    before = (await client.get(stats)).json()["requests"]
+    key = {"Idempotency-Key": f"e2e-{before}"}
+    answers = await asyncio.gather(
+        *(client.post("/v1/jobs", json=chat("once"), headers=key) for _ in range(5))
+    )
+    assert {a.status_code for a in answers} == {202}
+    assert len({a.json()["id"] for a in answers}) == 1
+    job_id = answers[0].json()["id"]
+    assert (await client.get(f"/v1/jobs/{job_id}", params={"wait": 10})).json()[
+        "status"
+    ] == "completed"
+    await asyncio.sleep(0.3)
+    assert (await client.get(stats)).json()["requests"] == before + 1  # one upstream call
+
+
+async def test_oversized_body_is_413_over_the_wire(client: httpx.AsyncClient) -> None:
+    huge = chat("x" * (9 * 1024 * 1024))  # over the 8 MiB default
+    response = await client.post("/v1/jobs", json=huge)
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "request_too_large"
