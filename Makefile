@@ -1,45 +1,55 @@
 # The two commands a fresh machine needs: `make dev` runs moonq, `make test` checks it.
-# Both create the virtualenv and install what they need.
+# Both create the virtualenv and install what they need: `make dev` moonq alone, everything
+# else moonq with its test tools (the `dev` extra).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+TOOLS := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
 
 .PHONY: install dev test lint format typecheck pytest bench chaos clean
 
-$(STAMP): pyproject.toml
+$(BIN)/pip:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+# A current install with the dev extra includes the runtime: nothing more to install.
+$(RUNTIME): pyproject.toml | $(BIN)/pip
+	[ $(TOOLS) -nt pyproject.toml ] || $(BIN)/pip install --quiet -e .
+	touch $(RUNTIME)
+
+$(TOOLS): pyproject.toml | $(BIN)/pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(TOOLS) $(RUNTIME)
 
-install: $(STAMP)
+install: $(TOOLS)
 
-dev: $(STAMP)
+dev: $(RUNTIME)
 	$(BIN)/moonq dev
 
 test: lint typecheck pytest
 
-lint: $(STAMP)
+lint: $(TOOLS)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: $(STAMP)
+format: $(TOOLS)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-typecheck: $(STAMP)
+typecheck: $(TOOLS)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(TOOLS)
 	$(BIN)/pytest
 
-bench: $(STAMP)
+bench: $(TOOLS)
 	$(BIN)/python -m bench.run
 
-# The full fault suite: 500 jobs, upstream faults, workers SIGKILLed mid-stream (real Redis).
-chaos: $(STAMP)
-	$(BIN)/python -m tests.chaos --redis-url "$${REDIS_URL:-redis://127.0.0.1:6379/13}"
+# The full fault suite: 500 jobs, upstream faults, workers SIGKILLed and stalled, Redis stalled
+# (a redis-server of its own; `--redis-url URL` runs it on another Redis, without Redis stalls).
+chaos: $(TOOLS)
+	$(BIN)/python -m tests.chaos
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

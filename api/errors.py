@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
+
+from moonq.models import MAX_JSON_DEPTH
 
 log = logging.getLogger("moonq.api")
 
@@ -45,6 +49,13 @@ class APIError(HTTPException):
         self.extra = extra
 
 
+class _ErrorJSON(JSONResponse):
+    """Renders any message, even one quoting a client's lone surrogate, as valid JSON."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":"), default=str).encode()
+
+
 def error_response(
     status: int,
     message: str,
@@ -53,7 +64,7 @@ def error_response(
     **extra: Any,
 ) -> JSONResponse:
     body = {"type": type or _TYPES.get(status, "api_error"), "message": message, **extra}
-    return JSONResponse({"error": body}, status_code=status, headers=dict(headers or {}))
+    return _ErrorJSON({"error": body}, status_code=status, headers=dict(headers or {}))
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -63,22 +74,75 @@ def _field(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+_NOT_AN_OBJECT = (
+    "The request must be a JSON object with a `body` field (the chat completion request), "
+    'like {"body": {"model": ..., "messages": [...]}}'
+)
+_NO_OBJECT = frozenset({"model_attributes_type", "missing"})
+
+
+def _whole_body_message(request: Request, exc: RequestValidationError) -> str | None:
+    """A message for a request that is not a job submission at all, or None."""
+    errors = exc.errors()
+    unwrapped = any(e.get("loc") == ("body", "body") and e.get("type") == "missing" for e in errors)
+    if unwrapped and isinstance(exc.body, dict) and {"model", "messages"} & exc.body.keys():
+        return (
+            "The request must be a JSON object with a `body` field; this looks like a chat "
+            'completion request without it: send it wrapped, as {"body": <your request>}.'
+        )
+    if not any(e.get("loc") == ("body",) and e.get("type") in _NO_OBJECT for e in errors):
+        return None
+    content_type = request.headers.get("content-type", "")
+    if "json" not in content_type.lower():
+        shown = repr(content_type) if content_type else "none"
+        return f"{_NOT_AN_OBJECT}, sent with Content-Type: application/json (got {shown})."
+    return _NOT_AN_OBJECT + "."
+
+
+def _malformed(exc: RequestValidationError, error: dict[str, Any]) -> JSONResponse:
+    doc, loc = exc.body, tuple(error.get("loc", ()))
+    reason = error.get("ctx", {}).get("error", "")
+    if isinstance(doc, str | bytes) and len(loc) == 2 and isinstance(loc[1], int):
+        pos = loc[1]
+        text = doc[:pos].decode(errors="replace") if isinstance(doc, bytes) else doc[:pos]
+        line = text.count("\n") + 1
+        column = pos - text.rfind("\n")
+        reason = f"{reason} at line {line}, column {column} (char {pos})"
+    return error_response(422, f"Malformed JSON body: {reason}.")
+
+
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first: dict[str, Any] = dict(errors[0]) if errors else {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
-        return error_response(
-            422, f"Malformed JSON body: {first.get('ctx', {}).get('error', '')}", param=None
-        )
+        return _malformed(exc, first)
+    whole = _whole_body_message(request, exc)
+    if whole is not None:
+        return error_response(422, whole, param="body")
+    if first.get("type") == "invalid_json_value":  # the model names the exact place
+        ctx = first["ctx"]
+        details = [{"param": ctx["param"], "message": ctx["reason"]}]
+        return error_response(422, str(first["msg"]), param=ctx["param"], errors=details)
     param = _field(tuple(first.get("loc", ())))
     details = [{"param": _field(tuple(e.get("loc", ()))), "message": e.get("msg")} for e in errors]
     message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
     return error_response(422, message, param=param, errors=details)
 
 
+# FastAPI answers these with a bare "There was an error parsing the body".
+_PARSE_ERRORS: dict[type[BaseException], str] = {
+    UnicodeDecodeError: "the body is not valid UTF-8",
+    ValueError: f"a number has more than {sys.get_int_max_str_digits()} digits",
+    RecursionError: f"objects and arrays nest deeper than {MAX_JSON_DEPTH} levels",
+}
+
+
 async def _http(request: Request, exc: HTTPException) -> JSONResponse:
     if isinstance(exc, APIError):
         return error_response(exc.status_code, str(exc.detail), exc.type, exc.headers, **exc.extra)
+    cause = exc.__cause__
+    if exc.status_code == 400 and cause is not None and type(cause) in _PARSE_ERRORS:
+        return error_response(422, f"Malformed JSON body: {_PARSE_ERRORS[type(cause)]}.")
     return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
 

@@ -15,6 +15,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api.auth import Tenant
 from api.errors import APIError
 from api.services import services
+from moonq.limits import estimate_tokens
 from moonq.models import Job, JobCreate, JobList, Status
 from moonq.store import AlreadyFinished, IdempotencyConflict, UnknownCursor
 from moonq.stream import RawEvent, follow
@@ -23,6 +24,15 @@ router = APIRouter()
 
 _JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
 _SEQ = re.compile(r"^[0-9]{1,15}$")
+# A long-poll reads the job again at least this often, in case pub/sub missed its end; the
+# terminal event itself wakes it at once.
+REREAD_EVERY = 1.0
+_LIST_PARAMS = frozenset({"limit", "after", "status", "custom_id", "batch_id"})
+
+
+def _shown(value: str, limit: int = 64) -> str:
+    """A client's value, quoted for a message and cut short."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")
 
 
 async def _own_job(request: Request, job_id: str, tenant: str) -> Job:
@@ -31,8 +41,23 @@ async def _own_job(request: Request, job_id: str, tenant: str) -> Job:
     if _JOB_ID.match(job_id):
         job = await services(request).store.get(job_id, tenant)
     if job is None:
-        raise APIError(404, f"No job with id {job_id!r}.")
+        raise APIError(404, f"No job with id {_shown(job_id)}.")
     return job
+
+
+def _check_tokens(request: Request, payload: JobCreate) -> None:
+    """A request larger than the account's whole TPM budget could never be given a permit."""
+    tpm = services(request).settings.upstream_tpm
+    tokens = estimate_tokens(payload.body.upstream_body())
+    if tpm > 0 and tokens > tpm:
+        estimate = str(tokens) if tokens < 10**15 else "more than 10^15"  # a 4000-digit max_tokens
+        raise APIError(
+            400,
+            f"This request is estimated at {estimate} tokens (prompt characters / 3 + "
+            f"max_tokens), more than MOONQ_UPSTREAM_TPM ({tpm} tokens per minute) allows: "
+            "it could never run.",
+            param="body",
+        )
 
 
 @router.post("/v1/jobs", status_code=202, response_model=Job, tags=["jobs"])
@@ -47,6 +72,7 @@ async def create_job(
     ] = None,
 ) -> Job:
     """Queue a chat completion. The job streams from the upstream as soon as a worker is free."""
+    _check_tokens(request, payload)
     try:
         job, replayed = await services(request).store.create(tenant, payload, idempotency_key)
     except IdempotencyConflict as exc:
@@ -70,10 +96,20 @@ async def cancel_job(job_id: str, request: Request, tenant: Tenant) -> Job:
         if _JOB_ID.match(job_id):
             job = await services(request).store.cancel(job_id, tenant)
     except AlreadyFinished as exc:
-        raise APIError(409, f"Job {job_id!r} has already ended.") from exc
+        raise APIError(409, f"Job {_shown(job_id)} has already ended.") from exc
     if job is None:
-        raise APIError(404, f"No job with id {job_id!r}.")
+        raise APIError(404, f"No job with id {_shown(job_id)}.")
     return job
+
+
+def _known_params(request: Request) -> None:
+    unknown = sorted(set(request.query_params) - _LIST_PARAMS)
+    if unknown:
+        names = ", ".join(_shown(name) for name in unknown)
+        allowed = ", ".join(sorted(_LIST_PARAMS))
+        raise APIError(
+            400, f"Unknown query parameter(s): {names}; known: {allowed}.", param=unknown[0][:64]
+        )
 
 
 @router.get("/v1/jobs", response_model=JobList, tags=["jobs"])
@@ -83,14 +119,18 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(description="a job id: list older jobs")] = None,
     status: Status | None = None,
+    custom_id: Annotated[str | None, Query(max_length=512)] = None,
+    batch_id: Annotated[str | None, Query(max_length=256)] = None,
 ) -> JobList:
-    """The caller's own jobs, newest first."""
+    """The caller's own jobs, newest first, optionally only those of a status, a `custom_id`
+    or a batch. Unknown parameters are a 400, so a misspelt filter never lists everything."""
+    _known_params(request)
     try:
         jobs, more = await services(request).store.list_jobs(
-            tenant, limit=limit, after=after, status=status
+            tenant, limit=limit, after=after, status=status, custom_id=custom_id, batch_id=batch_id
         )
     except UnknownCursor as exc:
-        message = f"`after` is not one of your jobs (it may have expired): {after!r}."
+        message = f"`after` is not one of your jobs (it may have expired): {_shown(after or '')}."
         raise APIError(400, message, param="after") from exc
     return JobList(data=jobs, has_more=more)
 
@@ -101,7 +141,12 @@ async def get_job(
     request: Request,
     tenant: Tenant,
     wait: Annotated[
-        float, Query(ge=0, description="long-poll: seconds to wait for a terminal status")
+        float,
+        Query(
+            ge=0,
+            allow_inf_nan=False,
+            description="long-poll: seconds to wait for a terminal status (MOONQ_MAX_WAIT at most)",
+        ),
     ] = 0,
 ) -> Job:
     """The job; with `wait`, answers as soon as it ends or after `wait` seconds (capped)."""
@@ -122,7 +167,7 @@ async def _wait_terminal(request: Request, job: Job, tenant: str, timeout: float
             remaining = deadline - loop.time()
             if current is None or current.status.terminal or remaining <= 0:
                 return current or job
-            await _until_terminal_event(queue, min(remaining, 1.0))
+            await _until_terminal_event(queue, min(remaining, REREAD_EVERY))
 
 
 async def _until_terminal_event(queue: asyncio.Queue[bytes], timeout: float) -> None:
@@ -146,19 +191,48 @@ async def job_events(
     request: Request,
     tenant: Tenant,
     last_event_id: Annotated[str | None, Header()] = None,
-) -> EventSourceResponse:
+) -> Response:
     """Server-Sent Events: every event of the job from the start (or after `Last-Event-ID`),
     then live, ending after the terminal event. `id:` is the event's seq; `data:` is the event
-    exactly as published on the job's channel."""
+    exactly as published on the job's channel.
+
+    A `Last-Event-ID` at the end of a job that has ended is answered 204 No Content, which
+    tells an EventSource to stop reconnecting; one past the job's last event is a 400."""
     job = await _own_job(request, job_id, tenant)
-    after = 0
-    if last_event_id:
-        if not _SEQ.fullmatch(last_event_id.strip()):
+    after = _last_event_id(last_event_id)
+    if after:
+        last, ended = await _position(request, job.id)
+        if after > last:
             raise APIError(
-                422, "Last-Event-ID must be an event seq (an integer).", param="Last-Event-ID"
+                400,
+                f"Last-Event-ID {after} is past this job's last event (seq {last}); "
+                "reconnect without it to read the job from the start.",
+                param="Last-Event-ID",
+                last_seq=last,
             )
-        after = int(last_event_id)
+        if after == last and ended:
+            return Response(status_code=204)
     return EventSourceResponse(_sse(request, job, after), ping=15)
+
+
+async def _position(request: Request, job_id: str) -> tuple[int, bool]:
+    """The job's last seq and whether it has ended, read together."""
+    svc = services(request)
+    status, seq = await svc.redis.hmget(svc.keys.job(job_id), ["status", "seq"])  # type: ignore[misc]
+    return int(seq or 0), status is not None and Status(status.decode()).terminal
+
+
+def _last_event_id(value: str | None) -> int:
+    if not value or not value.strip():
+        return 0
+    if not _SEQ.fullmatch(value.strip()):
+        raise APIError(
+            422,
+            f"Last-Event-ID must be the `id:` of an event received: a whole number from 0 "
+            f"(got {_shown(value, 20)}).",
+            param="Last-Event-ID",
+        )
+    return int(value)
 
 
 async def _sse(request: Request, job: Job, after: int) -> AsyncIterator[ServerSentEvent]:

@@ -1,15 +1,23 @@
-"""The `moonq` command: run the processes (api, worker, dev, fake-moonshot)."""
+"""The `moonq` command: run the processes (api, worker, dev, fake-moonshot).
+
+Everything that can be known to be wrong at start is refused at start, with one line naming
+the setting or the port, before a server binds or a worker takes a job.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging.config
+import socket
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from pydantic import ValidationError
 
-from moonq.settings import Settings, get_settings
+from moonq.settings import Settings, get_settings, is_loopback, redis_database
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
 def _api(args: argparse.Namespace) -> None:
@@ -17,29 +25,45 @@ def _api(args: argparse.Namespace) -> None:
 
     from api.app import create_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(create_app(_settings()), host=args.host, port=args.port, log_level="info")
+    settings = _settings()
+    _refuse_open_api(settings, args.host)
+    _check_redis(settings)
+    sock = _listen(args.host, args.port)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="info"))
+    announce(sock)
+    server.run(sockets=[sock])
 
 
 def _worker(args: argparse.Namespace) -> None:
     from arq.logs import default_log_config
 
-    from worker.main import create_worker, worker_is_alive
+    from worker.main import HEARTBEAT_EVERY, create_worker, worker_is_alive
 
     if args.check:
-        sys.exit(0 if worker_is_alive() else "moonq: no worker has polled here lately")
+        if not worker_is_alive(args.pid):
+            _fail(
+                f"no worker with process id {args.pid} polled in the last {6 * HEARTBEAT_EVERY:g} s"
+            )
+        return
 
+    settings = _settings()
+    _require_upstream_key(settings)
+    _check_redis(settings)
     config = default_log_config(args.verbose)
     level = "DEBUG" if args.verbose else "INFO"
     config["loggers"]["moonq"] = {"level": level, "handlers": ["arq.standard"]}
     logging.config.dictConfig(config)
-    create_worker(_settings(), burst=args.burst).run()
+    create_worker(settings, burst=args.burst).run()
 
 
 def _dev(args: argparse.Namespace) -> None:
     from moonq import dev
 
-    dev.run(_settings(), args.host, args.port)
+    settings = _settings()
+    _refuse_open_api(settings, args.host)
+    _check_redis(settings)  # a Redis that is down means the embedded one; a wrong one, an error
+    dev.run(settings, _listen(args.host, args.port))
 
 
 def _fake(args: argparse.Namespace) -> None:
@@ -48,7 +72,7 @@ def _fake(args: argparse.Namespace) -> None:
     config = FakeConfig(
         chunks=args.chunks, delay=args.delay, api_key=args.api_key, usage_style=args.usage_style
     )
-    run(args.host, args.port, config)
+    run(_listen(args.host, args.port), config)
 
 
 def _settings() -> Settings:
@@ -57,14 +81,87 @@ def _settings() -> Settings:
     except ValidationError as exc:
         # Without the offending values: some settings are secrets.
         lines = [
-            f"  {'.'.join(map(str, e['loc']))}: {e['msg']}"
+            f"  {'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
             for e in exc.errors(include_input=False, include_url=False)
         ]
-        sys.exit("moonq: invalid settings:\n" + "\n".join(lines))
+        _fail("invalid settings:\n" + "\n".join(lines))
+
+
+def _fail(message: str) -> NoReturn:
+    sys.exit(f"moonq: {message}")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before anything else starts, so a taken port stops the process at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    return sock
+
+
+def announce(sock: socket.socket) -> None:
+    """uvicorn's own line, with the port really bound (`--port 0` included)."""
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    logging.getLogger("uvicorn.error").info(
+        "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", shown, port
+    )
+
+
+def _refuse_open_api(settings: Settings, host: str) -> None:
+    """An API without keys serves anyone who can reach it: only on loopback, unless allowed."""
+    if settings.tenants_by_key() or settings.allow_open or is_loopback(host):
+        return
+    _fail(
+        f"MOONQ_API_KEYS is empty, so the API on {host} would be open to anyone who can reach"
+        " it. Set MOONQ_API_KEYS (key=tenant,...), or MOONQ_ALLOW_OPEN=true if something in"
+        " front of it already restricts access."
+    )
+
+
+def _require_upstream_key(settings: Settings) -> None:
+    """Without a key every job would fail with a 401; a local upstream may need none."""
+    if settings.moonshot_api_key is None and not settings.upstream_is_local:
+        _fail(
+            "MOONSHOT_API_KEY is not set, so every job would fail upstream with a 401. Set it,"
+            " or point MOONSHOT_BASE_URL at a keyless upstream on a loopback address"
+            " (e.g. http://127.0.0.1:8001/v1 for `moonq fake-moonshot`)."
+        )
+
+
+def _check_redis(settings: Settings) -> None:
+    """Ask Redis once. A database it does not have, or credentials it refuses, would otherwise
+    look like a Redis that is "not reachable yet" for ever; a Redis that is down is waited for.
+    """
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        client.ping()
+    except redis.AuthenticationError:
+        _fail("invalid settings:\n  REDIS_URL: Redis refused its username or password")
+    except redis.ResponseError as exc:
+        if "DB index is out of range" in str(exc):
+            database = redis_database(settings.redis_url)
+            _fail(
+                f"invalid settings:\n  REDIS_URL: that Redis has no database {database}"
+                " (by default it has 0-15; see `databases` in its config)"
+            )
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+            _fail("invalid settings:\n  REDIS_URL: Redis wants a password (redis://:pw@host/0)")
+    except (redis.RedisError, OSError):
+        pass  # not up yet: the processes wait for it
+    finally:
+        client.close()
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="moonq", description=__doc__)
+    top = argparse.ArgumentParser(prog="moonq", description=__doc__.split("\n")[0])
     sub = top.add_subparsers(dest="command", required=True)
 
     api = sub.add_parser("api", help="run the HTTP API (uvicorn)")
@@ -76,7 +173,15 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.add_argument("-v", "--verbose", action="store_true")
     worker.add_argument(
-        "--check", action="store_true", help="exit 0 if this host's worker is alive (healthcheck)"
+        "--check",
+        action="store_true",
+        help="exit 0 if the worker with process id --pid polled lately (healthcheck)",
+    )
+    worker.add_argument(
+        "--pid",
+        type=int,
+        default=1,
+        help="the worker --check asks about; default 1: a container's main process",
     )
     worker.set_defaults(run=_worker)
 
@@ -90,7 +195,9 @@ def parser() -> argparse.ArgumentParser:
     fake.add_argument("--port", type=int, default=8001)
     fake.add_argument("--chunks", type=int, default=8, help="content chunks per answer")
     fake.add_argument("--delay", type=float, default=0.0, help="seconds between chunks")
-    fake.add_argument("--api-key", default=None, help="require this bearer key")
+    fake.add_argument(
+        "--api-key", default=None, help="require this bearer key (default: accept any request)"
+    )
     fake.add_argument("--usage-style", choices=("moonshot", "openai"), default="moonshot")
     fake.set_defaults(run=_fake)
     return top

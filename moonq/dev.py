@@ -9,12 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from types import FrameType
 
 import uvicorn
 from pydantic import SecretStr
 
 from api.app import create_app
 from moonq import redis as moonq_redis
+from moonq.cli import announce
 from moonq.fake_moonshot import start_fake
 from moonq.settings import Settings
 from worker.main import create_worker
@@ -49,7 +54,49 @@ def _safe_url(url: str) -> str:
     return scheme + sep + rest
 
 
-async def serve(settings: Settings, host: str, port: int) -> None:
+class _Server(uvicorn.Server):
+    """uvicorn that runs `cleanup` (once) as part of its own shutdown: it re-raises the signal
+    that stopped it when `serve()` returns, which would end the process before any cleanup
+    after that. It also remembers the signal, so the worker's log can name it."""
+
+    def __init__(self, config: uvicorn.Config, cleanup: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self.stop_signal: signal.Signals | None = None
+        self._cleanup: Callable[[], Awaitable[None]] | None = cleanup
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.stop_signal = signal.Signals(sig)
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().shutdown(sockets)
+        finally:
+            await self.cleanup()
+
+    async def cleanup(self) -> None:
+        cleanup, self._cleanup = self._cleanup, None
+        if cleanup is not None:
+            await cleanup()
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel until it ends: one cancellation can be swallowed by a Redis call in flight, and
+    a worker left running would keep taking jobs in a process that no longer serves."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+
+
+def _worker_ended(task: asyncio.Task[None], server: uvicorn.Server) -> None:
+    """The API never outlives the worker: it would queue jobs that nothing runs."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the worker stopped", exc_info=task.exception())
+    server.should_exit = True
+
+
+async def serve(settings: Settings, sock: socket.socket) -> None:
+    """Serve on `sock` (bound already, so a taken port never gets this far) until stopped."""
     redis = await _redis_or_embedded(settings)
     fake = None
     if settings.moonshot_api_key is None:
@@ -63,19 +110,26 @@ async def serve(settings: Settings, host: str, port: int) -> None:
         )
     app = create_app(settings, redis=redis)
     worker = create_worker(settings, redis=redis, handle_signals=False)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
     worker_task = asyncio.create_task(worker.async_run())
-    try:
-        await server.serve()
-    finally:
-        worker_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await worker_task
+
+    async def cleanup() -> None:
+        if server.stop_signal is not None:
+            worker.stop_reason = server.stop_signal.name
+        await _stop(worker_task)
         await worker.close()
         if fake is not None:
             await fake.close()
 
+    server = _Server(uvicorn.Config(app, log_level="info"), cleanup)
+    worker_task.add_done_callback(lambda task: _worker_ended(task, server))
+    try:
+        announce(sock)
+        await server.serve(sockets=[sock])
+    finally:
+        await server.cleanup()  # if startup failed, shutdown never ran
 
-def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
+
+def run(settings: Settings, sock: socket.socket) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(serve(settings, host, port))
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: the cleanup ran already
+        asyncio.run(serve(settings, sock))

@@ -50,6 +50,11 @@ class UpstreamQuotaExceeded(UpstreamRejected):
     """429 `exceeded_current_quota_error`: the account is out of balance; retrying cannot help."""
 
 
+class UpstreamInvalidAnswer(UpstreamError):
+    """The upstream answered, but with something moonq cannot record (a usage that is not
+    token counts): the same request would likely get the same answer, so it is not retried."""
+
+
 class UpstreamRateLimited(UpstreamError):
     """429 `rate_limit_reached_error` or `engine_overloaded_error`: back off and try again."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -93,6 +94,7 @@ class _Control:
     drop_after: int = 2
     parallel_tools: bool = False
     empty_delta_as_list: bool = False
+    usage: JSON | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,15 @@ def _optional(raw: JSON, key: str, kind: type[Any]) -> Any:
     return None if raw.get(key) is None else kind(raw[key])
 
 
+def _usage_override(raw: JSON) -> JSON | None:
+    """`fake_moonshot.usage`: report this usage object instead (absurd values included), to
+    test what a misbehaving upstream does to the queue."""
+    usage = raw.get("usage")
+    if usage is not None and not isinstance(usage, dict):
+        raise TypeError("usage must be an object")
+    return usage
+
+
 def _control(body: JSON, cfg: FakeConfig) -> _Control:
     raw = body.get("fake_moonshot") or {}
     if not isinstance(raw, dict):
@@ -138,6 +149,7 @@ def _control(body: JSON, cfg: FakeConfig) -> _Control:
             drop_after=int(raw.get("drop_after", 2)),
             parallel_tools=bool(raw.get("parallel_tools", False)),
             empty_delta_as_list=bool(raw.get("empty_delta_as_list", False)),
+            usage=_usage_override(raw),
         )
     except (TypeError, ValueError) as exc:
         raise _ApiError("invalid_request_error", f"Invalid request: fake_moonshot: {exc}") from exc
@@ -206,7 +218,12 @@ def _usage(body: JSON, completion_tokens: int) -> JSON:
     }
 
 
-def _answer(body: JSON, chunks: int, parallel: bool = False) -> _Answer:
+def _answer(body: JSON, ctl: _Control) -> _Answer:
+    answer = _render(body, ctl.chunks, ctl.parallel_tools)
+    return answer if ctl.usage is None else _Answer(answer.pieces, answer.calls, ctl.usage)
+
+
+def _render(body: JSON, chunks: int, parallel: bool) -> _Answer:
     names = _tool_names(body)
     if not names:
         return _Answer(_split(_content(body, chunks), chunks), [], _usage(body, chunks))
@@ -221,7 +238,7 @@ def _answer(body: JSON, chunks: int, parallel: bool = False) -> _Answer:
 
 def _expected(body: JSON, config: FakeConfig | None) -> _Answer:
     ctl = _control(body, config or FakeConfig())
-    return _answer(body, ctl.chunks, ctl.parallel_tools)
+    return _answer(body, ctl)
 
 
 def expected_content(body: JSON, config: FakeConfig | None = None) -> str:
@@ -294,9 +311,12 @@ def _error_response(error: _ApiError, retry_after: float | None = None) -> web.R
 
 
 def _check_auth(request: web.Request, cfg: FakeConfig) -> None:
+    """With an `api_key`, only `Bearer <api_key>` gets in; without one, any request does (a
+    keyless local upstream, as `moonq worker` allows on loopback)."""
+    if not cfg.api_key:
+        return
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token or (cfg.api_key and token != cfg.api_key):
+    if scheme.lower() != "bearer" or token.strip() != cfg.api_key:
         raise _ApiError("invalid_authentication_error")
 
 
@@ -374,7 +394,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     _check_auth(request, cfg)
     body = await _read_body(request)
     ctl = _control(body, cfg)
-    answer = _answer(body, ctl.chunks, ctl.parallel_tools)  # validates tools before faults
+    answer = _answer(body, ctl)  # validates tools before faults
     if ctl.first_byte_delay > 0:
         await asyncio.sleep(ctl.first_byte_delay)
     if _should_inject(request.app, body, ctl):
@@ -469,11 +489,14 @@ async def start_fake(
     return FakeServer(runner, f"http://{shown}:{bound}", app[STATS_KEY], app[CONFIG_KEY])
 
 
-def run(host: str, port: int, config: FakeConfig) -> None:
-    """Serve until interrupted; for ``moonq fake-moonshot``."""
+def run(sock: socket.socket, config: FakeConfig) -> None:
+    """Serve on `sock` until interrupted; for ``moonq fake-moonshot``, which binds it first
+    so that a taken port is a one-line error."""
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
 
     def announce(*_: Any) -> None:
-        print(f"fake Moonshot listening on http://{host}:{port}/v1", flush=True)
+        print(f"fake Moonshot listening on http://{shown}:{port}/v1", flush=True)
 
     app = create_app(config)
-    web.run_app(app, host=host, port=port, print=announce, **_SERVER_OPTIONS)
+    web.run_app(app, sock=sock, print=announce, **_SERVER_OPTIONS)

@@ -27,6 +27,23 @@ class Keys:
         """Sorted set of a tenant's job ids, scored by creation time."""
         return f"{self.prefix}:tenant:{tenant}:jobs"
 
+    def tenant_status_base(self) -> str:
+        """What scripts.py's `move_status` builds a status index's name from (+ tenant...)."""
+        return f"{self.prefix}:tenant:"
+
+    def tenant_status(self, tenant: str, status: str) -> str:
+        """Sorted set: a tenant's jobs in one status, scored by creation time; the scripts
+        that change a job's status move it between these (`scripts.MOVE_STATUS`)."""
+        return f"{self.tenant_status_base()}{tenant}:status:{status}"
+
+    def tenant_custom_id(self, tenant: str, digest: str) -> str:
+        """Sorted set: a tenant's jobs with one `custom_id` (hashed), scored by creation time."""
+        return f"{self.prefix}:tenant:{tenant}:custom:{digest}"
+
+    def tenant_batch(self, tenant: str, batch_id: str) -> str:
+        """Sorted set: a tenant's jobs of one batch, scored by creation time."""
+        return f"{self.prefix}:tenant:{tenant}:batch:{batch_id}"
+
     def idempotency(self, tenant: str, digest: str) -> str:
         """String: the job created for a tenant's Idempotency-Key (hashed), kept 24 h."""
         return f"{self.prefix}:idem:{tenant}:{digest}"
@@ -54,3 +71,7 @@ class Keys:
     def limit_window(self) -> str:
         """Sorted set: upstream requests of the last 60 s (`lease:tokens`), scored by start."""
         return f"{self.prefix}:limit:window"
+
+    def limit_window_tokens(self) -> str:
+        """String: the tokens of every request in the window, kept in step by the limiter."""
+        return f"{self.limit_window()}:tokens"

@@ -3,7 +3,9 @@
 Moonshot's limits are per account (e.g. 50 concurrent requests, 200 RPM at the first paid
 tier); only a limiter shared across workers keeps a large batch out of a 429 storm. Concurrency
 is a set of leases that expire unless their holder renews them, so a crashed worker's permits
-come back on their own. RPM and TPM are a sliding 60 s window of the requests made.
+come back on their own; a holder that stalled past its lease learns at its next renewal that
+the permit is gone (`Permit.lost`) and must stop. RPM and TPM are a sliding 60 s window of the
+requests made, with the window's token total kept beside it so no ask has to sum it.
 
 The limiter's keys outlive any lease (an hour, renewed on use): entries expire by their
 scores, never with the key, so limiters with different lease lengths cannot drop each other's.
@@ -18,7 +20,7 @@ import logging
 import random
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
@@ -33,90 +35,156 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: leases (zset lease -> expiry ms), window (zset "lease:tokens" -> start ms),
-# waiting (zset lease -> priority), seen (zset lease -> last ask ms), asks (hash lease -> tokens).
+# Bounds that keep every ACQUIRE's cost independent of the queue's and the window's size.
+# Only the first HEAD waiters in line can be granted in one pass (those further back learn
+# it from one ZRANK and wait); a TPM wait hint looks at the oldest SCAN window entries.
+HEAD = 100
+SCAN = 100
+
+# KEYS: 1 leases (zset lease -> expiry ms), 2 window (zset "lease:tokens" -> start ms),
+# 3 waiting (zset lease -> priority), 4 seen (zset lease -> last ask ms),
+# 5 asks (hash lease -> tokens), 6 total (string: the tokens of every entry in the window).
 # ARGV: lease, lease ttl ms, concurrency, rpm, tpm, tokens, priority. Limits of 0 are off.
+# Returns 0 when the permit is granted, else the milliseconds worth waiting before asking
+# again; an error reply, before any write, when an ARGV is malformed.
 # Waiters are served strictly in priority order (the job's age): one is granted only if it
 # and every waiter ahead of it fit the free permits, the minute's requests and its tokens. So
 # a job set back by a crash is not overtaken by newer ones, and no job of a large batch
 # starves, a large one under TPM included. A waiter that stops asking for 3 s is forgotten.
-# Returns 0 when the permit is granted, else the milliseconds worth waiting before asking again.
+# Cost per call: O(log n) plus what expired since the last call, HEAD and SCAN. `total` is
+# kept in step with the window by this script and RELEASE, rebuilt from the window if missing.
+# Cannot fail after its first write: ARGV is checked first, and every later command gets keys
+# of the types only these scripts write and arguments already checked.
 ACQUIRE = (
-    _NOW
-    + """
+    (
+        _NOW
+        + """
 local function tokens_of(member) return tonumber(string.match(member, ':(%d+)$')) or 0 end
 local lease = ARGV[1]
-local concurrency, rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+for i = 2, 6 do
+  if not string.match(ARGV[i], '^%d+$') then return redis.error_reply('ERR bad ARGV ' .. i) end
+end
+local priority = tonumber(ARGV[7])
+if lease == '' or priority == nil or priority ~= priority then
+  return redis.error_reply('ERR bad lease or priority')
+end
+local ttl, concurrency, rpm = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local tpm, tokens = tonumber(ARGV[5]), tonumber(ARGV[6])
+local head, scan = $HEAD, $SCAN
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
+local total = tonumber(redis.call('GET', KEYS[6]))
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
+if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000) end
+local count = redis.call('ZCARD', KEYS[2])
+if count == 0 then
+  total = 0
+elseif total == nil or total < 0 then
+  total = 0
+  for _, w in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do total = total + tokens_of(w) end
+else
+  for _, w in ipairs(expired) do total = total - tokens_of(w) end
+end
+redis.call('SET', KEYS[6], total, 'PX', 61000)
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - 3000)) do
   redis.call('ZREM', KEYS[3], gone)
   redis.call('HDEL', KEYS[5], gone)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 3000)
-redis.call('ZADD', KEYS[3], 'NX', ARGV[7], lease)
+redis.call('ZADD', KEYS[3], 'NX', priority, lease)
 redis.call('ZADD', KEYS[4], now, lease)
-redis.call('HSET', KEYS[5], lease, ARGV[6])
+redis.call('HSET', KEYS[5], lease, tokens)
 for i = 3, 5 do redis.call('PEXPIRE', KEYS[i], 60000) end
 local free = 1e12
 if concurrency > 0 then free = concurrency - redis.call('ZCARD', KEYS[1]) end
 local rank = redis.call('ZRANK', KEYS[3], lease)
 if rank >= free then return math.min(1000, 50 + 10 * (rank - math.max(free, 0))) end
-local window = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+if rank >= head then return math.min(1000, 50 + 10 * (rank - head)) end
 if rpm > 0 then
-  local over = #window / 2 + rank + 1 - rpm
-  if over > #window / 2 then return 1000 end
-  if over > 0 then return math.max(1, tonumber(window[2 * over]) + 60000 - now) end
+  local over = count + rank + 1 - rpm
+  if over > count then return 1000 end
+  if over > 0 then
+    local oldest = redis.call('ZRANGE', KEYS[2], over - 1, over - 1, 'WITHSCORES')
+    return math.max(1, tonumber(oldest[2]) + 60000 - now)
+  end
 end
 if tpm > 0 then
   local ahead = 0
-  for _, w in ipairs(redis.call('ZRANGE', KEYS[3], 0, rank)) do
-    ahead = ahead + (tonumber(redis.call('HGET', KEYS[5], w)) or 0)
+  local line = redis.call('ZRANGE', KEYS[3], 0, rank)
+  for _, asked in ipairs(redis.call('HMGET', KEYS[5], unpack(line))) do
+    ahead = ahead + (tonumber(asked) or 0)
   end
-  local used = 0
-  for i = 1, #window, 2 do used = used + tokens_of(window[i]) end
-  if used + ahead > tpm and not (used == 0 and rank == 0) then
-    if used == 0 then return 100 end
-    for i = 1, #window, 2 do
-      used = used - tokens_of(window[i])
-      if used + ahead <= tpm or used == 0 then
-        return math.max(1, tonumber(window[i + 1]) + 60000 - now)
+  if total + ahead > tpm and not (total == 0 and rank == 0) then
+    if total == 0 then return 100 end
+    local freed = 0
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, scan - 1, 'WITHSCORES')
+    for i = 1, #oldest, 2 do
+      freed = freed + tokens_of(oldest[i])
+      if total - freed + ahead <= tpm or freed == total then
+        return math.max(1, tonumber(oldest[i + 1]) + 60000 - now)
       end
     end
+    return math.max(1, tonumber(oldest[#oldest]) + 60000 - now)
   end
 end
 redis.call('ZREM', KEYS[3], lease)
 redis.call('ZREM', KEYS[4], lease)
 redis.call('HDEL', KEYS[5], lease)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), lease)
-redis.call('ZADD', KEYS[2], now, lease .. ':' .. ARGV[6])
+redis.call('ZADD', KEYS[1], now + ttl, lease)
+if redis.call('ZADD', KEYS[2], now, lease .. ':' .. ARGV[6]) == 1 then total = total + tokens end
+redis.call('SET', KEYS[6], total, 'PX', 61000)
 redis.call('PEXPIRE', KEYS[1], 3600000)
 redis.call('PEXPIRE', KEYS[2], 61000)
 return 0
 """
+    )
+    .replace("$HEAD", str(HEAD))
+    .replace("$SCAN", str(SCAN))
 )
 
-# KEYS: leases, window. ARGV: lease, tokens reserved, tokens used ('' = keep).
+# KEYS: 1 leases, 2 window, 3 total (as in ACQUIRE). ARGV: lease, tokens reserved, tokens
+# used ('' = keep the estimate; 0 = the attempt cost nothing, e.g. an error before any chunk).
+# The window entry keeps its start, so it still counts for RPM; `total` follows its tokens.
+# Returns 1; an error reply, before any write, when an ARGV is malformed. Cannot fail after
+# its first write: ARGV is checked first, and the keys have the types only these scripts write.
 RELEASE = """
+if not string.match(ARGV[2], '^%d+$') or not string.match(ARGV[3], '^%d*$') then
+  return redis.error_reply('ERR bad tokens')
+end
 redis.call('ZREM', KEYS[1], ARGV[1])
-if ARGV[3] ~= '' then
+if ARGV[3] ~= '' and ARGV[3] ~= ARGV[2] then
   local old = ARGV[1] .. ':' .. ARGV[2]
   local score = redis.call('ZSCORE', KEYS[2], old)
   if score then
     redis.call('ZREM', KEYS[2], old)
-    redis.call('ZADD', KEYS[2], score, ARGV[1] .. ':' .. ARGV[3])
+    redis.call('ZADD', KEYS[2], score, ARGV[1] .. ':' .. tonumber(ARGV[3]))
+    if redis.call('EXISTS', KEYS[3]) == 1 then
+      redis.call('INCRBY', KEYS[3], tonumber(ARGV[3]) - tonumber(ARGV[2]))
+    end
   end
 end
 return 1
 """
 
-# KEYS: leases. ARGV: ttl ms, leases... Renews the leases still held (XX: never revives one).
+# KEYS: 1 leases. ARGV: ttl ms, leases... Renews the leases still held and returns the ones it
+# did not: gone (an ACQUIRE dropped them once expired, and may have given their place away)
+# or past their expiry (dropped here). A lost lease is never revived: its holder must stop.
+# An error reply, before any write, when the ttl is malformed; no command after that can fail.
 RENEW = (
     _NOW
     + """
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i]) end
+if not string.match(ARGV[1], '^%d+$') then return redis.error_reply('ERR bad ttl') end
+local lost = {}
+for i = 2, #ARGV do
+  local expiry = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i]))
+  if expiry and expiry > now then
+    redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i])
+  else
+    if expiry then redis.call('ZREM', KEYS[1], ARGV[i]) end
+    lost[#lost + 1] = ARGV[i]
+  end
+end
 redis.call('PEXPIRE', KEYS[1], 3600000)
-return 1
+return lost
 """
 )
 
@@ -133,12 +201,20 @@ class PermitAbandoned(Exception):
     """The caller stopped waiting for a permit (the worker is shutting down)."""
 
 
+class PermitImpossible(Exception):
+    """The request's token estimate exceeds the whole TPM limit: no wait would ever fit it."""
+
+
 @dataclass
 class Permit:
+    """One upstream request's permit. `lost` is set when a renewal finds the lease gone (its
+    holder stalled past the lease's ttl and the place may be someone else's): stop at once."""
+
     lease: str
     tokens: int
     used: int | None = None
     priority: float = 0.0
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class UpstreamLimiter:
@@ -159,7 +235,7 @@ class UpstreamLimiter:
         self._acquire = redis.register_script(ACQUIRE)
         self._release = redis.register_script(RELEASE)
         self._renew = redis.register_script(RENEW)
-        self._held: set[str] = set()
+        self._held: dict[str, Permit] = {}
         self._renewer: asyncio.Task[None] | None = None
 
     @property
@@ -170,11 +246,19 @@ class UpstreamLimiter:
     async def permit(
         self, tokens: int, priority: float = 0.0, give_up: Callable[[], bool] = lambda: False
     ) -> AsyncIterator[Permit]:
-        """Hold one upstream request's permit; set `permit.used` to the real token count.
+        """Hold one upstream request's permit; set `permit.used` to the real token count
+        (0 when the attempt ended without usage: its estimate leaves the TPM window).
 
         Waiters are served lowest `priority` first (moonq passes the job's creation time).
-        Raises `PermitAbandoned` when `give_up()` turns true while waiting.
+        Raises `PermitImpossible` at once when `tokens` exceeds the TPM limit, and
+        `PermitAbandoned` when `give_up()` turns true while waiting. While held, watch
+        `permit.lost`: it is set if the lease lapsed and was not renewed.
         """
+        if self.tpm and tokens > self.tpm:
+            raise PermitImpossible(
+                f"the request needs about {tokens} tokens, more than "
+                f"MOONQ_UPSTREAM_TPM={self.tpm} allows in a minute"
+            )
         permit = Permit(uuid.uuid4().hex, tokens, priority=priority)
         if not self.enabled:
             yield permit
@@ -188,11 +272,11 @@ class UpstreamLimiter:
         try:
             yield permit
         finally:
-            self._held.discard(permit.lease)
-            used = "" if permit.used is None else str(permit.used)
+            self._held.pop(permit.lease, None)
+            used = "" if permit.used is None else str(max(0, permit.used))
             try:
                 await asyncio.shield(
-                    self._release(keys=self._keys(), args=[permit.lease, permit.tokens, used])
+                    self._release(keys=self._release_keys(), args=[permit.lease, tokens, used])
                 )
             except (RedisError, OSError):
                 log.warning("could not release an upstream permit; it expires on its own")
@@ -211,7 +295,7 @@ class UpstreamLimiter:
                 raise PermitAbandoned(permit.lease)
             wait_ms = int(await self._acquire(keys=self._keys(), args=args))
             if wait_ms == 0:
-                self._held.add(permit.lease)
+                self._held[permit.lease] = permit
                 self._ensure_renewer()
                 return
             # jitter keeps waiting workers from asking in lockstep; never past the 3 s after
@@ -233,22 +317,46 @@ class UpstreamLimiter:
             k.limit_waiting(),
             k.limit_seen(),
             k.limit_asks(),
+            k.limit_window_tokens(),
         ]
+
+    def _release_keys(self) -> list[str]:
+        return [self.keys.limit_leases(), self.keys.limit_window(), self.keys.limit_window_tokens()]
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.create_task(self._renew_forever(), name="moonq-lease-renewer")
 
     async def _renew_forever(self) -> None:
+        """Renew every lease_ttl/3, counted from the start of the last renewal, so a slow
+        round trip does not stretch the beat; a stall past the ttl is caught by `_renew_held`."""
+        loop = asyncio.get_running_loop()
+        period = self.lease_ttl_ms / 3000
+        due = loop.time() + period
         while self._held:
-            await asyncio.sleep(self.lease_ttl_ms / 3000)
-            held = list(self._held)
-            if not held:
-                return
-            try:
-                await self._renew(keys=[self.keys.limit_leases()], args=[self.lease_ttl_ms, *held])
-            except (RedisError, OSError) as exc:  # keep renewing through a Redis blip
-                log.warning("could not renew upstream permits: %s", type(exc).__name__)
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            due = loop.time() + period
+            await self._renew_held()
+
+    async def _renew_held(self) -> None:
+        """Renew the leases held; set `lost` on each permit whose lease was no longer held."""
+        held = list(self._held)
+        if not held:
+            return
+        try:
+            lost = await self._renew(
+                keys=[self.keys.limit_leases()], args=[self.lease_ttl_ms, *held]
+            )
+        except (RedisError, OSError) as exc:  # keep renewing through a Redis blip
+            log.warning("could not renew upstream permits: %s", type(exc).__name__)
+            return
+        for raw in lost:
+            permit = self._held.pop(raw.decode() if isinstance(raw, bytes) else str(raw), None)
+            if permit is not None:
+                log.warning(
+                    "an upstream permit lapsed before it was renewed; its request must stop"
+                )
+                permit.lost.set()
 
     async def close(self) -> None:
         if self._renewer is not None:

@@ -6,6 +6,7 @@ from typing import Any
 
 import fakeredis
 from arq.connections import ArqRedis
+from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 
@@ -57,6 +58,31 @@ def embedded(server: fakeredis.FakeServer | None = None) -> ArqRedis:
     return client
 
 
+# Replies that say "not now" rather than "never": the same command may well succeed later.
+_TRANSIENT_REPLIES = (
+    "BUSY",
+    "LOADING",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "OOM",
+    "NOREPLICAS",
+)
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failure talking to Redis may pass if the same work runs again: a lost or slow
+    connection, a server loading, busy, read-only or out of memory. A script's error reply
+    or an argument redis-py refuses (`DataError`) fails the same way every time."""
+    if isinstance(exc, OSError | rx.ConnectionError | rx.TimeoutError):
+        return True
+    if isinstance(exc, rx.ReadOnlyError | rx.OutOfMemoryError):  # a failover; memory freed
+        return True
+    if isinstance(exc, rx.ResponseError):
+        return str(exc).startswith(_TRANSIENT_REPLIES)
+    return isinstance(exc, rx.RedisError) and not isinstance(exc, rx.DataError)
+
+
 async def ping(client: Redis) -> bool:
     try:
         return bool(await client.ping())
@@ -64,4 +90,4 @@ async def ping(client: Redis) -> bool:
         return False
 
 
-__all__ = ["ArqRedis", "Redis", "connect", "embedded", "ping"]
+__all__ = ["ArqRedis", "Redis", "connect", "embedded", "ping", "transient"]

@@ -7,12 +7,30 @@ TERMINAL_CHECK = """
 local function terminal(s) return s == 'completed' or s == 'failed' or s == 'cancelled' end
 """
 
-# KEYS: job, tenant index, arq job, arq queue, idempotency key.
+# A job's status moves between its tenant's status indexes (sorted sets scored by creation
+# time, `Keys.tenant_status`): ARGV[1] of every script that calls it is `{prefix}:tenant:`.
+# The record is read for the tenant and the score; the move is a ZREM and a ZADD, which cannot
+# fail on moonq's own keys.
+MOVE_STATUS = """
+local function move_status(job, from, to)
+  local t = redis.call('HMGET', job, 'tenant', 'created_at')
+  local base = ARGV[1] .. t[1] .. ':status:'
+  local id = string.match(job, '[^:]+$')
+  redis.call('ZREM', base .. from, id)
+  redis.call('ZADD', base .. to, t[2], id)
+  return base .. to
+end
+"""
+
+# KEYS: job, tenant index, arq job, arq queue, idempotency key, the tenant's `queued` index,
+# the tenant's custom_id index ('' key name when the job has none).
 # ARGV: job id, created (s), created (ms), job key prefix, arq payload, idempotency ttl (s) or
 # '0', request fingerprint, index horizon (s), then the record's field/value pairs.
-# Writes the record and the queue entry together; neither expires until the job ends. With
-# an idempotency key already taken by a job that still exists, writes nothing and returns
-# "<job id> <fingerprint>" of that first job; else returns ''.
+# Writes the record, its index entries and the queue entry together; neither expires until the
+# job ends. With an idempotency key already taken by a job that still exists, writes nothing
+# and returns "<job id> <fingerprint>" of that first job; else returns ''.
+# Cannot fail after its first write: every argument is built by moonq, every key is of the
+# type it expects (moonq's own names).
 CREATE = """
 if ARGV[6] ~= '0' then
   local first = redis.call('GET', KEYS[5])
@@ -26,21 +44,29 @@ for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[8])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])
+if KEYS[7] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', ARGV[8])
+  redis.call('ZADD', KEYS[7], ARGV[2], ARGV[1])
+end
 redis.call('SET', KEYS[3], ARGV[5])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 return ''
 """
 
-# KEYS: job. ARGV: now, worker id. Returns the new attempt number, -1 if the job is already
-# over, -2 if it does not exist.
+# KEYS: job. ARGV: status index base, now, worker id. Returns the new attempt number, -1 if the
+# job is already over, -2 if it does not exist. Validates before writing; its writes (HSET,
+# HSETNX, HINCRBY on an integer field, the index move) cannot fail.
 START = (
     TERMINAL_CHECK
+    + MOVE_STATUS
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -2 end
 if terminal(status) then return -1 end
-redis.call('HSET', KEYS[1], 'status', 'in_progress', 'worker', ARGV[2])
-redis.call('HSETNX', KEYS[1], 'started_at', ARGV[1])
+if status ~= 'in_progress' then move_status(KEYS[1], status, 'in_progress') end
+redis.call('HSET', KEYS[1], 'status', 'in_progress', 'worker', ARGV[3])
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
 return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 """
 )
@@ -48,76 +74,125 @@ return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 # KEYS: job, log, channel. ARGV: attempt, maxlen, event bodies (JSON objects without seq).
 # Appends and publishes each event with the next seq; returns the last seq, or -1 if this
 # attempt is no longer the job's live one (superseded, cancelled, finished). Like the job,
-# the log does not expire before the job ends.
+# the log does not expire before the job ends. Each event goes to the log before the record's
+# seq moves, so even a failed XADD (the only write that could fail) leaves the two agreeing.
 APPEND = """
-local state = redis.call('HMGET', KEYS[1], 'status', 'attempts')
+local state = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'seq')
 if state[1] ~= 'in_progress' or state[2] ~= ARGV[1] then return -1 end
-local seq = 0
+local seq = tonumber(state[3]) or 0
 for i = 3, #ARGV do
-  seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  seq = seq + 1
   local event = '{"seq":' .. seq .. ',' .. string.sub(ARGV[i], 2)
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '0-' .. seq, 'e', event)
+  redis.call('HSET', KEYS[1], 'seq', seq)
   redis.call('PUBLISH', KEYS[3], event)
 end
 return seq
 """
 
-# KEYS: job, log, channel, tenant usage. ARGV: attempt ('' = any), status, ttl, maxlen,
-# event body, expected seq ('' = any), number of field pairs N, N field/value pairs, then
-# usage name/amount pairs.
+# KEYS: job, log, channel, tenant usage. ARGV: status index base, attempt ('' = any), status,
+# ttl, maxlen, event body, expected seq ('' = any), index horizon (s), number of field pairs N,
+# N field/value pairs, then usage name/amount pairs.
 # Moves a live job to a terminal status with its terminal event, and adds its usage to the
 # tenant's totals, in one step: a job ends once, so its usage counts once. The job and its
 # log then expire after ttl. Returns the event's seq; -1 if the job is already over (or the
 # attempt is stale), -2 if it is missing, -3 if its log moved past the expected seq.
+# Redis does not undo a script's writes when a later command fails, so everything that could
+# fail is checked first: every usage amount is a non-negative integer and no total can
+# overflow (an error reply, nothing written), and the XADD, the one write that could still
+# fail, comes before all the others.
 FINISH = (
     TERMINAL_CHECK
+    + MOVE_STATUS
     + """
 local state = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'seq')
 if not state[1] then return -2 end
 if terminal(state[1]) then return -1 end
-if ARGV[1] ~= '' and state[2] ~= ARGV[1] then return -1 end
-if ARGV[6] ~= '' and state[3] ~= ARGV[6] then return -3 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2])
-local last_field = 7 + 2 * tonumber(ARGV[7])
-for i = 8, last_field, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[2] ~= '' and state[2] ~= ARGV[2] then return -1 end
+if ARGV[7] ~= '' and state[3] ~= ARGV[7] then return -3 end
+local last_field = 9 + 2 * tonumber(ARGV[9])
+for i = last_field + 1, #ARGV, 2 do
+  local amount = string.match(ARGV[i + 1], '^%d+$') and #ARGV[i + 1] <= 16 and ARGV[i + 1]
+  local total = string.match(redis.call('HGET', KEYS[4], ARGV[i]) or '0', '^%d+$')
+  if not amount or not total or #total > 18 or tonumber(total) + tonumber(amount) >= 9e18 then
+    return redis.error_reply('ERR moonq: usage ' .. ARGV[i] .. ' is not a countable amount')
+  end
+end
+local seq = (tonumber(state[3]) or 0) + 1
+local event = '{"seq":' .. seq .. ',' .. string.sub(ARGV[6], 2)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '0-' .. seq, 'e', event)
+redis.call('HSET', KEYS[1], 'seq', seq, 'status', ARGV[3])
+for i = 10, last_field, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 for i = last_field + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local event = '{"seq":' .. seq .. ',' .. string.sub(ARGV[5], 2)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '0-' .. seq, 'e', event)
+local index = move_status(KEYS[1], state[1], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', index, '-inf', ARGV[8])
 redis.call('PUBLISH', KEYS[3], event)
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
 return seq
 """
 )
 
-# KEYS: job. ARGV: attempt, reason, failure budget (0 = this is no failure of the job's).
-# Hands a live attempt's job back to the queue. Returns 1, 0 when the failure budget is spent
-# (the caller fails the job), or -1 if the attempt is no longer the job's live one.
-REQUEUE = """
+# KEYS: job. ARGV: status index base, attempt, reason, failure budget (0 = this is no failure
+# of the job's). Hands a live attempt's job back to the queue. Returns 1, 0 when the failure
+# budget is spent (the caller fails the job), or -1 if the attempt is no longer the job's
+# live one. Its writes (HINCRBY of an integer field, HSET, the index move) cannot fail.
+REQUEUE = (
+    MOVE_STATUS
+    + """
 local state = redis.call('HMGET', KEYS[1], 'status', 'attempts')
-if state[1] ~= 'in_progress' or state[2] ~= ARGV[1] then return -1 end
-if tonumber(ARGV[3]) > 0 then
-  if redis.call('HINCRBY', KEYS[1], 'failures', 1) >= tonumber(ARGV[3]) then return 0 end
+if state[1] ~= 'in_progress' or state[2] ~= ARGV[2] then return -1 end
+if tonumber(ARGV[4]) > 0 then
+  if redis.call('HINCRBY', KEYS[1], 'failures', 1) >= tonumber(ARGV[4]) then return 0 end
 end
-redis.call('HSET', KEYS[1], 'status', 'queued', 'last_error', ARGV[2])
+redis.call('HSET', KEYS[1], 'status', 'queued', 'last_error', ARGV[3])
+move_status(KEYS[1], 'in_progress', 'queued')
 return 1
 """
+)
 
 # KEYS: arq's lock on the job, arq's queue, arq's job, the job. ARGV: lock ttl (ms), job id,
-# queue score, arq payload. Renews a running job's lock. If the lock is gone but the job is
-# not over (another, superseded run of it ended and arq cleaned up after it), takes the lock
-# back and puts arq's job and queue entry back, so the job is never left without them.
-# Returns 1 when renewed, 2 when restored, 0 when the job is over, -1 when another run holds it.
+# queue score, arq payload, this run's lock token, this run's attempt ('' before it starts one).
+# Renews the lock while this run holds it. If the lock lapsed (a stall) and nobody took it
+# since, takes it back, but only while the job is still this run's: queued and not started
+# by it yet (it waits for a permit), or in progress under its attempt. Then, if arq's entries
+# are gone, puts them back, so a job that is not over is never left without them.
+# Returns 1 when renewed, 2 when taken back, 0 when the job is over, -1 when another run
+# holds the lock or has the job (this run is fenced at its next write).
 KEEP_LOCK = (
     TERMINAL_CHECK
     + """
-if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 1 then return 1 end
-local status = redis.call('HGET', KEYS[4], 'status')
-if not status or terminal(status) then return 0 end
-if not redis.call('SET', KEYS[1], '1', 'PX', ARGV[1], 'NX') then return -1 end
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[5] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  return 1
+end
+if held then return -1 end
+local state = redis.call('HMGET', KEYS[4], 'status', 'attempts')
+if not state[1] or terminal(state[1]) then return 0 end
+local ours = (ARGV[6] == '' and state[1] == 'queued')
+  or (state[1] == 'in_progress' and state[2] == ARGV[6])
+if not ours then return -1 end
+redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[1])
 redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[4], 'NX')
 return 2
 """
 )
+
+# KEYS: arq's lock on the job, arq's job, arq's try counter, arq's abort set, arq's queue.
+# ARGV: this run's lock token, '1' if arq is done with the job, queue score increment ('' =
+# none), job id. arq's own end of a run, except that the lock is released only by the run that
+# holds it: a superseded run that ends must not unlock the job under the run that took it over.
+# (moonq's job function lets arq finish a job only when the job is over: see worker/main.py.)
+FINISH_RUN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if ARGV[2] == '1' then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('ZREM', KEYS[4], ARGV[4])
+  redis.call('ZREM', KEYS[5], ARGV[4])
+elseif ARGV[3] ~= '' then
+  redis.call('ZINCRBY', KEYS[5], ARGV[3], ARGV[4])
+end
+return 1
+"""

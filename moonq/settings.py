@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,6 +22,7 @@ class Settings(BaseSettings):
     moonshot_base_url: str = Field(DEFAULT_MOONSHOT_BASE_URL, alias="MOONSHOT_BASE_URL")
     api_keys: SecretStr = Field(SecretStr(""), alias="MOONQ_API_KEYS")
     stream_usage: bool = Field(False, alias="MOONQ_STREAM_USAGE")
+    allow_open: bool = Field(False, alias="MOONQ_ALLOW_OPEN")
 
     key_prefix: str = Field("moonq", alias="MOONQ_KEY_PREFIX")
     queue_name: str = Field("moonq:queue", alias="MOONQ_QUEUE_NAME")
@@ -55,8 +58,22 @@ class Settings(BaseSettings):
 
     @field_validator("moonshot_base_url")
     @classmethod
-    def _strip_slash(cls, value: str) -> str:
-        return value.rstrip("/")
+    def _check_base_url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL, e.g. https://api.moonshot.cn/v1")
+        return value.strip().rstrip("/")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        redis_database(value)
+        return value
+
+    @property
+    def upstream_is_local(self) -> bool:
+        """The upstream is on this machine (a loopback address): a worker may call it keyless."""
+        return is_loopback(urlsplit(self.moonshot_base_url).hostname or "")
 
     def tenants_by_key(self) -> dict[str, str]:
         """Parse `MOONQ_API_KEYS` (`key=tenant,key2=tenant2`); empty means an open API."""
@@ -68,15 +85,58 @@ class Settings(BaseSettings):
 
 
 def parse_api_keys(raw: str) -> dict[str, str]:
+    """Errors never echo an item: each holds a secret. They say where it is instead."""
     tenants: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in raw.split(","))):
+    items = filter(None, (part.strip() for part in raw.split(",")))
+    for number, item in enumerate(items, start=1):
         key, sep, tenant = item.partition("=")
         key, tenant = key.strip(), tenant.strip()
         if not sep or not key or not tenant:
-            # Never echo the item: it holds a secret.
             raise ValueError("MOONQ_API_KEYS must look like 'key=tenant,key2=tenant2'")
+        if key in tenants:
+            # A repeated key would silently belong to only one of its tenants.
+            raise ValueError(f"entry {number} repeats the key of an earlier entry")
         tenants[key] = tenant
     return tenants
+
+
+def redis_database(url: str) -> int:
+    """The database a Redis URL names, checked the way arq and redis-py will read it.
+
+    Whether that database exists only Redis can say (`databases` in its config): `moonq api`
+    and `moonq worker` ask it at start. The errors never echo the URL: it may hold a password.
+    """
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(
+            "must start with redis://, rediss:// or unix:// (e.g. redis://localhost:6379/0)"
+        )
+    if parts.scheme != "unix" and not (parts.hostname and _valid_port(parts)):
+        raise ValueError("must name a host and, optionally, a numeric port: redis://host:6379/0")
+    query_db = parse_qs(parts.query).get("db")
+    path_db = parts.path.strip("/") if parts.scheme != "unix" else ""
+    database = query_db[0] if query_db else path_db or "0"
+    if not database.isdigit():
+        raise ValueError("the database must be a number >= 0, as in redis://localhost:6379/0")
+    return int(database)
+
+
+def _valid_port(parts: SplitResult) -> bool:
+    try:
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        return False
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address (127.0.0.0/8, ::1): reachable from this machine only."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @lru_cache

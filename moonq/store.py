@@ -7,7 +7,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
@@ -30,8 +30,36 @@ JOB_FUNCTION = "run_completion"
 INDEX_SLACK = 30 * 24 * 3600
 IDEMPOTENCY_TTL = 24 * 3600
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+# Larger than any real count, small enough for a JSON number and Redis's 64-bit totals.
+MAX_USAGE = 2**53 - 1
 _JSON_FIELDS = ("metadata", "result", "usage", "error")
 _FLOAT_FIELDS = ("created_at", "started_at", "completed_at")
+# What a job response shows: never the stored request, which may be megabytes.
+_SHOWN = ["id", "status", "model", "custom_id", "tenant", "attempts", "batch_id"]
+_SHOWN += [*_FLOAT_FIELDS, *_JSON_FIELDS]
+_LIST_BATCH = 200
+
+
+def usage_counts(usage: Any) -> dict[str, int]:
+    """The token counts of a usage object, as its tenant's totals add them.
+
+    Raises `InvalidUsage` for anything but non-negative integers (booleans are not counts) up
+    to `MAX_USAGE`: checked before any write, so an absurd upstream answer cannot leave a job
+    half-finished or a tenant's totals corrupt.
+    """
+    if usage is None:
+        return {}
+    if not isinstance(usage, dict):
+        raise InvalidUsage(f"usage is a {type(usage).__name__}, not an object")
+    counts = {}
+    for name in USAGE_FIELDS:
+        value = usage.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_USAGE:
+            raise InvalidUsage(f"usage.{name} is not a token count: {str(value)[:40]}")
+        counts[name] = value
+    return counts
 
 
 def arq_payload(job_id: str, enqueued_ms: int) -> bytes:
@@ -92,17 +120,20 @@ class JobStore:
         arq_job = arq_payload(job_id, now_ms)
         fingerprint = hashlib.sha256(request.model_dump_json().encode()).hexdigest()[:32]
         idem_key = self.keys.idempotency(tenant, _digest(idempotency_key or ""))
+        custom = request.custom_id
         keys = [
             self.keys.job(job_id),
             self.keys.tenant_jobs(tenant),
             job_key_prefix + job_id,
             self.queue_name,
             idem_key,
+            self.keys.tenant_status(tenant, Status.QUEUED.value),
+            "" if custom is None else self.keys.tenant_custom_id(tenant, _digest(custom)),
         ]
         ttl = IDEMPOTENCY_TTL if idempotency_key else 0
         job_prefix = self.keys.job("")
         args: list[Any] = [job_id, repr(now), now_ms, job_prefix, arq_job, ttl, fingerprint]
-        args.append(repr(now - self.result_ttl - INDEX_SLACK))
+        args.append(repr(self._horizon(now)))
         for pair in fields.items():
             args += pair
         first = await self._create(keys=keys, args=args)
@@ -135,7 +166,12 @@ class JobStore:
             fields["metadata"] = dumps(request.metadata)
         return fields
 
+    def _horizon(self, now: float) -> float:
+        """Index entries created before this have long expired."""
+        return now - self.result_ttl - INDEX_SLACK
+
     async def raw(self, job_id: str) -> dict[str, str] | None:
+        """The whole record, the request included: for the worker."""
         data = await self.redis.hgetall(self.keys.job(job_id))  # type: ignore[misc]
         if not data:
             return None
@@ -143,51 +179,100 @@ class JobStore:
 
     async def get(self, job_id: str, tenant: str | None = None) -> Job | None:
         """The job, or None when it does not exist or belongs to another tenant."""
-        fields = await self.raw(job_id)
-        if fields is None or (tenant is not None and fields.get("tenant") != tenant):
+        job = (await self._many([job_id]))[0]
+        if job is None or (tenant is not None and job[1] != tenant):
             return None
-        return self._to_job(fields)
+        return job[0]
 
     async def list_jobs(
-        self, tenant: str, *, limit: int, after: str | None = None, status: Status | None = None
+        self,
+        tenant: str,
+        *,
+        limit: int,
+        after: str | None = None,
+        status: Status | None = None,
+        custom_id: str | None = None,
+        batch_id: str | None = None,
     ) -> tuple[list[Job], bool]:
-        """The tenant's jobs, newest first, `limit` at a time after the job id `after`."""
-        index = self.keys.tenant_jobs(tenant)
-        start = 0
+        """The tenant's jobs, newest first, `limit` at a time after the job id `after`.
+
+        Pages by a stable cursor (the `after` job's creation time, then its id), so jobs created
+        meanwhile never shift a page. Filters read the narrowest index: a `custom_id` or batch
+        index, else the status index, else all the tenant's jobs; jobs found expired leave it.
+        """
+        index = self._index(tenant, status, custom_id, batch_id)
+        cursor = None
         if after is not None:
-            rank = await self.redis.zrevrank(index, after)
-            if rank is None:
+            score = await self.redis.zscore(self.keys.tenant_jobs(tenant), after)
+            if score is None:
                 raise UnknownCursor(after)
-            start = rank + 1
+            cursor = (score, after)
+        wanted = _Filter(status, custom_id, batch_id)
         jobs: list[Job] = []
-        while len(jobs) <= limit:
-            ids = await self.redis.zrevrange(index, start, start + limit * 2)
-            if not ids:
+        async for job in self._walk(index, cursor, wanted, batch=limit + 1):
+            jobs.append(job)
+            if len(jobs) > limit:
                 break
-            start += len(ids)
-            found = await self._many([i.decode() for i in ids])
-            gone = [
-                i for i, job in zip(ids, found, strict=True) if job is None and i.decode() != after
-            ]
-            if gone:  # expired jobs leave the tenant's index as they are met
-                await self.redis.zrem(index, *gone)
-                start -= len(gone)
-            jobs += [j for j in found if j is not None and status in (None, j.status)]
         return jobs[:limit], len(jobs) > limit
 
-    async def _many(self, job_ids: list[str]) -> list[Job | None]:
+    def _index(
+        self, tenant: str, status: Status | None, custom_id: str | None, batch_id: str | None
+    ) -> str:
+        if custom_id is not None:
+            return self.keys.tenant_custom_id(tenant, _digest(custom_id))
+        if batch_id is not None:
+            return self.keys.tenant_batch(tenant, batch_id)
+        if status is not None:
+            return self.keys.tenant_status(tenant, status.value)
+        return self.keys.tenant_jobs(tenant)
+
+    async def _walk(
+        self, index: str, cursor: tuple[float, str] | None, wanted: _Filter, batch: int
+    ) -> AsyncIterator[Job]:
+        """The index's jobs after the cursor, newest first (ties: greater id first)."""
+        top: float | str = "+inf" if cursor is None else cursor[0]
+        offset = 0  # rows already read at score `top`
+        while True:
+            rows = await self.redis.zrevrangebyscore(
+                index, top, "-inf", start=offset, num=batch, withscores=True
+            )
+            page = [
+                m.decode()
+                for m, score in rows
+                if cursor is None or score < cursor[0] or m.decode() < cursor[1]
+            ]
+            found = await self._many(page)
+            gone = [job_id for job_id, job in zip(page, found, strict=True) if job is None]
+            if gone:  # expired jobs leave the index as they are met
+                await self.redis.zrem(index, *gone)
+            for job in found:
+                if job is not None and wanted.matches(job[0]):
+                    yield job[0]
+            if len(rows) < batch:
+                return
+            batch = min(batch * 2, _LIST_BATCH)  # a sparse match: read more at a time
+            last = rows[-1][1]
+            if last != top:
+                top, offset = last, 0
+            offset += sum(1 for m, score in rows if score == last and m.decode() not in gone)
+
+    async def _many(self, job_ids: list[str]) -> list[tuple[Job, str] | None]:
+        """Each job (with its tenant) or None, reading only the fields a response shows."""
+        if not job_ids:
+            return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hgetall(self.keys.job(job_id))
+                pipe.hmget(self.keys.job(job_id), _SHOWN)
             rows = await pipe.execute()
-        return [
-            self._to_job({k.decode(): v.decode() for k, v in row.items()}) if row else None
-            for row in rows
-        ]
+        out: list[tuple[Job, str] | None] = []
+        for row in rows:
+            fields = {k: v.decode() for k, v in zip(_SHOWN, row, strict=True) if v is not None}
+            out.append((self._to_job(fields), fields["tenant"]) if "status" in fields else None)
+        return out
 
     async def start_attempt(self, job_id: str, worker: str = "") -> int:
         """Mark the job in progress; the new attempt number, or -1 / -2 if it must not run."""
-        args = [repr(self.clock()), worker]
+        args = [self.keys.tenant_status_base(), repr(self.clock()), worker]
         return int(await self._start(keys=[self.keys.job(job_id)], args=args))
 
     async def append(self, job_id: str, attempt: int, events: list[dict[str, Any]]) -> int:
@@ -204,7 +289,7 @@ class JobStore:
         With a `budget`, this is a failure of the job's and counts against it: 0 means the
         budget is spent (fail the job instead). 1 = requeued, -1 = the attempt lost the job.
         """
-        args: list[str | int] = [str(attempt), reason, budget]
+        args: list[str | int] = [self.keys.tenant_status_base(), str(attempt), reason, budget]
         return int(await self._requeue(keys=[self.keys.job(job_id)], args=args))
 
     async def finish(
@@ -219,17 +304,21 @@ class JobStore:
         expected_seq: int | None = None,
     ) -> int:
         """Move a live job to a terminal status with its terminal event, atomically; a
-        completed job's usage is added to its tenant's totals in the same step."""
-        pairs: list[Any] = ["completed_at", repr(self.clock())]
+        completed job's usage is added to its tenant's totals in the same step.
+
+        Raises `InvalidUsage` (before writing anything) for a usage that is not token counts.
+        """
+        counts = usage_counts(fields.get("usage")) if status == Status.COMPLETED else {}
+        now = self.clock()
+        pairs: list[Any] = ["completed_at", repr(now)]
         for name, value in fields.items():
             pairs += [name, value if isinstance(value, str) else dumps(value)]
-        args: list[Any] = ["" if attempt is None else str(attempt), status.value, self.result_ttl]
-        args += [self.max_events, dumps(event), "" if expected_seq is None else expected_seq]
+        args: list[Any] = [self.keys.tenant_status_base(), "" if attempt is None else str(attempt)]
+        args += [status.value, self.result_ttl, self.max_events, dumps(event)]
+        args += ["" if expected_seq is None else expected_seq, repr(self._horizon(now))]
         args += [len(pairs) // 2, *pairs]
-        usage = fields.get("usage")
-        if status == Status.COMPLETED and isinstance(usage, dict):
-            counts = [(k, usage[k]) for k in USAGE_FIELDS if isinstance(usage.get(k), int)]
-            args += ["jobs", 1, *(x for pair in counts for x in pair)]
+        if status == Status.COMPLETED:
+            args += ["jobs", 1, *(x for pair in counts.items() for x in pair)]
         keys = [*self._event_keys(job_id), self.keys.usage(tenant)]
         return int(await self._finish(keys=keys, args=args))
 
@@ -243,10 +332,12 @@ class JobStore:
         """
         partial = _Partial(self, job_id)
         for tries_left in reversed(range(CANCEL_TRIES)):
-            record = await self.raw(job_id)
-            if record is None or record.get("tenant") != tenant:
+            owner, attempts, last = await self.redis.hmget(  # type: ignore[misc]
+                self.keys.job(job_id), ["tenant", "attempts", "seq"]
+            )
+            if owner is None or owner.decode() != tenant:
                 return None
-            attempt, seq = int(record.get("attempts", "0")), int(record.get("seq", "0"))
+            attempt, seq = int(attempts or 0), int(last or 0)
             await partial.read(attempt, seq)
             event = {"event": "cancelled", "attempt": attempt, "data": {"reason": "cancelled"}}
             done = await self.finish(
@@ -320,6 +411,24 @@ class JobStore:
 
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was first used for a different request."""
+
+
+class InvalidUsage(ValueError):
+    """A usage object whose counts are not non-negative integers."""
+
+
+class _Filter:
+    """What a listed job must also match, beyond the index it was read from."""
+
+    def __init__(self, status: Status | None, custom_id: str | None, batch_id: str | None):
+        self.status, self.custom_id, self.batch_id = status, custom_id, batch_id
+
+    def matches(self, job: Job) -> bool:
+        return (
+            (self.status is None or job.status == self.status)
+            and (self.custom_id is None or job.custom_id == self.custom_id)
+            and (self.batch_id is None or job.batch_id == self.batch_id)
+        )
 
 
 CANCEL_TRIES = 8

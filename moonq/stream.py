@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -78,6 +78,7 @@ class EventHub:
         self._listeners: dict[bytes, set[asyncio.Queue[bytes]]] = {}
         self._ready: dict[bytes, asyncio.Event] = {}
         self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
     async def listen(
@@ -86,25 +87,52 @@ class EventHub:
         """A queue of the channel's messages from the moment Redis confirms the subscription."""
         name = channel.encode()
         queue: asyncio.Queue[bytes] = asyncio.Queue(self._queue_size)
-        # Subscribes and unsubscribes go one at a time: redis-py's PubSub would otherwise open
-        # a second connection for a concurrent first subscribe, and an unsubscribe could
-        # overtake the subscribe of a listener that just arrived.
-        async with self._lock:
-            listeners = self._listeners.setdefault(name, set())
-            listeners.add(queue)
-            if name not in self._ready:
-                self._ready[name] = asyncio.Event()
-                await self._subscribe(name)
-            ready = self._ready[name]
+        listeners, ready = await self._join(name, queue)
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ready.wait(), confirm_within)
             yield queue
         finally:
-            async with self._lock:
-                listeners.discard(queue)
-                if not listeners and self._listeners.get(name) is listeners:
-                    await self._drop(name)
+            # Forget the queue at once: a cancelled listener (a client that went away) may be
+            # cancelled again at any await below, and must not stay registered.
+            listeners.discard(queue)
+            if not listeners:
+                await asyncio.shield(self._spawn(self._leave(name, listeners)))
+
+    async def _join(
+        self, name: bytes, queue: asyncio.Queue[bytes]
+    ) -> tuple[set[asyncio.Queue[bytes]], asyncio.Event]:
+        """Register the queue, subscribing to the channel if it is new; all or nothing."""
+        # Subscribes and unsubscribes go one at a time: redis-py's PubSub would otherwise open
+        # a second connection for a concurrent first subscribe, and an unsubscribe could
+        # overtake the subscribe of a listener that just arrived.
+        async with self._lock:
+            listeners = self._listeners.setdefault(name, set())
+            if name not in self._ready:
+                self._ready[name] = asyncio.Event()
+                try:
+                    await self._subscribe(name)
+                except BaseException:
+                    # Cancelled mid-subscribe: undo, so the next listener subscribes afresh
+                    # instead of waiting on a subscription that never comes.
+                    self._ready.pop(name, None)
+                    if not listeners and self._listeners.get(name) is listeners:
+                        del self._listeners[name]
+                    raise
+            listeners.add(queue)
+            return listeners, self._ready[name]
+
+    async def _leave(self, name: bytes, listeners: set[asyncio.Queue[bytes]]) -> None:
+        async with self._lock:
+            if not listeners and self._listeners.get(name) is listeners:
+                await self._drop(name)
+
+    def _spawn(self, coro: Coroutine[None, None, None]) -> asyncio.Task[None]:
+        """A task that runs to its end even if the caller awaiting it is cancelled."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _subscribe(self, name: bytes) -> None:
         if self._pubsub is None:
@@ -178,6 +206,9 @@ class EventHub:
 
     async def close(self) -> None:
         self._listeners.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):

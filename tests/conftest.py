@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -14,11 +17,13 @@ import httpx
 import pytest
 import redis as sync_redis
 from arq.connections import ArqRedis
+from arq.constants import abort_jobs_ss as ABORT_SET
 
 from api.app import create_app
 from moonq.fake_moonshot import FakeServer, start_fake
 from moonq.redis import connect, embedded
 from moonq.settings import Settings
+from tests.procs import RedisServer
 from worker.main import create_worker
 
 # Tests use their own database index and a key prefix of their own, and delete what they wrote.
@@ -47,18 +52,23 @@ def real_redis_url() -> str:
 
 
 def cleanup_prefix(url: str, prefix: str) -> None:
-    """Delete every key under the prefix, and arq's keys for the prefix's jobs."""
+    """Delete every key under the prefix, and arq's keys (and abort requests) for the
+    prefix's jobs."""
     client = sync_redis.Redis.from_url(url)
     try:
         doomed = list(client.scan_iter(f"{prefix}:*", count=1000))
         job_ids = {k.decode().rsplit(":", 1)[1] for k in doomed if b":job:" in k}
         for key in doomed:  # also jobs whose record a test deleted
             if key.endswith((b":jobs", b":queue")) and client.type(key) == b"zset":
-                job_ids.update(m.decode() for m in client.zrange(key, 0, -1))
+                members: list[bytes] = client.zrange(key, 0, -1)  # type: ignore[assignment]
+                job_ids.update(m.decode() for m in members)
         for job_id in job_ids:
             doomed += list(client.scan_iter(f"arq:*{job_id}", count=1000))
         for i in range(0, len(doomed), 500):
             client.delete(*doomed[i : i + 500])
+        ids = sorted(job_ids)
+        for i in range(0, len(ids), 500):  # arq's abort set is shared by every queue
+            client.zrem(ABORT_SET, *ids[i : i + 500])
     finally:
         client.close()
 
@@ -164,3 +174,90 @@ def chat(text: str = "hello", **extra: Any) -> dict[str, Any]:
     """A job submission for the fake upstream."""
     body = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": text}], **extra}
     return {"body": body}
+
+
+# Real processes: the fake upstream, the API and workers (tests/chaos.py's Cluster), and a
+# redis-server of a test's own for outages.
+
+
+@pytest.fixture
+def cluster_factory(real_redis_url: str, tmp_path: Path) -> Iterator[Any]:
+    """Build started `Cluster`s (on the test Redis unless given another), stopped after."""
+    from tests.chaos import Cluster, Config
+
+    made: list[Cluster] = []
+
+    def make(
+        redis_url: str = real_redis_url, workers: int = 1, limit: int = 50, **env: str
+    ) -> Cluster:
+        cluster = Cluster(Config(redis_url=redis_url, limit=limit), tmp_path, **env)
+        made.append(cluster)
+        cluster.start(workers=workers)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.stop()
+        if cluster.config.redis_url == real_redis_url:  # a test's own Redis dies with it
+            cleanup_prefix(cluster.config.redis_url, cluster.prefix)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, AOF on (`appendfsync always`)."""
+    if not (shutil.which("redis-server") or os.path.exists("/usr/bin/redis-server")):
+        if IN_CI:
+            pytest.fail("CI=true but redis-server is not installed", pytrace=False)
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path, aof=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+def until(predicate: Callable[[], Any], timeout: float, every: float = 0.05) -> float:
+    """Seconds until `predicate()` held; fails after `timeout`."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout}s")
+
+
+def job_of(cluster: Any, job_id: str, wait: float = 0) -> dict[str, Any]:
+    """The job as the cluster's API shows it."""
+    answer = httpx.get(
+        f"{cluster.api_url}/v1/jobs/{job_id}", params={"wait": wait}, timeout=wait + 10
+    )
+    answer.raise_for_status()
+    job: dict[str, Any] = answer.json()
+    return job
+
+
+def submit_to(cluster: Any, payload: dict[str, Any]) -> str:
+    """POST a job to the cluster's API; its id."""
+    answer = httpx.post(f"{cluster.api_url}/v1/jobs", json=payload, timeout=10)
+    assert answer.status_code == 202, answer.text
+    job_id: str = answer.json()["id"]
+    return job_id
+
+
+def events_of(cluster: Any, job_id: str) -> list[dict[str, Any]]:
+    """The job's event log, read straight from the cluster's Redis."""
+    client = sync_redis.Redis.from_url(cluster.redis_url)
+    try:
+        rows: list[Any] = client.xrange(f"{cluster.prefix}:log:{job_id}")  # type: ignore[assignment]
+    finally:
+        client.close()
+    return [json.loads(fields[b"e"]) for _, fields in rows]
+
+
+def record_of(cluster: Any, job_id: str) -> dict[str, str]:
+    """The job's raw record in Redis."""
+    client = sync_redis.Redis.from_url(cluster.redis_url)
+    try:
+        raw: dict[bytes, bytes] = client.hgetall(f"{cluster.prefix}:job:{job_id}")  # type: ignore[assignment]
+    finally:
+        client.close()
+    return {k.decode(): v.decode() for k, v in raw.items()}

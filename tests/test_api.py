@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from api import routes
 from moonq.fake_moonshot import expected_content
 from tests.conftest import chat
 
@@ -113,7 +114,12 @@ async def test_completed_job_has_result_and_usage(stack_factory: Any) -> None:
     assert done["error"] is None
 
 
-async def test_long_poll_returns_when_the_job_ends(stack_factory: Any) -> None:
+async def test_long_poll_returns_when_the_job_ends(
+    stack_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The periodic re-read is pushed past the test's bound: only the terminal event, arriving
+    # over pub/sub, can wake the poll in time.
+    monkeypatch.setattr(routes, "REREAD_EVERY", 30.0)
     stack, client = await stack_factory()
     job = (await client.post("/v1/jobs", json=chat(fake_moonshot={"delay": 0.05}))).json()
     poll = asyncio.create_task(client.get(f"/v1/jobs/{job['id']}", params={"wait": 30}))
@@ -137,7 +143,17 @@ async def test_long_poll_gives_up_after_wait_seconds(stack_factory: Any) -> None
     assert 0.4 < loop.time() - started < 3
 
 
-@pytest.mark.parametrize("wait", ["-1", "soon"])
+async def test_wait_is_capped_by_max_wait(stack_factory: Any) -> None:
+    _, client = await stack_factory(MOONQ_MAX_WAIT=0.3)
+    job = (await client.post("/v1/jobs", json=chat())).json()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await client.get(f"/v1/jobs/{job['id']}", params={"wait": 30})
+    assert response.status_code == 200 and response.json()["status"] == "queued"
+    assert 0.25 < loop.time() - started < 2
+
+
+@pytest.mark.parametrize("wait", ["-1", "soon", "nan", "inf", "1e400"])
 async def test_bad_wait_is_422(stack_factory: Any, wait: str) -> None:
     _, client = await stack_factory()
     job = (await client.post("/v1/jobs", json=chat())).json()
@@ -186,6 +202,57 @@ async def test_list_jobs_pages_and_filters(stack_factory: Any) -> None:
     assert (await client.get("/v1/jobs", params={"status": "queued"})).json()["data"] == []
 
 
+async def test_list_jobs_filters_by_custom_id_and_batch(stack_factory: Any) -> None:
+    _, client = await stack_factory()
+    tagged = [
+        (await client.post("/v1/jobs", json={**chat(), "custom_id": cid})).json()["id"]
+        for cid in ("doc-1", "doc-2", "doc-1")
+    ]
+    listed = (await client.get("/v1/jobs", params={"custom_id": "doc-1"})).json()
+    assert [j["id"] for j in listed["data"]] == [tagged[2], tagged[0]]
+    assert (await client.get("/v1/jobs", params={"custom_id": "doc-9"})).json()["data"] == []
+    by_batch = await client.get("/v1/jobs", params={"batch_id": "batch_none"})
+    assert by_batch.status_code == 200 and by_batch.json()["data"] == []
+
+
+@pytest.mark.parametrize(
+    ("limit", "ok"), [("1", True), ("100", True), ("0", False), ("101", False), ("x", False)]
+)
+async def test_list_limit_bounds(stack_factory: Any, limit: str, ok: bool) -> None:
+    _, client = await stack_factory()
+    for i in range(2):
+        await client.post("/v1/jobs", json=chat(str(i)))
+    response = await client.get("/v1/jobs", params={"limit": limit})
+    if ok:
+        assert response.status_code == 200
+        assert len(response.json()["data"]) == min(int(limit), 2)
+    else:
+        assert response.status_code == 422 and response.json()["error"]["param"] == "limit"
+
+
+async def test_list_after_an_unknown_or_foreign_job_is_400(stack_factory: Any) -> None:
+    _, client = await stack_factory(MOONQ_API_KEYS="key-a=alpha,key-b=beta")
+    a, b = {"authorization": "Bearer key-a"}, {"authorization": "Bearer key-b"}
+    foreign = (await client.post("/v1/jobs", json=chat(), headers=b)).json()["id"]
+    for after in (foreign, "job_" + "0" * 32, "x" * 5000):
+        response = await client.get("/v1/jobs", params={"after": after}, headers=a)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["param"] == "after" and error["type"] == "invalid_request_error"
+        assert len(error["message"]) < 200
+
+
+async def test_list_unknown_parameters_are_400_naming_them(stack_factory: Any) -> None:
+    _, client = await stack_factory()
+    await client.post("/v1/jobs", json=chat())
+    response = await client.get("/v1/jobs", params={"staus": "failed", "limit": 5, "zz": 1})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "staus"
+    assert "'staus'" in error["message"] and "'zz'" in error["message"]
+    assert "limit" not in error["message"].split(";")[0]  # a known one is not blamed
+
+
 async def test_redis_down_is_503_json(fake: Any, prefix: str) -> None:
     from api.app import create_app
     from moonq.redis import connect
@@ -208,11 +275,50 @@ async def test_redis_down_is_503_json(fake: Any, prefix: str) -> None:
             assert (await client.get("/healthz")).status_code == 200
 
 
-@pytest.mark.parametrize("value", ["²", "1" * 5000, "-1", "1.5", "9" * 40])
+@pytest.mark.parametrize("value", ["²", "1" * 5000, "-1", "-5", "1.5", "9" * 40])
 async def test_bad_last_event_id_is_422(stack_factory: Any, value: str) -> None:
     _, client = await stack_factory()
     job = (await client.post("/v1/jobs", json=chat())).json()
     headers = {"Last-Event-ID": value.encode()}
     response = await client.get(f"/v1/jobs/{job['id']}/events", headers=headers)
     assert response.status_code == 422
-    assert response.json()["error"]["param"] == "Last-Event-ID"
+    error = response.json()["error"]
+    assert error["param"] == "Last-Event-ID" and "whole number" in error["message"]
+
+
+async def _ended_job(stack: Any, client: httpx.AsyncClient) -> tuple[str, int]:
+    """A completed job and its last seq."""
+    job_id: str = (await client.post("/v1/jobs", json=chat())).json()["id"]
+    await stack.run_worker()
+    last = (await stack.events(job_id))[-1]
+    assert last["event"] == "done"
+    return job_id, int(last["seq"])
+
+
+async def test_resuming_at_the_end_of_an_ended_job_is_204(stack_factory: Any) -> None:
+    """An EventSource reconnects after the stream closes; 204 tells it to stop."""
+    stack, client = await stack_factory()
+    job_id, last = await _ended_job(stack, client)
+    headers = {"Last-Event-ID": str(last)}
+    response = await client.get(f"/v1/jobs/{job_id}/events", headers=headers)
+    assert response.status_code == 204 and response.content == b""
+    before_end = await client.get(
+        f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": str(last - 1)}
+    )
+    assert before_end.status_code == 200
+    assert [line for line in before_end.text.splitlines() if line.startswith("id:")] == [
+        f"id: {last}"
+    ]
+
+
+async def test_resuming_past_the_last_event_is_400_naming_it(stack_factory: Any) -> None:
+    stack, client = await stack_factory()
+    job_id, last = await _ended_job(stack, client)
+    queued = (await client.post("/v1/jobs", json=chat())).json()["id"]  # seq 0: nothing yet
+    for job, seq in ((job_id, last), (queued, 0)):
+        headers = {"Last-Event-ID": str(seq + 1)}
+        response = await client.get(f"/v1/jobs/{job}/events", headers=headers)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["param"] == "Last-Event-ID" and error["last_seq"] == seq
+        assert f"(seq {seq})" in error["message"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ from httpx_sse import aconnect_sse
 
 from moonq.fake_moonshot import expected_content, expected_usage
 from tests.conftest import chat, cleanup_prefix
-from tests.procs import Proc, clean_env, free_port, start, wait_http
+from tests.procs import Proc, clean_env, start, start_api, start_fake
 
 pytestmark = pytest.mark.e2e
 
@@ -42,37 +44,24 @@ def deployment(
     real_redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Deployment]:
     workdir: Path = tmp_path_factory.mktemp("e2e")
-    prefix = f"e2e{free_port()}"
-    fake_port, api_port = free_port(), free_port()
+    prefix = f"e2e{uuid.uuid4().hex[:12]}"
     env = clean_env(
         REDIS_URL=real_redis_url,
         MOONQ_KEY_PREFIX=prefix,
         MOONQ_QUEUE_NAME=f"{prefix}:queue",
-        MOONSHOT_BASE_URL=f"http://127.0.0.1:{fake_port}/v1",
         MOONSHOT_API_KEY=UPSTREAM_KEY,
         MOONQ_API_KEYS=",".join(f"{key}={tenant}" for tenant, key in KEYS.items()),
         MOONQ_POLL_DELAY="0.01",
     )
-    procs = [
-        start(
-            "fake",
-            ["fake-moonshot", "--port", str(fake_port), "--api-key", UPSTREAM_KEY],
-            env,
-            workdir,
-        )
-    ]
+    procs: list[Proc] = []
     try:
-        wait_http(f"http://127.0.0.1:{fake_port}/_fake/stats", procs[0])
-        procs.append(start("api", ["api", "--port", str(api_port)], env, workdir))
+        fake, fake_url = start_fake("fake", env, workdir, "--api-key", UPSTREAM_KEY)
+        procs.append(fake)
+        env["MOONSHOT_BASE_URL"] = f"{fake_url}/v1"
+        api, api_url = start_api("api", env, workdir)
+        procs.append(api)
         procs.append(start("worker", ["worker"], env, workdir))
-        wait_http(f"http://127.0.0.1:{api_port}/readyz", procs[1])
-        yield Deployment(
-            f"http://127.0.0.1:{api_port}",
-            real_redis_url,
-            prefix,
-            f"http://127.0.0.1:{fake_port}",
-            procs,
-        )
+        yield Deployment(api_url, real_redis_url, prefix, fake_url, procs)
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -82,6 +71,27 @@ def deployment(
         assert KEYS["alpha"] not in out and KEYS["beta"] not in out
         if proc.name != "fake":
             assert UPSTREAM_KEY not in out
+
+
+@pytest.fixture(autouse=True)
+def fresh_fake(deployment: Deployment) -> None:
+    """The deployment is shared by the module; the fake's counters are each test's own."""
+    stats = f"{deployment.fake_url}/_fake/stats"
+    deadline = time.monotonic() + 10
+    while httpx.get(stats).json()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.02)  # an earlier test's stream still closing
+    httpx.post(f"{deployment.fake_url}/_fake/reset").raise_for_status()
+
+
+async def _until_events(deployment: Deployment, job_id: str, n: int) -> None:
+    """Return once the job's log holds `n` events (the stream is under way)."""
+    redis: aioredis.Redis = aioredis.from_url(deployment.redis_url)  # type: ignore[no-untyped-call]
+    try:
+        async with asyncio.timeout(10):
+            while await redis.xlen(f"{deployment.prefix}:log:{job_id}") < n:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    finally:
+        await redis.aclose()
 
 
 @pytest.fixture
@@ -132,11 +142,11 @@ async def test_submit_stream_poll(client: httpx.AsyncClient) -> None:
 
 
 async def test_late_and_mid_stream_subscribers_see_every_event(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, deployment: Deployment
 ) -> None:
     job = await _submit(client, chat("slowly", fake_moonshot={"chunks": 20, "delay": 0.03}))
     early = asyncio.create_task(_sse(client, job["id"]))
-    await asyncio.sleep(0.3)  # the stream is under way
+    await _until_events(deployment, job["id"], 5)  # the stream is under way
     middle = asyncio.create_task(_sse(client, job["id"]))
     first, second = await asyncio.wait_for(asyncio.gather(early, middle), 20)
     late = await _sse(client, job["id"])
@@ -150,7 +160,7 @@ async def test_redis_subscribers_get_the_same_events(
     client: httpx.AsyncClient, deployment: Deployment
 ) -> None:
     job = await _submit(client, chat("direct", fake_moonshot={"first_byte_delay": 0.5}))
-    redis = aioredis.from_url(deployment.redis_url)
+    redis: aioredis.Redis = aioredis.from_url(deployment.redis_url)  # type: ignore[no-untyped-call]
     pubsub = redis.pubsub()
     try:
         await pubsub.subscribe(job["channel"])
@@ -191,17 +201,19 @@ async def test_cancel_in_flight_over_the_wire(
     payload = chat("stop me", fake_moonshot={"chunks": 200, "delay": 0.02})
     job = await _submit(client, payload)
     stats = f"{deployment.fake_url}/_fake/stats"
-    async with asyncio.timeout(10):
-        while (await client.get(stats)).json()["in_flight"] < 1:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-    await asyncio.sleep(0.2)  # some chunks out
+    await _until_events(deployment, job["id"], 5)  # some chunks out
+    assert (await client.get(stats)).json()["in_flight"] == 1
     loop = asyncio.get_running_loop()
     started = loop.time()
     cancelled = (await client.post(f"/v1/jobs/{job['id']}/cancel")).json()
-    async with asyncio.timeout(1):  # the upstream connection is closed within a second
+    answered = loop.time() - started
+    async with asyncio.timeout(5):
         while (await client.get(stats)).json()["in_flight"] > 0:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-    assert loop.time() - started < 1
+            await asyncio.sleep(0.005)
+    closed = loop.time() - started
+    print(f"\ncancel: answered {answered * 1000:.0f} ms, upstream closed {closed * 1000:.0f} ms")
+    # The README says "within a poll (~50 ms)"; a loaded 2-core machine gets a second.
+    assert closed < 1.0, f"the upstream stream was closed {closed:.2f} s after the cancel"
     assert cancelled["status"] == "cancelled"
     partial = cancelled["result"]["choices"][0]["message"]["content"]
     assert partial and expected_content(payload["body"]).startswith(partial)

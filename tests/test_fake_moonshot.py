@@ -235,21 +235,24 @@ async def test_hang_times_out_and_disconnect_ends_the_request(
     assert fake.stats.in_flight == 0
 
 
-async def test_auth_is_required_and_must_match_the_configured_key(fake: FakeServer):
+async def test_without_a_key_any_request_gets_in(fake: FakeServer):
     async with httpx.AsyncClient(base_url=fake.url) as c:
-        r = await post(c, chat())
-        assert r.status_code == 401
-        assert r.json()["error"]["type"] == "invalid_authentication_error"
-        r = await post(c, chat(), headers={"Authorization": "Bearer"})
-        assert r.status_code == 401
+        assert (await post(c, chat())).status_code == 200
+        assert (await post(c, chat(), headers={"Authorization": "Bearer"})).status_code == 200
+        assert (await post(c, chat(), headers=AUTH)).status_code == 200
+
+
+async def test_with_a_key_only_that_key_gets_in():
     right = {"Authorization": "Bearer sk-right"}
     async with (
         serving(FakeConfig(api_key="sk-right")) as server,
         httpx.AsyncClient(base_url=server.url) as c,
     ):
+        missing = await post(c, chat())
         wrong = await post(c, chat(), headers=AUTH)
         ok = await post(c, chat(), headers=right)
-    assert wrong.status_code == 401 and ok.status_code == 200
+    assert missing.status_code == wrong.status_code == 401 and ok.status_code == 200
+    assert wrong.json()["error"]["type"] == "invalid_authentication_error"
 
 
 BAD_BODIES = [

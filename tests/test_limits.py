@@ -10,7 +10,7 @@ import pytest
 from arq.connections import ArqRedis
 
 from moonq.keys import Keys
-from moonq.limits import UpstreamLimiter, estimate_tokens
+from moonq.limits import PermitImpossible, UpstreamLimiter, estimate_tokens
 
 
 @pytest.fixture(params=["fake", "real"])
@@ -109,10 +109,11 @@ async def test_a_live_holder_keeps_its_permit(redis: ArqRedis, prefix: str) -> N
     holder = _limiter(redis, prefix, concurrency=1, lease_ttl=ttl)
     other = _limiter(redis, prefix, concurrency=1, lease_ttl=ttl)
     try:
-        async with holder.permit(10):
+        async with holder.permit(10) as permit:
             waiter = Holder(other, 10)
             await asyncio.sleep(5 * ttl)  # the holder's renewer outlives several lease periods
             assert not waiter.granted.done()
+            assert not permit.lost.is_set()
             released = time.monotonic()
         granted = await waiter.wait_granted(1.0)
         assert granted >= released  # only after the holder let go
@@ -173,11 +174,37 @@ async def test_tpm_is_corrected_to_real_usage(redis: ArqRedis, prefix: str) -> N
         await limiter.close()
 
 
-async def test_a_request_larger_than_tpm_still_runs_alone(redis: ArqRedis, prefix: str) -> None:
+async def test_a_request_larger_than_tpm_is_refused_at_once(redis: ArqRedis, prefix: str) -> None:
+    """It could never fit: it must not wait at the head of the line, holding up everyone."""
     limiter = _limiter(redis, prefix, tpm=100)
     try:
-        async with asyncio.timeout(0.5), limiter.permit(500) as permit:
-            assert permit.tokens == 500
+        async with asyncio.timeout(0.5):
+            with pytest.raises(PermitImpossible) as refused:
+                async with limiter.permit(101):
+                    pytest.fail("a request over the TPM limit was let through")
+            async with limiter.permit(100):  # the whole minute's tokens: allowed, at once
+                pass
+    finally:
+        await limiter.close()
+    message = str(refused.value)
+    assert "MOONQ_UPSTREAM_TPM=100" in message and "101" in message
+    assert await redis.zcard(Keys(prefix).limit_waiting()) == 0  # it never joined the line
+
+
+async def test_an_attempt_without_usage_gives_its_tokens_back(redis: ArqRedis, prefix: str) -> None:
+    limiter = _limiter(redis, prefix, rpm=3, tpm=100)
+    try:
+        async with asyncio.timeout(0.5):
+            for _ in range(2):
+                async with limiter.permit(100) as permit:
+                    permit.used = 0  # the upstream answered an error before any chunk
+        third = Holder(limiter, 1)  # TPM has room, but it is the minute's third request...
+        await third.wait_granted(0.5)
+        fourth = Holder(limiter, 1)  # ...and a fourth is one too many for RPM
+        await asyncio.sleep(0.5)
+        assert not fourth.granted.done()
+        await third.end()
+        await fourth.end()
     finally:
         await limiter.close()
 
@@ -196,6 +223,7 @@ async def test_no_limits_means_no_redis(redis: ArqRedis, prefix: str) -> None:
 
 
 def test_enabled_by_any_single_limit(fake_redis: ArqRedis) -> None:
+    assert not _limiter(fake_redis, "p").enabled
     for limits in ({"concurrency": 1}, {"rpm": 1}, {"tpm": 1}):
         assert _limiter(fake_redis, "p", **limits).enabled
 
@@ -214,22 +242,37 @@ def test_estimate_grows_with_the_prompt_and_adds_max_tokens() -> None:
 async def test_waiters_are_served_oldest_first_under_tpm(redis: ArqRedis, prefix: str) -> None:
     """A large old request is not starved by a stream of small new ones."""
     limiter = _limiter(redis, prefix, concurrency=10, tpm=1000)
-    order: list[str] = []
+    granted: list[str] = []
+    two_granted = asyncio.Event()
 
     async def ask(name: str, tokens: int, priority: float) -> None:
         async with limiter.permit(tokens, priority):
-            order.append(name)
+            granted.append(name)
+            if len(granted) == 2:
+                two_granted.set()
 
-    async with limiter.permit(500):  # half the minute's tokens in use
-        big = asyncio.create_task(ask("old-600", 600, priority=1.0))
-        await asyncio.sleep(0.3)
-        small = [asyncio.create_task(ask(f"new-{i}", 100, priority=2.0 + i)) for i in range(3)]
-        await asyncio.sleep(1.0)
-        assert order == []  # the head does not fit, so nobody behind it goes either
-        for task in (big, *small):
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        async with limiter.permit(500) as first:  # half the minute's tokens in use
+            tasks.append(asyncio.create_task(ask("old-600", 600, priority=1.0)))
+            await asyncio.sleep(0.3)
+            for i in range(3):
+                tasks.append(asyncio.create_task(ask(f"new-{i}", 300, priority=2.0 + i)))
+            await asyncio.sleep(1.0)
+            # 500 + 300 would fit, but the head (600) does not: nobody behind it goes either
+            assert granted == []
+            assert await redis.zcard(Keys(prefix).limit_waiting()) == 4  # all four asking
+            first.used = 0  # it cost nothing after all: the whole minute is free again
+        await asyncio.wait_for(two_granted.wait(), 3)
+        await asyncio.sleep(1.5)  # give the others every chance to (wrongly) go too
+        # the old large one goes, with the one small one that fits beside it (600 + 300);
+        # the small ones alone (3 x 300) would have fitted and starved it
+        assert sorted(granted) == ["new-0", "old-600"]
+    finally:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(big, *small, return_exceptions=True)
-    await limiter.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await limiter.close()
 
 
 async def test_waiters_are_served_oldest_first_for_concurrency(
@@ -250,5 +293,5 @@ async def test_waiters_are_served_oldest_first_for_concurrency(
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.2)
     await asyncio.wait_for(asyncio.gather(*tasks), 10)
-    assert order == sorted(order)
+    assert order == [1.0, 2.0, 3.0, 4.0, 5.0]
     await limiter.close()

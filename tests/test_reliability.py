@@ -1,4 +1,6 @@
-"""Through the API and a real arq worker: cancel, idempotency, body limits, the upstream limiter."""
+"""Through the API (in-process, over ASGI: no socket) and a real arq worker: cancel,
+idempotency, body limits, the upstream limiter. What needs a real socket or real processes
+(a 413 instead of a reset, SIGTERM, Redis hanging) is in test_outages.py and test_faults.py."""
 
 from __future__ import annotations
 

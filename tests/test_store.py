@@ -14,6 +14,9 @@ from moonq.models import JobCreate, Status
 from moonq.store import AlreadyFinished, IdempotencyConflict, JobStore, UnknownCursor
 
 TTL = 3600
+# `XADD ... MAXLEN ~ n` trims whole stream nodes only (stream-node-max-entries, 100 by
+# default): a log may hold up to that many events more than the cap, never more.
+TRIM_SLACK = 100
 
 
 def _store(redis: ArqRedis, prefix: str) -> JobStore:
@@ -245,6 +248,7 @@ async def test_cancel_catches_a_fast_stream(store: JobStore) -> None:
     log = await store.redis.xrange(store.keys.log(job.id))
     kept = sum(json.loads(f[b"e"])["event"] == "chunk" for _, f in log)  # capped at max_events
     assert len(content) >= kept >= 900 and set(content) == {"x"}
+    assert len(log) <= store.max_events + TRIM_SLACK  # 3000+ events written, ~1000 kept
 
 
 async def test_cancel_of_a_job_held_by_a_dead_worker_leaves_nothing(store: JobStore) -> None:
@@ -266,3 +270,16 @@ async def test_a_cursor_that_is_gone_is_an_error_not_a_restart(store: JobStore) 
         await store.list_jobs("t", limit=10, after=jobs[1].id)
     older, _ = await store.list_jobs("t", limit=10, after=jobs[2].id)
     assert [j.id for j in older] == [jobs[0].id]
+
+
+async def test_the_event_log_is_capped_at_max_events(store: JobStore) -> None:
+    job, _ = await store.create("t", _request())
+    attempt = await store.start_attempt(job.id)
+    chunk = {"choices": [{"index": 0, "delta": {"content": "x"}}]}
+    event = {"event": "chunk", "attempt": attempt, "data": chunk}
+    for _ in range(35):  # 3,500 events, in batches as the publisher writes them
+        assert await store.append(job.id, attempt, [event] * 100) > 0
+    log = await store.redis.xrange(store.keys.log(job.id))
+    seqs = [json.loads(f[b"e"])["seq"] for _, f in log]
+    assert store.max_events <= len(log) <= store.max_events + TRIM_SLACK
+    assert seqs == list(range(3501 - len(log), 3501))  # the oldest dropped, the rest in order

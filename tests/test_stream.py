@@ -11,6 +11,7 @@ from arq.connections import ArqRedis
 
 from moonq.keys import Keys
 from moonq.models import JobCreate, Status
+from moonq.redis import connect
 from moonq.store import JobStore
 from moonq.stream import EventHub, follow
 
@@ -120,13 +121,89 @@ async def test_events_missing_from_pubsub_are_found_in_the_log(
     assert [e["seq"] for e in events] == [1, 2] and events[-1]["event"] == "done"
 
 
-async def test_many_channels_share_one_connection(store: JobStore, hub: EventHub) -> None:
-    jobs = [await _running_job(store) for _ in range(20)]
-    readers = [asyncio.create_task(_read(store, hub, job_id)) for job_id, _ in jobs]
-    await asyncio.sleep(0.05)
-    await asyncio.gather(*(_publish(store, j, a, 5, pause=0.001) for j, a in jobs))
-    for events in await asyncio.wait_for(asyncio.gather(*readers), 10):
-        _assert_complete(events, 5)
+async def _pubsub_connections(redis: ArqRedis, client_name: str) -> list[dict[str, str]]:
+    """The connections named `client_name` that are subscribed to something."""
+    listed = await redis.execute_command("CLIENT", "LIST", "TYPE", "pubsub")
+    text = listed.decode() if isinstance(listed, bytes) else str(listed)
+    rows = [
+        dict(f.split("=", 1) for f in line.split(" ") if "=" in f) for line in text.splitlines()
+    ]
+    return [row for row in rows if row.get("name") == client_name and int(row["sub"]) > 0]
+
+
+async def test_many_channels_share_one_connection(
+    real_redis_url: str, real_redis: ArqRedis, prefix: str
+) -> None:
+    name = f"{prefix}-hub"
+    client = connect(real_redis_url, client_name=name)  # the hub's connections carry this name
+    hub = EventHub(client)
+    store = JobStore(client, Keys(prefix), queue_name=f"{prefix}:q", result_ttl=600, max_events=99)
+    try:
+        jobs = [await _running_job(store) for _ in range(20)]
+        readers = [asyncio.create_task(_read(store, hub, job_id)) for job_id, _ in jobs]
+        async with asyncio.timeout(5):
+            while sum(int(c["sub"]) for c in await _pubsub_connections(real_redis, name)) < 20:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        subscribed = await _pubsub_connections(real_redis, name)
+        assert len(subscribed) == 1 and subscribed[0]["sub"] == "20"  # all 20 on one connection
+        await asyncio.gather(*(_publish(store, j, a, 5, pause=0.001) for j, a in jobs))
+        for events in await asyncio.wait_for(asyncio.gather(*readers), 10):
+            _assert_complete(events, 5)
+        async with asyncio.timeout(5):  # the readers are gone: so are their subscriptions
+            while await _pubsub_connections(real_redis, name):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    finally:
+        await hub.close()
+        await client.aclose()
+
+
+async def _listen_forever(hub: EventHub, channel: str) -> None:
+    async with hub.listen(channel):
+        await asyncio.sleep(60)
+
+
+async def test_a_listener_cancelled_mid_subscribe_leaves_nothing_behind(
+    real_redis_url: str, real_redis: ArqRedis, prefix: str
+) -> None:
+    """A client that disconnects while its subscribe waits must not wedge the channel: the
+    next listener subscribes afresh and gets messages at once, not after a poll."""
+    client = connect(real_redis_url, max_connections=1)
+    hub = EventHub(client)
+    channel = f"{prefix}:events:job"
+    try:
+        held = await client.connection_pool.get_connection()  # the subscribe waits for it
+        gone = asyncio.create_task(_listen_forever(hub, channel))
+        await asyncio.sleep(0.1)
+        assert not gone.done()
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        await client.connection_pool.release(held)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with hub.listen(channel, confirm_within=5) as queue:
+            assert loop.time() - started < 1  # confirmed by Redis, not given up on
+            assert await real_redis.publish(channel, b"hello") == 1
+            assert await asyncio.wait_for(queue.get(), 1) == b"hello"
+    finally:
+        await hub.close()
+        await client.aclose()
+
+
+async def test_a_listener_that_leaves_unsubscribes(real_redis: ArqRedis, prefix: str) -> None:
+    hub = EventHub(real_redis)
+    channel = f"{prefix}:events:job"
+    try:
+        task = asyncio.create_task(_listen_forever(hub, channel))
+        async with asyncio.timeout(5):
+            while await real_redis.pubsub_numsub(channel) != [(channel.encode(), 1)]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await real_redis.pubsub_numsub(channel) == [(channel.encode(), 0)]
+    finally:
+        await hub.close()
 
 
 @pytest.mark.parametrize("beyond", [0, 1, 500])

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
+from aiohttp import web
 
 from moonq.fake_moonshot import expected_message, expected_usage
-from tests.conftest import chat, submit
+from tests.conftest import chat, make_settings, submit
+from worker.upstream import MoonshotClient
 
 FAST_RETRY = {"MOONQ_RETRY_BASE_DELAY": 0.01, "MOONQ_RETRY_MAX_DELAY": 0.05}
 
@@ -363,9 +370,12 @@ async def test_a_superseded_run_never_strands_the_job(stack_factory: Any, fake: 
             # ...until B starts attempt 2; A's next write is refused
             while job_id in a.tasks:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
-        await asyncio.sleep(0.6)  # B's lock keeper notices arq's cleanup and restores it
-        assert await stack.redis.exists(f"arq:job:{job_id}", lock) == 2
-        assert await stack.redis.zscore(stack.settings.queue_name, job_id) is not None
+        async with asyncio.timeout(1.5):  # B's lock keeper (every 0.25 s) restores them
+            while not (  # noqa: ASYNC110
+                await stack.redis.exists(f"arq:job:{job_id}", lock) == 2
+                and await stack.redis.zscore(stack.settings.queue_name, job_id) is not None
+            ):
+                await asyncio.sleep(0.01)
         await asyncio.wait_for(run_b, 10)
     finally:
         run_a.cancel()
@@ -376,3 +386,107 @@ async def test_a_superseded_run_never_strands_the_job(stack_factory: Any, fake: 
     assert done["status"] == "completed" and done["attempts"] == 2
     assert done["result"]["choices"][0]["message"] == expected_message(payload["body"])
     assert not await stack.redis.exists(f"arq:job:{job_id}")  # and then cleaned up for good
+
+
+LEAKY_KEY = "sk-echoed-back-7c1e9a"
+
+
+async def _echo_the_key(request: web.Request) -> web.StreamResponse:
+    """An upstream that quotes the caller's Authorization header in its errors."""
+    auth = request.headers.get("Authorization", "")
+    body = await request.json()
+    mode = body["messages"][-1]["content"]
+    if mode in ("400", "500"):
+        kind = "invalid_request_error" if mode == "400" else "server_error"
+        error = {"error": {"type": kind, "message": f"rejected {auth} for {LEAKY_KEY}"}}
+        return web.json_response(error, status=int(mode))
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    chunk = {"choices": [{"index": 0, "delta": {"content": "hi"}}]}
+    await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+    if mode == "stall":
+        await asyncio.Event().wait()  # mid-stream, until the client gives up
+    error = {"error": {"type": "invalid_request_error", "message": f"key {auth} refused"}}
+    await resp.write(f"data: {json.dumps(error)}\n\n".encode())
+    return resp
+
+
+@contextlib.asynccontextmanager
+async def _echo_server() -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", _echo_the_key)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_key_an_upstream_echoes_is_redacted_over_aiohttp(stack_factory: Any) -> None:
+    """The worker's real client (httpx over its aiohttp transport) on a real socket."""
+    async with _echo_server() as url:
+        stack, client = await stack_factory(
+            MOONSHOT_BASE_URL=url,
+            MOONSHOT_API_KEY=LEAKY_KEY,
+            MOONQ_MAX_ATTEMPTS=2,
+            MOONQ_RETRY_BASE_DELAY=0,
+        )
+        ids = [await submit(client, chat(mode)) for mode in ("400", "500", "stream")]
+        await asyncio.wait_for(stack.run_worker(), 20)
+    for job_id in ids:
+        job = (await client.get(f"/v1/jobs/{job_id}")).json()
+        assert job["status"] == "failed", job
+        assert "***" in job["error"]["message"], job  # the message kept, the key masked
+    dump = await _all_redis_bytes(stack.redis)
+    assert dump and LEAKY_KEY.encode() not in dump
+
+
+async def test_read_timeout_from_settings_ends_a_stalled_stream(stack_factory: Any) -> None:
+    async with _echo_server() as url:
+        stack, client = await stack_factory(
+            MOONSHOT_BASE_URL=url, MOONQ_READ_TIMEOUT=0.5, MOONQ_MAX_ATTEMPTS=1
+        )
+        job_id = await submit(client, chat("stall"))
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(stack.run_worker(), 20)
+        took = asyncio.get_running_loop().time() - started
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "failed" and job["error"]["type"] == "timeout", job
+    assert 0.5 <= took < 5, took  # MOONQ_READ_TIMEOUT, not the 120 s default
+    kinds = [e["event"] for e in await stack.events(job_id)]
+    assert kinds[0] == "chunk" and kinds[-1] == "error"  # it stalled mid-stream
+
+
+def test_connect_and_read_timeouts_reach_the_upstream_client() -> None:
+    settings = make_settings(
+        "redis://unused",
+        "p",
+        "http://upstream.test/v1",
+        MOONQ_CONNECT_TIMEOUT=1.5,
+        MOONQ_READ_TIMEOUT=7.0,
+    )
+    upstream = MoonshotClient.from_settings(settings)
+    assert upstream._http.timeout == httpx.Timeout(7.0, connect=1.5)
+
+
+@pytest.mark.parametrize(("interrupted", "status"), [(20, "completed"), (21, "failed")])
+async def test_a_job_interrupted_too_often_fails_as_worker_lost(
+    stack_factory: Any, fake: Any, interrupted: int, status: str
+) -> None:
+    """Runs cut short by crashes count in `attempts` but not in `failures`; past 20 of them
+    the next run fails the job instead of calling the upstream again."""
+    stack, client = await stack_factory()
+    job_id = await submit(client, chat("crashes its workers"))
+    await stack.redis.hset(
+        f"{stack.settings.key_prefix}:job:{job_id}", mapping={"attempts": interrupted}
+    )
+    await asyncio.wait_for(stack.run_worker(), 10)
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == status and job["attempts"] == interrupted + 1, job
+    if status == "failed":
+        assert job["error"]["type"] == "worker_lost" and fake.stats.requests == 0
+    else:
+        assert fake.stats.requests == 1

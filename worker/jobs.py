@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +17,17 @@ from redis.exceptions import RedisError
 
 from moonq import errors
 from moonq.assemble import Assembler
-from moonq.limits import Permit, PermitAbandoned, UpstreamLimiter, estimate_tokens
+from moonq.limits import (
+    Permit,
+    PermitAbandoned,
+    PermitImpossible,
+    UpstreamLimiter,
+    estimate_tokens,
+)
 from moonq.models import Status
+from moonq.redis import transient
 from moonq.settings import Settings
-from moonq.store import JobStore
+from moonq.store import InvalidUsage, JobStore, usage_counts
 from worker.publisher import AttemptLost, EventPublisher
 from worker.upstream import MoonshotClient
 
@@ -29,6 +37,12 @@ log = logging.getLogger("moonq.worker")
 # MOONQ_MAX_ATTEMPTS; past this many, the job is taken to be what kills its workers.
 MAX_INTERRUPTIONS = 20
 REDIS_RETRY_DELAY = 1.0
+# What `Runner.run` returns for a run whose job was taken over, cancelled or finished by another.
+LOST = "lost"
+
+
+class PermitLost(Exception):
+    """The attempt's upstream permit lapsed (its worker stalled past the lease)."""
 
 
 @dataclass
@@ -67,24 +81,38 @@ class Runner:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.draining = False  # set on SIGTERM: take no new upstream permits
 
-    async def run(self, job_id: str) -> str:
+    async def run(self, job_id: str, started: Callable[[int], None] = lambda n: None) -> str:
         """Run one attempt of the job; returns the status it left the job in.
 
-        A Redis failure hands the job back to arq for a later run rather than losing it.
+        Returns only when the job is over (or gone): arq forgets a job whose run returns. A
+        run that ends any other way raises `Retry`, so the job keeps its place in arq's
+        queue: a transient Redis failure, a shutdown, and a run that lost its job to another
+        run (the job is not over: that run, or the next, will end it).
         """
         try:
-            return await self._run(job_id)
-        except (RedisError, OSError) as exc:
-            log.warning("job %s: Redis failed (%s); the job runs again", job_id, exc)
-            raise Retry(defer=REDIS_RETRY_DELAY) from exc
+            outcome = await self._run(job_id, started)
         except PermitAbandoned:
             log.info("job %s goes back to the queue: the worker is shutting down", job_id)
             raise Retry(defer=0) from None
+        except (RedisError, OSError) as exc:
+            if not transient(exc):
+                # Even failing the job was refused: the record is beyond what moonq can mend.
+                log.exception("job %s: the store refused to record its end", job_id)
+                return "broken"
+            log.warning("job %s: Redis failed (%s); the job runs again", job_id, exc)
+            raise Retry(defer=REDIS_RETRY_DELAY) from exc
+        if outcome == LOST and not await self._is_over(job_id):
+            raise Retry(defer=0)
+        return outcome
+
+    async def _is_over(self, job_id: str) -> bool:
+        status = await self.store.redis.hget(self.store.keys.job(job_id), "status")  # type: ignore[misc]
+        return status is None or Status(status.decode()).terminal
 
     def _is_draining(self) -> bool:
         return self.draining
 
-    async def _run(self, job_id: str) -> str:
+    async def _run(self, job_id: str, started: Callable[[int], None]) -> str:
         record = await self.store.raw(job_id)
         if record is None:
             log.warning("job %s has no record (expired?); dropping it", job_id)
@@ -92,21 +120,28 @@ class Runner:
         if Status(record["status"]).terminal:
             return record["status"]
         try:
-            return await self._permitted(job_id, record)
-        except (Retry, PermitAbandoned, RedisError, OSError):
+            return await self._permitted(job_id, record, started)
+        except (Retry, PermitAbandoned):
             raise
+        except PermitImpossible as exc:
+            error: errors.UpstreamError = errors.UpstreamRejected(
+                str(exc), type="request_too_large"
+            )
         except Exception as exc:  # before an attempt started: see `_guarded`
+            if isinstance(exc, RedisError | OSError) and transient(exc):
+                raise
             log.exception("job %s could not start", job_id)
             error = _unforeseen(exc)
-            event = {"event": "error", "attempt": 0, "data": error.info()}
-            fields = {"error": error.info()}
-            seen = int(record.get("attempts", "0"))  # not if another run has started since
-            await self.store.finish(
-                job_id, Status.FAILED, event, fields, seen, tenant=record["tenant"]
-            )
-            return Status.FAILED.value
+        event = {"event": "error", "attempt": 0, "data": error.info()}
+        seen = int(record.get("attempts", "0"))  # not if another run has started since
+        await self.store.finish(
+            job_id, Status.FAILED, event, {"error": error.info()}, seen, tenant=record["tenant"]
+        )
+        return Status.FAILED.value
 
-    async def _permitted(self, job_id: str, record: dict[str, str]) -> str:
+    async def _permitted(
+        self, job_id: str, record: dict[str, str], started: Callable[[int], None]
+    ) -> str:
         """Wait for an upstream permit, then run an attempt under it."""
         body: dict[str, Any] = json.loads(record["request"])
         priority = float(record["created_at"])  # oldest jobs get permits first
@@ -115,6 +150,7 @@ class Runner:
             number = await self.store.start_attempt(job_id, self.worker_id)
             if number < 0:
                 return "skipped"
+            started(number)
             publisher = EventPublisher(self.store, job_id, number)
             try:
                 return await self._guarded(Attempt(job_id, number, record, body, permit, publisher))
@@ -137,16 +173,27 @@ class Runner:
                 attempt.job_id,
                 attempt.number,
             )
-            return "lost"
+            return LOST
+        except PermitLost:
+            # This worker stalled past its permit's lease, which may be someone else's now:
+            # stop, and let the job wait for a permit again. Not the job's fault.
+            reason = "the upstream permit lapsed while the worker was stalled"
+            if await self.store.requeue(attempt.job_id, attempt.number, reason) < 0:
+                return LOST
+            raise Retry(defer=0) from None
         except asyncio.CancelledError:
             # Shutdown (or an abort): hand the job back without spending its attempts.
             reason = "the worker shut down mid-attempt"
             with contextlib.suppress(RedisError, OSError):
                 await asyncio.shield(self.store.requeue(attempt.job_id, attempt.number, reason))
             raise
-        except (Retry, RedisError, OSError):
+        except Retry:
             raise
         except Exception as exc:
+            if isinstance(exc, RedisError | OSError) and transient(exc):
+                raise
+            # A bug, an answer nothing foresaw, or a write Redis refuses (it would refuse it
+            # again): the job fails once rather than running again.
             log.exception("job %s attempt %d failed unexpectedly", attempt.job_id, attempt.number)
             return await self._fail(attempt, _unforeseen(exc))
 
@@ -157,7 +204,7 @@ class Runner:
         assembler = Assembler()
         try:
             async with asyncio.timeout(self.settings.job_timeout):
-                await self._stream(attempt, assembler)
+                await self._while_permitted(attempt.permit, self._stream(attempt, assembler))
             await attempt.publisher.drain()
         except TimeoutError:
             error = errors.UpstreamTimeout(
@@ -166,8 +213,26 @@ class Runner:
             )
             return await self._fail(attempt, error)
         except errors.UpstreamError as error:
+            if not assembler.chunks:  # nothing generated: its token estimate is given back
+                attempt.permit.used = 0
             return await self._upstream_failed(attempt, error)
         return await self._complete(attempt, assembler.result())
+
+    @staticmethod
+    async def _while_permitted(permit: Permit, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` while the permit holds; raises `PermitLost` (and stops it) if it lapses."""
+        task = asyncio.ensure_future(work)
+        lost = asyncio.ensure_future(permit.lost.wait())
+        try:
+            await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        if task.cancelled():
+            raise PermitLost
+        task.result()
 
     async def _stream(self, attempt: Attempt, assembler: Assembler) -> None:
         async with contextlib.aclosing(self.client.stream(attempt.body)) as chunks:
@@ -177,8 +242,16 @@ class Runner:
 
     async def _complete(self, attempt: Attempt, result: dict[str, Any]) -> str:
         usage = result.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
-            attempt.permit.used = usage["total_tokens"]
+        try:
+            counts = usage_counts(usage)
+        except InvalidUsage as exc:
+            error = errors.UpstreamInvalidAnswer(
+                f"the upstream reported a usage that is not token counts: {exc}",
+                type="upstream_invalid_usage",
+            )
+            return await self._fail(attempt, error)
+        if "total_tokens" in counts:
+            attempt.permit.used = counts["total_tokens"]
         await self.store.finish(
             attempt.job_id,
             Status.COMPLETED,
@@ -197,7 +270,7 @@ class Runner:
                 attempt.job_id, attempt.number, reason, self.settings.max_attempts
             )
             if outcome < 0:
-                return "lost"
+                return LOST
             if outcome > 0:
                 delay = errors.retry_delay(
                     error,

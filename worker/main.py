@@ -6,21 +6,25 @@ Run with `moonq worker` or `arq worker.main.WorkerSettings`.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
+import os
 import signal
+import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator
+import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 from arq import Worker
 from arq.connections import ArqRedis, RedisSettings
-from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.worker import func
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError, ResponseError, WatchError
 
 from moonq import scripts
 from moonq.keys import Keys
@@ -39,8 +43,11 @@ log = logging.getLogger("moonq.worker")
 ARQ_MAX_TRIES = 1000
 
 
-HEARTBEAT_FILE = Path(tempfile.gettempdir()) / "moonq-worker.alive"
+HEARTBEAT_DIR = Path(tempfile.gettempdir())
 HEARTBEAT_EVERY = 5.0
+# The job context's key for the lock token of the worker running it; arq's own runner (a plain
+# `Worker`) writes arq's "1".
+LOCK_TOKEN = "moonq_lock_token"
 ABORT_MAX_AGE_MS = 60_000
 
 
@@ -53,6 +60,12 @@ class MoonqWorker(Worker):
         self.in_progress_timeout_s = lock_timeout
         self._beat = 0.0
         self._trim_aborts = False
+        # arq's lock on a running job says "1", whoever holds it; moonq's says which worker
+        # does, so that only the holder renews or releases it (a worker never runs a job twice
+        # at once, so the worker is enough to name the run).
+        self.lock_token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.ctx[LOCK_TOKEN] = self.lock_token
+        self._finish_run: AsyncScript | None = None
 
     async def _poll_iteration(self) -> None:
         self._heartbeat()
@@ -63,19 +76,75 @@ class MoonqWorker(Worker):
             await asyncio.sleep(1.0)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq takes a job slot before its Redis round trips and gives it back only on a
-        WATCH conflict: after any other Redis error the slot would be lost for good. And a job
-        this worker is still running is not started twice, even if its lock lapsed."""
-        for job_id in job_ids:
-            running = self.tasks.get(job_id.decode())
+        """arq's `start_jobs`, with the lock saying who holds it. Also: arq takes a job slot
+        before its Redis round trips and gives it back only on a WATCH conflict (after any
+        other Redis error the slot would be lost for good); and a job this worker is still
+        running is not started twice, even if its lock lapsed."""
+        for raw_id in job_ids:
+            job_id = raw_id.decode()
+            running = self.tasks.get(job_id)
             if running is not None and not running.done():
                 continue
-            try:
-                await super().start_jobs([job_id])
-            except (RedisError, OSError):
-                self.job_counter -= 1
+            await self.sem.acquire()
+            if self.job_counter >= self.max_jobs:
                 self.sem.release()
-                raise
+                return
+            self.job_counter += 1
+            score = None
+            try:
+                score = await self._lock(job_id)
+            finally:
+                if score is None:  # not started: give the slot back
+                    self.job_counter -= 1
+                    self.sem.release()
+            if score is None:
+                continue
+            task = self.loop.create_task(self.run_job(job_id, score))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+
+    async def _lock(self, job_id: str) -> int | None:
+        """Take arq's lock on a due job nobody holds; its queue score, or None."""
+        lock = in_progress_key_prefix + job_id
+        async with self.pool.pipeline(transaction=True) as pipe:
+            await pipe.watch(lock)
+            held = await pipe.exists(lock)
+            score = await pipe.zscore(self.queue_name, job_id)
+            if held or not score or score > time.time() * 1000:
+                return None
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.psetex(lock, int(self.in_progress_timeout_s * 1000), self.lock_token)
+            try:
+                await pipe.execute()
+            except (ResponseError, WatchError):
+                return None  # started elsewhere meanwhile
+        return int(score)
+
+    async def finish_job(
+        self,
+        job_id: str,
+        finish: bool,
+        result_data: bytes | None,
+        result_timeout_s: float | None,
+        keep_result_forever: bool,
+        incr_score: int | None,
+        keep_in_progress: float | None,
+    ) -> None:
+        """arq's end of a run (moonq keeps no arq results), releasing the lock only if this
+        worker holds it: a superseded run must not unlock the job under the run that took it
+        over, which would let a third worker start it."""
+        await self._end_run(job_id, finish, incr_score)
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        await self._end_run(job_id, True, None)
+
+    async def _end_run(self, job_id: str, finish: bool, incr_score: int | None) -> None:
+        keys = [in_progress_key_prefix + job_id, job_key_prefix + job_id]
+        keys += [retry_key_prefix + job_id, abort_jobs_ss, self.queue_name]
+        args = [self.lock_token, "1" if finish else "0", incr_score or "", job_id]
+        if self._finish_run is None:
+            self._finish_run = self.pool.register_script(scripts.FINISH_RUN)
+        await self._finish_run(keys=keys, args=args)
 
     def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
         runner: Runner | None = self.ctx.get("moonq_runner")
@@ -86,10 +155,32 @@ class MoonqWorker(Worker):
     def _heartbeat(self) -> None:
         now = time.monotonic()
         if now - self._beat >= HEARTBEAT_EVERY:
+            if not self._beat:
+                _prune_heartbeats()
+                atexit.register(heartbeat_file(os.getpid()).unlink, missing_ok=True)
             self._beat = now
             with contextlib.suppress(OSError):
-                HEARTBEAT_FILE.touch()
+                heartbeat_file(os.getpid()).touch()
             self._trim_aborts = True
+
+    # What stopped the worker, for its shutdown log when it has no signal handlers of its own
+    # (`moonq dev` sets it from the signal its server received).
+    stop_reason = "its host process's exit"
+
+    def handle_sig(self, signum: signal.Signals) -> None:
+        """arq's `close()` calls this with SIGUSR1 for a worker without signal handlers,
+        whatever stopped it: log what did instead."""
+        if signum != signal.SIGUSR1 or self._handle_signals:
+            super().handle_sig(signum)
+            return
+        running = [task for task in self.tasks.values() if not task.done()]
+        log.info("shutdown on %s ◆ %d jobs to cancel", self.stop_reason, len(running))
+        for task in running:
+            task.cancel()
+        if self.main_task is not None:
+            self.main_task.cancel()
+        if self.on_stop is not None:
+            self.on_stop(signum)
 
     async def _cancel_aborted_jobs(self) -> None:
         await super()._cancel_aborted_jobs()
@@ -101,59 +192,109 @@ class MoonqWorker(Worker):
             await self.pool.zremrangebyscore(abort_jobs_ss, "-inf", cutoff)
 
 
-def worker_is_alive(max_age: float = 6 * HEARTBEAT_EVERY) -> bool:
-    """For container healthchecks: this host's worker polled within `max_age` seconds."""
+def heartbeat_file(pid: int) -> Path:
+    """Each worker process beats in a file of its own, so no worker can vouch for another."""
+    return HEARTBEAT_DIR / f"moonq-worker-{pid}.alive"
+
+
+def _running(pid: int) -> bool:
     try:
-        return time.time() - HEARTBEAT_FILE.stat().st_mtime < max_age
+        os.kill(pid, 0)
+    except PermissionError:
+        return True  # it exists, under another user
+    except OSError:
+        return False
+    return True
+
+
+def _prune_heartbeats() -> None:
+    """Remove the files of workers that died without cleaning up (SIGKILL, OOM)."""
+    for path in HEARTBEAT_DIR.glob("moonq-worker-*.alive"):
+        pid = path.stem.removeprefix("moonq-worker-")
+        if pid.isdigit() and not _running(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def worker_is_alive(pid: int = 1, max_age: float = 6 * HEARTBEAT_EVERY) -> bool:
+    """For healthchecks: the worker process `pid` is running and polled within `max_age` s.
+
+    The default, 1, is the container's main process, which is the worker in moonq's image; on
+    a host, pass the worker's PID. A process that died within `max_age` fails at once.
+    """
+    if not _running(pid):
+        return False
+    try:
+        return time.time() - heartbeat_file(pid).stat().st_mtime < max_age
     except OSError:
         return False
 
 
-@contextlib.asynccontextmanager
-async def keep_locked(
-    redis: ArqRedis, keys: Keys, queue: str, job_id: str, score: int, ttl: float
-) -> AsyncIterator[None]:
-    """Hold arq's lock on a running job for `ttl` seconds at a time, renewed while it runs.
+class LockKeeper:
+    """Holds arq's lock on a running job for `ttl` seconds at a time, renewed while it runs.
 
     arq locks a job for the longest job timeout + 10 s, so a killed worker's job would wait
-    that long to run again; with a short lock kept alive here it runs again within `ttl`. If
-    arq's entries for the job vanish while it runs (a superseded run of it ended elsewhere and
-    arq cleaned up after it), they are put back, so the job can never be left without them.
+    that long to run again; with a short lock kept alive here it runs again within `ttl`. A
+    run whose lock lapsed (a stall) takes it back if nobody else took it and the job is still
+    its own (`scripts.KEEP_LOCK`), and puts arq's entries back if they are gone, so a job that
+    is not over is never left without them.
     """
-    keep = redis.register_script(scripts.KEEP_LOCK)
-    lock_keys = [in_progress_key_prefix + job_id, queue, job_key_prefix + job_id, keys.job(job_id)]
-    args: list[str | int | bytes] = [int(ttl * 1000), job_id, score, arq_payload(job_id, score)]
 
-    async def renew() -> None:
-        while True:
+    def __init__(
+        self, redis: ArqRedis, keys: Keys, queue: str, job_id: str, score: int, ttl: float
+    ) -> None:
+        self._keep = redis.register_script(scripts.KEEP_LOCK)
+        self.job_id, self.ttl = job_id, ttl
+        self.keys = [in_progress_key_prefix + job_id, queue, job_key_prefix + job_id]
+        self.keys.append(keys.job(job_id))
+        self.args: list[str | int | bytes] = [int(ttl * 1000), job_id, score]
+        self.args.append(arq_payload(job_id, score))
+        self.attempt = ""
+        self._done = asyncio.Event()
+
+    def started(self, attempt: int) -> None:
+        """The run started this attempt: from now on, the job is its own only under it."""
+        self.attempt = str(attempt)
+
+    def stop(self) -> None:
+        self._done.set()
+
+    async def renew(self, token: str) -> None:
+        """Renew until `stop()`. (A flag, not just cancellation: redis-py can turn a cancel
+        that lands mid-command into a connection error, which this loop rides out.)"""
+        while not self._done.is_set():
             try:
-                if await keep(keys=lock_keys, args=args) == 2:
-                    log.warning("job %s: arq's lock and entry were gone; restored", job_id)
+                outcome = await self._keep(keys=self.keys, args=[*self.args, token, self.attempt])
+                if outcome == 2:
+                    log.warning("job %s: its lock had lapsed; taken back", self.job_id)
+                elif outcome == -1:
+                    log.warning("job %s: another run has it; this one is fenced", self.job_id)
             except (RedisError, OSError):
-                log.warning("could not renew the lock of job %s", job_id)
-            await asyncio.sleep(ttl / 4)
-
-    keeper = asyncio.create_task(renew(), name=f"moonq-lock-{job_id}")
-    try:
-        yield
-    finally:
-        keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
+                log.warning("could not renew the lock of job %s", self.job_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._done.wait(), self.ttl / 4)
 
 
 async def run_completion(ctx: dict[str, Any], job_id: str) -> str:
+    """arq's job function. It returns (and so lets arq forget the job) only when the job is
+    over; a run that ends any other way, a run that lost its job to another included, raises
+    `Retry` and leaves arq's queue entry for the job's next run (`Runner.run`)."""
     runner: Runner = ctx["moonq_runner"]
     settings = runner.settings
-    async with keep_locked(
+    keeper = LockKeeper(
         ctx["redis"],
         runner.store.keys,
         settings.queue_name,
         job_id,
         int(ctx["score"]),
         settings.lock_timeout,
-    ):
-        return await runner.run(job_id)
+    )
+    renewing = asyncio.create_task(keeper.renew(ctx.get(LOCK_TOKEN, "1")), name=f"lock-{job_id}")
+    try:
+        return await runner.run(job_id, keeper.started)
+    finally:
+        keeper.stop()
+        renewing.cancel()
+        await asyncio.wait({renewing})
 
 
 def worker_kwargs(

@@ -1,0 +1,319 @@
+"""Faults found by review (issue 6), each on real Redis: scripts that must not half-apply,
+deterministic failures that must not be retried, the limiter's estimate given back, an
+impossible request that must not wait, and paging that must not repeat a job."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from arq.connections import ArqRedis
+
+from moonq.fake_moonshot import FakeServer, expected_content
+from moonq.keys import Keys
+from moonq.models import JobCreate, Status
+from moonq.store import InvalidUsage, JobStore
+from tests.conftest import Stack, chat, make_settings, submit
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+async def real_stack(
+    real_redis: ArqRedis, real_redis_url: str, fake: FakeServer, prefix: str
+) -> AsyncIterator[Any]:
+    """Build `(stack, client)` pairs over the real Redis and the fake upstream."""
+    opened: list[Any] = []
+
+    async def build(**extra: Any) -> tuple[Stack, httpx.AsyncClient]:
+        settings = make_settings(real_redis_url, prefix, fake.url, **extra)
+        stack = Stack(settings, real_redis)
+        lifespan = stack.app.router.lifespan_context(stack.app)
+        await lifespan.__aenter__()
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=stack.app), base_url="http://moonq"
+        )
+        opened.append((lifespan, client))
+        return stack, client
+
+    yield build
+    for lifespan, client in reversed(opened):
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+
+async def _job(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
+    job: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
+    return job
+
+
+async def _assert_ended_cleanly(stack: Stack, job_id: str) -> list[dict[str, Any]]:
+    """One terminal event, consecutive seqs, and the job and its log expire."""
+    events = await stack.events(job_id)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert sum(e["event"] in ("done", "error", "cancelled") for e in events) == 1
+    prefix = stack.settings.key_prefix
+    assert await stack.redis.ttl(f"{prefix}:job:{job_id}") > 0
+    assert await stack.redis.ttl(f"{prefix}:log:{job_id}") > 0
+    return events
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": 1, "completion_tokens": 10**20, "total_tokens": 10**20},
+        {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": True},
+        {"prompt_tokens": -5, "completion_tokens": 1, "total_tokens": 1},
+        {"prompt_tokens": 1.5, "completion_tokens": 1, "total_tokens": 2},
+    ],
+)
+async def test_an_absurd_usage_fails_the_job_once_and_counts_nothing(
+    real_stack: Any, fake: FakeServer, usage: Any
+) -> None:
+    stack, client = await real_stack()
+    job_id = await submit(client, chat("absurd", fake_moonshot={"usage": usage}))
+    fine = await submit(client, chat("fine"))
+    await stack.run_worker()
+    job = await _job(client, job_id)
+    assert job["status"] == "failed", job
+    assert job["error"]["type"] == "upstream_invalid_usage"
+    assert fake.stats.requests == 2  # called once, never retried
+    events = await _assert_ended_cleanly(stack, job_id)
+    assert events[-1]["event"] == "error"
+    # the tenant's totals hold the good job's usage alone
+    totals = await stack.redis.hgetall(f"{stack.settings.key_prefix}:usage:default")
+    fine_usage = (await _job(client, fine))["usage"]
+    assert {k.decode(): int(v) for k, v in totals.items()} == {**fine_usage, "jobs": 1}
+
+
+def _store(redis: ArqRedis, prefix: str) -> JobStore:
+    return JobStore(
+        redis, Keys(prefix), queue_name=f"{prefix}:queue", result_ttl=3600, max_events=1000
+    )
+
+
+def _request(text: str = "hi", **extra: Any) -> JobCreate:
+    body = {"model": "m", "messages": [{"role": "user", "content": text}]}
+    return JobCreate.model_validate({"body": body, **extra})
+
+
+async def test_finish_refuses_bad_usage_before_writing_anything(
+    real_redis: ArqRedis, prefix: str
+) -> None:
+    store = _store(real_redis, prefix)
+    job, _ = await store.create("t", _request())
+    attempt = await store.start_attempt(job.id)
+    before = await real_redis.hgetall(store.keys.job(job.id))
+    with pytest.raises(InvalidUsage):
+        await store.finish(
+            job.id,
+            Status.COMPLETED,
+            {"event": "done", "data": {}},
+            {"usage": {"prompt_tokens": 1, "total_tokens": 10**20}},
+            attempt,
+            tenant="t",
+        )
+    # A tenant's totals that one more job would overflow: Lua refuses before its first write.
+    await real_redis.hset(store.keys.usage("t"), "total_tokens", str(2**63 - 10))
+    with pytest.raises(Exception, match="usage total_tokens is not a countable amount"):
+        await store.finish(
+            job.id,
+            Status.COMPLETED,
+            {"event": "done", "data": {}},
+            {"usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 100}},
+            attempt,
+            tenant="t",
+        )
+    assert await real_redis.hgetall(store.keys.job(job.id)) == before  # still in progress
+    assert await real_redis.xlen(store.keys.log(job.id)) == 0
+    usage = await real_redis.hgetall(store.keys.usage("t"))
+    assert usage == {b"total_tokens": str(2**63 - 10).encode()}  # nothing half-added
+    assert await real_redis.ttl(store.keys.job(job.id)) == -1
+
+
+async def test_a_write_redis_refuses_fails_the_job_once(real_stack: Any, fake: FakeServer) -> None:
+    """A script's error reply is deterministic: retrying the job would call (and pay) the
+    upstream again for the same refusal. Here the tenant's totals are corrupt."""
+    stack, client = await real_stack()
+    await stack.redis.hset(f"{stack.settings.key_prefix}:usage:default", "jobs", "not a number")
+    job_id = await submit(client, chat("refused"))
+    await stack.run_worker()
+    job = await _job(client, job_id)
+    assert job["status"] == "failed"
+    assert job["error"]["type"] == "internal_error"
+    assert fake.stats.requests == 1
+    await _assert_ended_cleanly(stack, job_id)
+
+
+async def test_an_upstream_error_gives_its_token_estimate_back(
+    real_stack: Any, fake: FakeServer
+) -> None:
+    """A request the upstream refused before generating anything used no tokens: the next
+    job must not wait a minute for its estimate to leave the TPM window."""
+    stack, client = await real_stack(MOONQ_UPSTREAM_TPM=4000)
+    big = "x" * 9000  # an estimate of ~3,000 tokens: two cannot share a minute
+    refused = await submit(client, chat(big, fake_moonshot={"error": "invalid_request_error"}))
+    await stack.run_worker()
+    assert (await _job(client, refused))["status"] == "failed"
+    after = await submit(client, chat(big))
+    started = asyncio.get_running_loop().time()
+    await stack.run_worker()
+    assert (await _job(client, after))["status"] == "completed"
+    assert asyncio.get_running_loop().time() - started < 10  # not the rest of the minute
+
+
+async def test_a_queued_job_that_can_never_fit_fails_at_once(
+    real_stack: Any, fake: FakeServer
+) -> None:
+    """A job queued before MOONQ_UPSTREAM_TPM was lowered below its estimate fails with a
+    clear error instead of holding up every job behind it."""
+    stack, client = await real_stack(MOONQ_UPSTREAM_TPM=0)
+    huge = await submit(client, chat("y" * 30000))  # an estimate of ~10,000 tokens
+    small = await submit(client, chat("small"))
+    limited = Stack(stack.settings.model_copy(update={"upstream_tpm": 1000}), stack.redis)
+    started = asyncio.get_running_loop().time()
+    await limited.run_worker()
+    job = await _job(client, huge)
+    assert job["status"] == "failed"
+    assert job["error"]["type"] == "request_too_large"
+    assert "MOONQ_UPSTREAM_TPM" in job["error"]["message"]
+    assert (await _job(client, small))["status"] == "completed"
+    assert asyncio.get_running_loop().time() - started < 10
+    assert fake.stats.requests == 1  # the impossible one never reached the upstream
+
+
+async def test_paging_never_repeats_a_job_while_jobs_are_created(
+    real_redis: ArqRedis, prefix: str
+) -> None:
+    store = _store(real_redis, prefix)
+    existing = [(await store.create("t", _request(f"old {i}")))[0].id for i in range(60)]
+    stop = asyncio.Event()
+
+    async def create_meanwhile() -> None:
+        n = 0
+        while not stop.is_set():
+            await store.create("t", _request(f"new {n}"))
+            n += 1
+            await asyncio.sleep(0)
+
+    creator = asyncio.create_task(create_meanwhile())
+    seen: list[str] = []
+    after = None
+    try:
+        while True:
+            page, more = await store.list_jobs("t", limit=7, after=after)
+            seen += [job.id for job in page]
+            await asyncio.sleep(0.005)
+            if not more:
+                break
+            after = page[-1].id
+    finally:
+        stop.set()
+        await creator
+    assert len(seen) == len(set(seen))  # no job twice
+    assert set(existing) <= set(seen)  # and none skipped
+
+
+async def test_status_filter_reads_only_matching_jobs(real_redis: ArqRedis, prefix: str) -> None:
+    """`?status=failed&limit=1` among thousands of jobs reads a handful of records, not all,
+    and never the stored requests."""
+    store = _store(real_redis, prefix)
+    jobs = [(await store.create("t", _request("z" * 20000)))[0].id for _ in range(300)]
+    failed = jobs[100]
+    attempt = await store.start_attempt(failed)
+    error = {"type": "content_filter", "message": "no"}
+    await store.finish(
+        failed,
+        Status.FAILED,
+        {"event": "error", "data": error},
+        {"error": error},
+        attempt,
+        tenant="t",
+    )
+    reads = _count_replies(real_redis)
+    listed, more = await store.list_jobs("t", limit=1, status=Status.FAILED)
+    assert [j.id for j in listed] == [failed] and not more
+    queued, more = await store.list_jobs("t", limit=5, status=Status.QUEUED)
+    assert len(queued) == 5 and more and failed not in [j.id for j in queued]
+    job = await store.get(jobs[0], "t")
+    assert job is not None and job.status == Status.QUEUED
+    assert reads.bytes < 20_000  # the 20 kB requests are never read
+    assert reads.commands < 20
+
+
+class _Replies:
+    def __init__(self) -> None:
+        self.commands = 0
+        self.bytes = 0
+
+
+def _count_replies(redis: ArqRedis) -> _Replies:
+    """Count the commands sent through `redis` and the size of their replies."""
+    counts = _Replies()
+    send = redis.execute_command
+
+    async def counted(*args: Any, **options: Any) -> Any:
+        counts.commands += 1
+        reply = await send(*args, **options)
+        counts.bytes += len(json.dumps(reply, default=repr))
+        return reply
+
+    redis.execute_command = counted  # type: ignore[method-assign]
+    pipeline = redis.pipeline
+
+    def counted_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        async def run(*a: Any, **k: Any) -> Any:
+            counts.commands += len(pipe.command_stack)
+            replies = await execute(*a, **k)
+            counts.bytes += len(json.dumps(replies, default=repr))
+            return replies
+
+        pipe.execute = run  # type: ignore[method-assign]
+        return pipe
+
+    redis.pipeline = counted_pipeline  # type: ignore[method-assign]
+    return counts
+
+
+async def test_listing_filters_by_custom_id(real_redis: ArqRedis, prefix: str) -> None:
+    store = _store(real_redis, prefix)
+    mine = [(await store.create("t", _request(custom_id="doc-7")))[0].id for _ in range(2)]
+    await store.create("t", _request(custom_id="doc-8"))
+    await store.create("other", _request(custom_id="doc-7"))
+    listed, more = await store.list_jobs("t", limit=10, custom_id="doc-7")
+    assert [j.id for j in listed] == list(reversed(mine)) and not more
+    assert await store.list_jobs("t", limit=10, batch_id="batch_x") == ([], False)
+
+
+async def test_a_run_whose_permit_lapsed_stops_and_the_job_runs_again(real_stack: Any) -> None:
+    """A worker that stalled past its upstream permit's lease learns it at its next renewal,
+    stops its stream and hands the job back: the concurrency limit is never exceeded."""
+    stack, client = await real_stack(MOONQ_UPSTREAM_CONCURRENCY=1, MOONQ_LOCK_TIMEOUT=1)
+    payload = chat("permit", fake_moonshot={"chunks": 20, "delay": 0.1})
+    job_id = await submit(client, payload)
+    leases = f"{stack.settings.key_prefix}:limit:leases"
+
+    async def lapse() -> None:  # as if the lease expired during a stall and was handed on
+        for _ in range(500):
+            if len(await stack.events(job_id)) >= 4:
+                break
+            await asyncio.sleep(0.02)
+        await stack.redis.delete(leases)
+
+    lapsing = asyncio.create_task(lapse())
+    await stack.run_worker()
+    await lapsing
+    job = await _job(client, job_id)
+    assert job["status"] == "completed" and job["attempts"] == 2
+    assert job["result"]["choices"][0]["message"]["content"] == expected_content(payload["body"])
+    events = await stack.events(job_id)
+    first = [e for e in events if e["attempt"] == 1 and e["event"] == "chunk"]
+    assert 4 <= len(first) < 22  # the first attempt stopped mid-stream
+    assert [e["event"] for e in events].count("retry") == 1

@@ -1,0 +1,114 @@
+"""Settings refuse, at start, what would otherwise fail later (or for ever) at run time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from moonq.settings import Settings, is_loopback, redis_database
+
+
+def settings(**values: Any) -> Settings:
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def refusal(**values: Any) -> tuple[str, str]:
+    """(the setting named, the message) of the one error `values` cause."""
+    with pytest.raises(ValidationError) as caught:
+        settings(**values)
+    [error] = caught.value.errors(include_input=False, include_url=False)
+    return str(error["loc"][0]), error["msg"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "localhost:6379",  # no scheme: today a traceback from uvicorn or arq
+        "127.0.0.1:6379/0",
+        "http://localhost:6379/0",
+        "redis://localhost:6379/zero",
+        "redis://localhost:63x9/0",
+        "redis://localhost:6379/0?db=one",
+        "redis:///0",
+    ],
+)
+def test_a_malformed_redis_url_is_refused_by_name(url: str) -> None:
+    name, message = refusal(REDIS_URL=url)
+    assert name == "REDIS_URL" and "redis://" in message
+
+
+def test_a_redis_url_error_never_echoes_its_password() -> None:
+    name, message = refusal(REDIS_URL="redis://:hunter2@localhost:6379/x")
+    assert name == "REDIS_URL" and "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "database"),
+    [
+        ("redis://localhost:6379/0", 0),
+        ("redis://localhost", 0),
+        ("redis://:pw@redis:6379/13", 13),
+        ("rediss://cache.example:6380/2", 2),
+        ("redis://localhost:6379?db=5", 5),
+        ("unix:///run/redis.sock", 0),
+        ("unix:///run/redis.sock?db=3", 3),
+    ],
+)
+def test_well_formed_redis_urls_are_accepted(url: str, database: int) -> None:
+    assert settings(REDIS_URL=url).redis_url == url
+    assert redis_database(url) == database
+
+
+@pytest.mark.parametrize("url", ["api.moonshot.cn/v1", "ftp://api.moonshot.cn/v1", "https://"])
+def test_an_upstream_url_without_http_is_refused_by_name(url: str) -> None:
+    name, message = refusal(MOONSHOT_BASE_URL=url)
+    assert name == "MOONSHOT_BASE_URL" and "http" in message
+
+
+def test_an_upstream_url_keeps_its_path_without_the_trailing_slash() -> None:
+    assert settings(MOONSHOT_BASE_URL="http://127.0.0.1:8001/v1/").moonshot_base_url == (
+        "http://127.0.0.1:8001/v1"
+    )
+
+
+def test_a_repeated_api_key_is_refused_without_echoing_it() -> None:
+    name, message = refusal(MOONQ_API_KEYS="sk-first=alpha, sk-again=beta,sk-first=gamma")
+    assert name == "MOONQ_API_KEYS"
+    assert "entry 3" in message and "sk-first" not in message and "sk-again" not in message
+
+
+def test_distinct_api_keys_map_to_their_tenants() -> None:
+    keys = settings(MOONQ_API_KEYS="k1=alpha,k2=alpha").tenants_by_key()
+    assert keys == {"k1": "alpha", "k2": "alpha"}
+
+
+@pytest.mark.parametrize(
+    ("base_url", "local"),
+    [
+        ("http://127.0.0.1:8001/v1", True),
+        ("http://127.9.9.9:8001/v1", True),
+        ("http://localhost:11434/v1", True),
+        ("http://[::1]:8001/v1", True),
+        ("https://api.moonshot.cn/v1", False),
+        ("http://10.0.0.5:8001/v1", False),
+        ("http://localhost.example.com/v1", False),
+        ("http://0.0.0.0:8001/v1", False),
+    ],
+)
+def test_only_a_loopback_upstream_counts_as_local(base_url: str, local: bool) -> None:
+    assert settings(MOONSHOT_BASE_URL=base_url).upstream_is_local is local
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("localhost", True), ("::1", True), ("0.0.0.0", False), ("::", False)],
+)
+def test_loopback_hosts(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_an_open_api_is_not_allowed_by_default() -> None:
+    assert settings().allow_open is False
+    assert settings(MOONQ_ALLOW_OPEN="true").allow_open is True
