@@ -90,6 +90,7 @@ class _Control:
     error: str | None = None
     retry_after: float | None = None
     fail_times: int | None = None
+    fail_after: int = 0
     key: str | None = None
     drop_after: int = 2
     parallel_tools: bool = False
@@ -145,6 +146,7 @@ def _control(body: JSON, cfg: FakeConfig) -> _Control:
             error=_optional(raw, "error", str),
             retry_after=_optional(raw, "retry_after", float),
             fail_times=_optional(raw, "fail_times", int),
+            fail_after=int(raw.get("fail_after", 0)),
             key=_optional(raw, "key", str),
             drop_after=int(raw.get("drop_after", 2)),
             parallel_tools=bool(raw.get("parallel_tools", False)),
@@ -334,7 +336,8 @@ async def _read_body(request: web.Request) -> JSON:
 
 
 def _should_inject(app: web.Application, body: JSON, ctl: _Control) -> bool:
-    """Inject always, or with ``fail_times`` only for the first N requests sharing a key."""
+    """Inject always, or with ``fail_times`` only for N requests sharing a key: the first N,
+    or the N after the first ``fail_after`` (which pass)."""
     if ctl.error is None:
         return False
     if ctl.fail_times is None:
@@ -342,7 +345,7 @@ def _should_inject(app: web.Application, body: JSON, ctl: _Control) -> bool:
     key = ctl.key if ctl.key is not None else _digest(body).hex()
     fails = app[FAILS_KEY]
     fails[key] = fails.get(key, 0) + 1
-    return fails[key] <= ctl.fail_times
+    return ctl.fail_after < fails[key] <= ctl.fail_after + ctl.fail_times
 
 
 async def _stream(
