@@ -303,10 +303,15 @@ def worker_kwargs(
     redis: ArqRedis | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> dict[str, Any]:
-    """Everything `arq.Worker` takes; `redis` and `transport` are injected by dev mode and tests."""
+    """Everything `arq.Worker` takes; `redis` and `transport` are injected by dev mode and tests.
+
+    arq polls, locks and finishes jobs through the same bounded pool as moonq's own commands,
+    so a worker never opens more than MOONQ_REDIS_MAX_CONNECTIONS (arq would otherwise open a
+    pool of its own, unbounded); arq closes it when the worker closes.
+    """
+    client = redis or connect(settings.redis_url, settings.redis_max_connections)
 
     async def startup(ctx: dict[str, Any]) -> None:
-        client = redis or connect(settings.redis_url, settings.redis_max_connections)
         store = JobStore.from_settings(client, settings)
         upstream = MoonshotClient.from_settings(settings, transport)
         limiter = UpstreamLimiter(
@@ -318,7 +323,6 @@ def worker_kwargs(
             lease_ttl=settings.lock_timeout,
         )
         ctx["moonq_runner"] = Runner(store, upstream, limiter, settings)
-        ctx["moonq_redis"] = client
         if settings.moonshot_api_key is None:
             log.warning("MOONSHOT_API_KEY is not set: upstream calls carry no key")
         log.info(
@@ -332,14 +336,12 @@ def worker_kwargs(
         if runner is not None:
             await runner.client.aclose()
             await runner.limiter.close()
-        if redis is None and "moonq_redis" in ctx:
-            await ctx["moonq_redis"].aclose()
 
     return {
         "functions": [func(run_completion, name=JOB_FUNCTION, max_tries=ARQ_MAX_TRIES)],
         "queue_name": settings.queue_name,
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
-        "redis_pool": redis,
+        "redis_pool": client,
         "on_startup": startup,
         "on_shutdown": shutdown,
         "max_jobs": settings.worker_concurrency,
