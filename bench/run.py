@@ -214,7 +214,11 @@ async def batch(stack: Stack, n: int, c: int, one: Callable[[int], Awaitable[Sam
 
 async def measure(stack: Stack, args: argparse.Namespace) -> list[Row]:
     top, rows = max(args.levels), list[Row]()
-    limits = httpx.Limits(max_connections=2 * top, max_keepalive_connections=2 * top)
+    # Idle connections are dropped before uvicorn's 5 s keep-alive closes them: reusing one the
+    # server is closing at that moment fails the POST ("Server disconnected").
+    limits = httpx.Limits(
+        max_connections=2 * top, max_keepalive_connections=2 * top, keepalive_expiry=2.0
+    )
     client = MoonshotClient(f"{stack.fake_url}/v1", "sk-bench", concurrency=top)
     transport, timeout = AiohttpTransport(limits=limits), httpx.Timeout(90, connect=10)
     http = httpx.AsyncClient(base_url=stack.api_url, transport=transport, timeout=timeout)

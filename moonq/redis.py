@@ -63,6 +63,7 @@ _TRANSIENT_REPLIES = (
     "BUSY",
     "LOADING",
     "MASTERDOWN",
+    "MISCONF",  # a failed snapshot refuses writes until the next one succeeds
     "TRYAGAIN",
     "CLUSTERDOWN",
     "OOM",

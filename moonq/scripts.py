@@ -8,17 +8,24 @@ local function terminal(s) return s == 'completed' or s == 'failed' or s == 'can
 """
 
 # A job's status moves between its tenant's status indexes (sorted sets scored by creation
-# time, `Keys.tenant_status`): ARGV[1] of every script that calls it is `{prefix}:tenant:`.
-# The record is read for the tenant and the score; the move is a ZREM and a ZADD, which cannot
-# fail on moonq's own keys.
+# time, `Keys.tenant_status`): ARGV[1] of every script that uses them is `{prefix}:tenant:`.
+# `status_index` reads and checks what the move needs before a script's first write (nil for a
+# record without its tenant or creation time); the move itself, a ZADD with a checked score
+# then a ZREM, cannot fail.
 MOVE_STATUS = """
-local function move_status(job, from, to)
+local function status_index(job)
   local t = redis.call('HMGET', job, 'tenant', 'created_at')
-  local base = ARGV[1] .. t[1] .. ':status:'
-  local id = string.match(job, '[^:]+$')
-  redis.call('ZREM', base .. from, id)
-  redis.call('ZADD', base .. to, t[2], id)
-  return base .. to
+  local score = tonumber(t[2])
+  if not t[1] or not score or score ~= score then return nil end
+  return {base = ARGV[1] .. t[1] .. ':status:', score = t[2], id = string.match(job, '[^:]+$')}
+end
+local function move_status(index, from, to)
+  redis.call('ZADD', index.base .. to, index.score, index.id)
+  if from ~= to then redis.call('ZREM', index.base .. from, index.id) end
+  return index.base .. to
+end
+local function malformed(job)
+  return redis.error_reply('ERR moonq: the record ' .. job .. ' is malformed')
 end
 """
 
@@ -54,17 +61,25 @@ redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 return ''
 """
 
-# KEYS: job. ARGV: status index base, now, worker id. Returns the new attempt number, -1 if the
-# job is already over, -2 if it does not exist. Validates before writing; its writes (HSET,
-# HSETNX, HINCRBY on an integer field, the index move) cannot fail.
+# KEYS: job, arq's lock on it. ARGV: status index base, now, worker id, lock token ('' = do not
+# check the lock), lock ttl (ms). Returns the new attempt number, -1 if the job is already over,
+# -2 if it does not exist, -3 if another run holds arq's lock (this run lost it in a stall:
+# starting would cut off the holder). Takes the lock if nobody holds it. Everything is read and
+# checked first; the writes (SET, the index move, HSET, HSETNX, HINCRBY of a checked integer)
+# cannot fail.
 START = (
     TERMINAL_CHECK
     + MOVE_STATUS
     + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return -2 end
-if terminal(status) then return -1 end
-if status ~= 'in_progress' then move_status(KEYS[1], status, 'in_progress') end
+local state = redis.call('HMGET', KEYS[1], 'status', 'attempts')
+if not state[1] then return -2 end
+if terminal(state[1]) then return -1 end
+local held = ARGV[4] ~= '' and redis.call('GET', KEYS[2])
+if held and held ~= ARGV[4] then return -3 end
+local index = status_index(KEYS[1])
+if not index or not string.match(state[2] or '0', '^%d+$') then return malformed(KEYS[1]) end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5]) end
+move_status(index, state[1], 'in_progress')
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'worker', ARGV[3])
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
 return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
@@ -99,8 +114,9 @@ return seq
 # attempt is stale), -2 if it is missing, -3 if its log moved past the expected seq.
 # Redis does not undo a script's writes when a later command fails, so everything that could
 # fail is checked first: every usage amount is a non-negative integer and no total can
-# overflow (an error reply, nothing written), and the XADD, the one write that could still
-# fail, comes before all the others.
+# overflow, the record has its tenant and creation time (else an error reply, nothing
+# written); and the XADD, the one write that could still fail (an id out of order), comes
+# before all the others.
 FINISH = (
     TERMINAL_CHECK
     + MOVE_STATUS
@@ -118,14 +134,15 @@ for i = last_field + 1, #ARGV, 2 do
     return redis.error_reply('ERR moonq: usage ' .. ARGV[i] .. ' is not a countable amount')
   end
 end
+local index = status_index(KEYS[1])
+if not index then return malformed(KEYS[1]) end
 local seq = (tonumber(state[3]) or 0) + 1
 local event = '{"seq":' .. seq .. ',' .. string.sub(ARGV[6], 2)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '0-' .. seq, 'e', event)
 redis.call('HSET', KEYS[1], 'seq', seq, 'status', ARGV[3])
 for i = 10, last_field, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 for i = last_field + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
-local index = move_status(KEYS[1], state[1], ARGV[3])
-redis.call('ZREMRANGEBYSCORE', index, '-inf', ARGV[8])
+redis.call('ZREMRANGEBYSCORE', move_status(index, state[1], ARGV[3]), '-inf', ARGV[8])
 redis.call('PUBLISH', KEYS[3], event)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
@@ -136,17 +153,20 @@ return seq
 # KEYS: job. ARGV: status index base, attempt, reason, failure budget (0 = this is no failure
 # of the job's). Hands a live attempt's job back to the queue. Returns 1, 0 when the failure
 # budget is spent (the caller fails the job), or -1 if the attempt is no longer the job's
-# live one. Its writes (HINCRBY of an integer field, HSET, the index move) cannot fail.
+# live one. Checked first, its writes (HINCRBY of an integer field, HSET, the index move)
+# cannot fail.
 REQUEUE = (
     MOVE_STATUS
     + """
-local state = redis.call('HMGET', KEYS[1], 'status', 'attempts')
+local state = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'failures')
 if state[1] ~= 'in_progress' or state[2] ~= ARGV[2] then return -1 end
+local index = status_index(KEYS[1])
+if not index or not string.match(state[3] or '0', '^%d+$') then return malformed(KEYS[1]) end
 if tonumber(ARGV[4]) > 0 then
   if redis.call('HINCRBY', KEYS[1], 'failures', 1) >= tonumber(ARGV[4]) then return 0 end
 end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'last_error', ARGV[3])
-move_status(KEYS[1], 'in_progress', 'queued')
+move_status(index, 'in_progress', 'queued')
 return 1
 """
 )
@@ -180,14 +200,20 @@ return 2
 """
 )
 
-# KEYS: arq's lock on the job, arq's job, arq's try counter, arq's abort set, arq's queue.
-# ARGV: this run's lock token, '1' if arq is done with the job, queue score increment ('' =
-# none), job id. arq's own end of a run, except that the lock is released only by the run that
-# holds it: a superseded run that ends must not unlock the job under the run that took it over.
-# (moonq's job function lets arq finish a job only when the job is over: see worker/main.py.)
-FINISH_RUN = """
+# KEYS: arq's lock on the job, arq's job, arq's try counter, arq's abort set, arq's queue, the
+# job. ARGV: this run's lock token, what arq makes of the run ('1': done with the job, '0': run
+# it again, 'force': arq gives up on it), queue score increment ('' = none), job id.
+# arq's own end of a run, with two rules: the lock is released only by the run that holds it
+# (a superseded run that ends must not unlock the job under the run that took it over), and
+# arq forgets a job only once it is over (a run that ends any other way, for whatever reason,
+# leaves the job in the queue), unless arq gives up on it, which moonq first records as a
+# failure of the job. Its writes cannot fail on arq's own keys.
+FINISH_RUN = (
+    TERMINAL_CHECK
+    + """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-if ARGV[2] == '1' then
+local status = redis.call('HGET', KEYS[6], 'status')
+if ARGV[2] == 'force' or (ARGV[2] == '1' and (not status or terminal(status))) then
   redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('ZREM', KEYS[4], ARGV[4])
   redis.call('ZREM', KEYS[5], ARGV[4])
@@ -196,3 +222,4 @@ elseif ARGV[3] ~= '' then
 end
 return 1
 """
+)

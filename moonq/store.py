@@ -270,10 +270,19 @@ class JobStore:
             out.append((self._to_job(fields), fields["tenant"]) if "status" in fields else None)
         return out
 
-    async def start_attempt(self, job_id: str, worker: str = "") -> int:
-        """Mark the job in progress; the new attempt number, or -1 / -2 if it must not run."""
-        args = [self.keys.tenant_status_base(), repr(self.clock()), worker]
-        return int(await self._start(keys=[self.keys.job(job_id)], args=args))
+    async def start_attempt(
+        self, job_id: str, worker: str = "", lock_token: str = "", lock_ttl: float = 0.0
+    ) -> int:
+        """Mark the job in progress; the new attempt number, or -1 (over), -2 (missing), -3
+        (arq's lock on the job is another run's: this run lost it) if it must not run.
+
+        With a `lock_token`, the attempt starts only under that lock, taking it if it is free.
+        """
+        args: list[str | int] = [self.keys.tenant_status_base(), repr(self.clock()), worker]
+        args.append(lock_token)
+        args.append(int(lock_ttl * 1000))
+        keys = [self.keys.job(job_id), in_progress_key_prefix + job_id]
+        return int(await self._start(keys=keys, args=args))
 
     async def append(self, job_id: str, attempt: int, events: list[dict[str, Any]]) -> int:
         """Append and publish events for a live attempt; -1 means the attempt lost the job."""

@@ -18,6 +18,7 @@ from moonq.keys import Keys
 from moonq.models import JobCreate, Status
 from moonq.store import InvalidUsage, JobStore
 from tests.conftest import Stack, chat, make_settings, submit
+from worker.main import create_worker
 
 pytestmark = pytest.mark.redis
 
@@ -317,3 +318,95 @@ async def test_a_run_whose_permit_lapsed_stops_and_the_job_runs_again(real_stack
     first = [e for e in events if e["attempt"] == 1 and e["event"] == "chunk"]
     assert 4 <= len(first) < 22  # the first attempt stopped mid-stream
     assert [e["event"] for e in events].count("retry") == 1
+
+
+async def test_a_run_fenced_at_its_last_write_leaves_the_job_to_its_new_holder(
+    real_stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run A stalls just before it records the result; B takes the job over meanwhile. A's
+    final write is fenced, and A's end must not make arq forget the job B now holds: when B
+    hands it back, the job still runs and completes."""
+    stack, client = await real_stack(MOONQ_UPSTREAM_CONCURRENCY=0)
+    job_id = await submit(client, chat("fenced at the end"))
+    redis = stack.redis
+    lock = f"arq:in-progress:{job_id}"
+    store = JobStore.from_settings(redis, stack.settings)
+    finish = JobStore.finish
+    taken: dict[str, int] = {}
+
+    async def stalled_finish(self: JobStore, job: str, status: Status, *a: Any, **k: Any) -> int:
+        if not taken:  # A's lock lapses; B locks the job and starts attempt 2
+            await redis.set(lock, "worker-b", px=5000)
+            taken["b"] = await store.start_attempt(job, "B", "worker-b", 5)
+        return await finish(self, job, status, *a, **k)
+
+    monkeypatch.setattr(JobStore, "finish", stalled_finish)
+    worker = create_worker(stack.settings, redis=redis, handle_signals=False)
+    running = asyncio.create_task(worker.main())
+    try:
+        for _ in range(200):  # until A's run has ended
+            if worker.jobs_retried or worker.jobs_complete:
+                break
+            await asyncio.sleep(0.05)
+        assert taken["b"] == 2 and worker.jobs_retried == 1
+        assert await redis.zscore(stack.settings.queue_name, job_id) is not None  # arq kept it
+        assert await redis.exists(f"arq:job:{job_id}")
+        assert await redis.get(lock) == b"worker-b"  # and B's lock
+        monkeypatch.setattr(JobStore, "finish", finish)
+        assert await store.requeue(job_id, 2, "B shut down") == 1  # B hands it back...
+        await redis.delete(lock)  # ... and releases its lock
+        for _ in range(200):
+            if (await _job(client, job_id))["status"] == "completed":
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        running.cancel()
+        await asyncio.wait({running})
+        await worker.close()
+    job = await _job(client, job_id)
+    assert job["status"] == "completed" and job["attempts"] == 3
+    await _assert_ended_cleanly(stack, job_id)
+
+
+async def test_start_refuses_a_run_that_lost_arqs_lock(real_redis: ArqRedis, prefix: str) -> None:
+    """A run that stalled past its lock must not start the job under the run holding it."""
+    store = _store(real_redis, prefix)
+    job, _ = await store.create("t", _request())
+    lock = f"arq:in-progress:{job.id}"
+    await real_redis.set(lock, "other-worker", px=5000)
+    try:
+        assert await store.start_attempt(job.id, "w", "this-worker", 5) == -3
+        assert (await store.get(job.id, "t")).status == Status.QUEUED  # type: ignore[union-attr]
+        await real_redis.delete(lock)
+        assert await store.start_attempt(job.id, "w", "this-worker", 5) == 1  # free: taken
+        assert await real_redis.get(lock) == b"this-worker"
+        assert 0 < await real_redis.pttl(lock) <= 5000
+    finally:
+        await real_redis.delete(lock)
+
+
+@pytest.mark.parametrize("damage", [("tenant", None), ("created_at", "not a time")])
+async def test_scripts_refuse_a_malformed_record_before_writing(
+    real_redis: ArqRedis, prefix: str, damage: tuple[str, str | None]
+) -> None:
+    store = _store(real_redis, prefix)
+    job, _ = await store.create("t", _request())
+    key = store.keys.job(job.id)
+    attempt = await store.start_attempt(job.id)
+    field, value = damage
+    if value is None:
+        await real_redis.hdel(key, field)
+    else:
+        await real_redis.hset(key, field, value)
+    before = await real_redis.hgetall(key)
+    done = {"event": "done", "data": {}}
+    usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    with pytest.raises(Exception, match="malformed"):
+        await store.finish(job.id, Status.COMPLETED, done, {"usage": usage}, attempt, tenant="t")
+    with pytest.raises(Exception, match="malformed"):
+        await store.requeue(job.id, attempt, "again")
+    assert await real_redis.hgetall(key) == before
+    assert await real_redis.ttl(key) == -1 and await real_redis.xlen(store.keys.log(job.id)) == 0
+    assert await real_redis.hgetall(store.keys.usage("t")) == {}
+    in_progress = store.keys.tenant_status("t", "in_progress")
+    assert await real_redis.zscore(in_progress, job.id) is not None  # indexes untouched

@@ -37,6 +37,7 @@ log = logging.getLogger("moonq.worker")
 # MOONQ_MAX_ATTEMPTS; past this many, the job is taken to be what kills its workers.
 MAX_INTERRUPTIONS = 20
 REDIS_RETRY_DELAY = 1.0
+BROKEN_RETRY_DELAY = 60.0
 # What `Runner.run` returns for a run whose job was taken over, cancelled or finished by another.
 LOST = "lost"
 
@@ -81,7 +82,9 @@ class Runner:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.draining = False  # set on SIGTERM: take no new upstream permits
 
-    async def run(self, job_id: str, started: Callable[[int], None] = lambda n: None) -> str:
+    async def run(
+        self, job_id: str, lock_token: str = "", started: Callable[[int], None] = lambda n: None
+    ) -> str:
         """Run one attempt of the job; returns the status it left the job in.
 
         Returns only when the job is over (or gone): arq forgets a job whose run returns. A
@@ -90,20 +93,37 @@ class Runner:
         run (the job is not over: that run, or the next, will end it).
         """
         try:
-            outcome = await self._run(job_id, started)
+            outcome = await self._run(job_id, lock_token, started)
+            if outcome == LOST and not await self._is_over(job_id):
+                raise Retry(defer=0)
+            return outcome
+        except Retry:
+            raise
         except PermitAbandoned:
             log.info("job %s goes back to the queue: the worker is shutting down", job_id)
             raise Retry(defer=0) from None
         except (RedisError, OSError) as exc:
             if not transient(exc):
                 # Even failing the job was refused: the record is beyond what moonq can mend.
+                # It stays queued, tried again now and then (without calling the upstream
+                # once it has been interrupted too often), until arq gives up on it.
                 log.exception("job %s: the store refused to record its end", job_id)
-                return "broken"
+                raise Retry(defer=BROKEN_RETRY_DELAY) from exc
             log.warning("job %s: Redis failed (%s); the job runs again", job_id, exc)
             raise Retry(defer=REDIS_RETRY_DELAY) from exc
-        if outcome == LOST and not await self._is_over(job_id):
-            raise Retry(defer=0)
-        return outcome
+
+    async def abandon(self, job_id: str) -> None:
+        """Fail a job arq has given up on, unless it is already over."""
+        error = errors.UpstreamError(
+            "the job could not be run (arq gave up on it: its queue entry expired, or it was "
+            "tried too often)",
+            type="worker_lost",
+        )
+        event = {"event": "error", "attempt": 0, "data": error.info()}
+        tenant = await self.store.redis.hget(self.store.keys.job(job_id), "tenant")  # type: ignore[misc]
+        if tenant is not None:
+            fields = {"error": error.info()}
+            await self.store.finish(job_id, Status.FAILED, event, fields, tenant=tenant.decode())
 
     async def _is_over(self, job_id: str) -> bool:
         status = await self.store.redis.hget(self.store.keys.job(job_id), "status")  # type: ignore[misc]
@@ -112,7 +132,7 @@ class Runner:
     def _is_draining(self) -> bool:
         return self.draining
 
-    async def _run(self, job_id: str, started: Callable[[int], None]) -> str:
+    async def _run(self, job_id: str, lock_token: str, started: Callable[[int], None]) -> str:
         record = await self.store.raw(job_id)
         if record is None:
             log.warning("job %s has no record (expired?); dropping it", job_id)
@@ -120,7 +140,7 @@ class Runner:
         if Status(record["status"]).terminal:
             return record["status"]
         try:
-            return await self._permitted(job_id, record, started)
+            return await self._permitted(job_id, record, lock_token, started)
         except (Retry, PermitAbandoned):
             raise
         except PermitImpossible as exc:
@@ -134,20 +154,29 @@ class Runner:
             error = _unforeseen(exc)
         event = {"event": "error", "attempt": 0, "data": error.info()}
         seen = int(record.get("attempts", "0"))  # not if another run has started since
-        await self.store.finish(
-            job_id, Status.FAILED, event, {"error": error.info()}, seen, tenant=record["tenant"]
+        fields = {"error": error.info()}
+        ended = await self.store.finish(
+            job_id, Status.FAILED, event, fields, seen, tenant=record["tenant"]
         )
-        return Status.FAILED.value
+        return Status.FAILED.value if ended > 0 else LOST
 
     async def _permitted(
-        self, job_id: str, record: dict[str, str], started: Callable[[int], None]
+        self,
+        job_id: str,
+        record: dict[str, str],
+        lock_token: str,
+        started: Callable[[int], None],
     ) -> str:
         """Wait for an upstream permit, then run an attempt under it."""
         body: dict[str, Any] = json.loads(record["request"])
         priority = float(record["created_at"])  # oldest jobs get permits first
         tokens = estimate_tokens(body)
         async with self.limiter.permit(tokens, priority, self._is_draining) as permit:
-            number = await self.store.start_attempt(job_id, self.worker_id)
+            number = await self.store.start_attempt(
+                job_id, self.worker_id, lock_token, self.settings.lock_timeout
+            )
+            if number == -3:  # this run lost arq's lock (a stall): another run has the job
+                return LOST
             if number < 0:
                 return "skipped"
             started(number)
@@ -252,7 +281,7 @@ class Runner:
             return await self._fail(attempt, error)
         if "total_tokens" in counts:
             attempt.permit.used = counts["total_tokens"]
-        await self.store.finish(
+        ended = await self.store.finish(
             attempt.job_id,
             Status.COMPLETED,
             attempt.event("done", result),
@@ -260,7 +289,7 @@ class Runner:
             attempt.number,
             tenant=attempt.tenant,
         )
-        return Status.COMPLETED.value
+        return Status.COMPLETED.value if ended > 0 else LOST  # fenced: another run has it
 
     async def _upstream_failed(self, attempt: Attempt, error: errors.UpstreamError) -> str:
         await attempt.publisher.drain()  # chunks before the failure stay in the log, in order
@@ -291,7 +320,7 @@ class Runner:
     async def _fail(self, attempt: Attempt, error: errors.UpstreamError) -> str:
         log.info("job %s failed on attempt %d: %s", attempt.job_id, attempt.number, error.type)
         info = error.info()
-        await self.store.finish(
+        ended = await self.store.finish(
             attempt.job_id,
             Status.FAILED,
             attempt.event("error", info),
@@ -299,7 +328,7 @@ class Runner:
             attempt.number,
             tenant=attempt.tenant,
         )
-        return Status.FAILED.value
+        return Status.FAILED.value if ended > 0 else LOST
 
 
 def _unforeseen(exc: Exception) -> errors.UpstreamError:

@@ -55,8 +55,11 @@ class MoonqWorker(Worker):
     """arq's worker that rides out Redis outages instead of exiting, stops waiting for upstream
     permits on SIGTERM, and leaves a heartbeat file for `moonq worker --check`."""
 
-    def __init__(self, *args: Any, lock_timeout: float = 5.0, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, lock_timeout: float = 5.0, key_prefix: str = "moonq", **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.keys = Keys(key_prefix)
         self.in_progress_timeout_s = lock_timeout
         self._beat = 0.0
         self._trim_aborts = False
@@ -130,18 +133,28 @@ class MoonqWorker(Worker):
         incr_score: int | None,
         keep_in_progress: float | None,
     ) -> None:
-        """arq's end of a run (moonq keeps no arq results), releasing the lock only if this
-        worker holds it: a superseded run must not unlock the job under the run that took it
-        over, which would let a third worker start it."""
-        await self._end_run(job_id, finish, incr_score)
+        """arq's end of a run (moonq keeps no arq results), by `scripts.FINISH_RUN`: the lock
+        is released only if this worker holds it (a superseded run must not unlock the job
+        under the run that took it over), and arq forgets the job only once it is over."""
+        await self._end_run(job_id, "1" if finish else "0", incr_score)
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
-        await self._end_run(job_id, True, None)
+        """arq gives up on a job without running it (its entry expired, or it was tried
+        `ARQ_MAX_TRIES` times, or it was aborted before it started): one that is not over
+        fails first, so that it is never left behind without anything to run it."""
+        runner: Runner | None = self.ctx.get("moonq_runner")
+        if runner is not None:
+            try:
+                await runner.abandon(job_id)
+            except (RedisError, OSError):
+                log.exception("job %s: arq gave up on it and it could not be failed", job_id)
+        await self._end_run(job_id, "force", None)
 
-    async def _end_run(self, job_id: str, finish: bool, incr_score: int | None) -> None:
+    async def _end_run(self, job_id: str, outcome: str, incr_score: int | None) -> None:
         keys = [in_progress_key_prefix + job_id, job_key_prefix + job_id]
         keys += [retry_key_prefix + job_id, abort_jobs_ss, self.queue_name]
-        args = [self.lock_token, "1" if finish else "0", incr_score or "", job_id]
+        keys.append(self.keys.job(job_id))
+        args = [self.lock_token, outcome, incr_score or "", job_id]
         if self._finish_run is None:
             self._finish_run = self.pool.register_script(scripts.FINISH_RUN)
         await self._finish_run(keys=keys, args=args)
@@ -288,9 +301,10 @@ async def run_completion(ctx: dict[str, Any], job_id: str) -> str:
         int(ctx["score"]),
         settings.lock_timeout,
     )
-    renewing = asyncio.create_task(keeper.renew(ctx.get(LOCK_TOKEN, "1")), name=f"lock-{job_id}")
+    token = ctx.get(LOCK_TOKEN, "1")
+    renewing = asyncio.create_task(keeper.renew(token), name=f"lock-{job_id}")
     try:
-        return await runner.run(job_id, keeper.started)
+        return await runner.run(job_id, token, keeper.started)
     finally:
         keeper.stop()
         renewing.cancel()
@@ -323,6 +337,11 @@ def worker_kwargs(
             lease_ttl=settings.lock_timeout,
         )
         ctx["moonq_runner"] = Runner(store, upstream, limiter, settings)
+        if LOCK_TOKEN not in ctx:
+            log.warning(
+                "arq's own runner: its locks do not name their holder, so a worker that stalls "
+                "past MOONQ_LOCK_TIMEOUT can make a job run more often; `moonq worker` avoids it"
+            )
         if settings.moonshot_api_key is None:
             log.warning("MOONSHOT_API_KEY is not set: upstream calls carry no key")
         log.info(
@@ -360,6 +379,7 @@ def worker_kwargs(
         "job_completion_wait": settings.shutdown_grace,
         "allow_abort_jobs": True,
         "lock_timeout": settings.lock_timeout,
+        "key_prefix": settings.key_prefix,
     }
 
 
