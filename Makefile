@@ -49,6 +49,7 @@ bench: $(TOOLS)
 # The full fault suite: 500 jobs, upstream faults, workers SIGKILLed and stalled, Redis stalled
 # (a redis-server of its own; `--redis-url URL` runs it on another Redis, without Redis stalls).
 chaos: $(TOOLS)
+	$(BIN)/pytest -m slow
 	$(BIN)/python -m tests.chaos
 
 clean:

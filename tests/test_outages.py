@@ -224,6 +224,7 @@ def _request_times(fake_url: str, stop: threading.Event, seen: list[float]) -> N
             time.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_rpm_holds_across_worker_processes(cluster_factory: Any) -> None:
     """The minute is real: ~65 s."""
