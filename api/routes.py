@@ -16,8 +16,9 @@ from api.auth import Tenant
 from api.errors import APIError
 from api.services import services
 from moonq.limits import estimate_tokens
+from moonq.listing import JobLister, UnknownCursor
 from moonq.models import Job, JobCreate, JobList, Status
-from moonq.store import AlreadyFinished, IdempotencyConflict, UnknownCursor
+from moonq.store import AlreadyFinished, IdempotencyConflict
 from moonq.stream import RawEvent, follow
 
 router = APIRouter()
@@ -126,7 +127,7 @@ async def list_jobs(
     or a batch. Unknown parameters are a 400, so a misspelt filter never lists everything."""
     _known_params(request)
     try:
-        jobs, more = await services(request).store.list_jobs(
+        jobs, more = await JobLister(services(request).store).page(
             tenant, limit=limit, after=after, status=status, custom_id=custom_id, batch_id=batch_id
         )
     except UnknownCursor as exc:

@@ -7,7 +7,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
@@ -37,7 +37,6 @@ _FLOAT_FIELDS = ("created_at", "started_at", "completed_at")
 # What a job response shows: never the stored request, which may be megabytes.
 _SHOWN = ["id", "status", "model", "custom_id", "tenant", "attempts", "batch_id"]
 _SHOWN += [*_FLOAT_FIELDS, *_JSON_FIELDS]
-_LIST_BATCH = 200
 
 
 def usage_counts(usage: Any) -> dict[str, int]:
@@ -119,7 +118,7 @@ class JobStore:
         now_ms = int(now * 1000)
         arq_job = arq_payload(job_id, now_ms)
         fingerprint = hashlib.sha256(request.model_dump_json().encode()).hexdigest()[:32]
-        idem_key = self.keys.idempotency(tenant, _digest(idempotency_key or ""))
+        idem_key = self.keys.idempotency(tenant, digest(idempotency_key or ""))
         custom = request.custom_id
         keys = [
             self.keys.job(job_id),
@@ -128,7 +127,7 @@ class JobStore:
             self.queue_name,
             idem_key,
             self.keys.tenant_status(tenant, Status.QUEUED.value),
-            "" if custom is None else self.keys.tenant_custom_id(tenant, _digest(custom)),
+            "" if custom is None else self.keys.tenant_custom_id(tenant, digest(custom)),
         ]
         ttl = IDEMPOTENCY_TTL if idempotency_key else 0
         job_prefix = self.keys.job("")
@@ -179,84 +178,12 @@ class JobStore:
 
     async def get(self, job_id: str, tenant: str | None = None) -> Job | None:
         """The job, or None when it does not exist or belongs to another tenant."""
-        job = (await self._many([job_id]))[0]
+        job = (await self.read_many([job_id]))[0]
         if job is None or (tenant is not None and job[1] != tenant):
             return None
         return job[0]
 
-    async def list_jobs(
-        self,
-        tenant: str,
-        *,
-        limit: int,
-        after: str | None = None,
-        status: Status | None = None,
-        custom_id: str | None = None,
-        batch_id: str | None = None,
-    ) -> tuple[list[Job], bool]:
-        """The tenant's jobs, newest first, `limit` at a time after the job id `after`.
-
-        Pages by a stable cursor (the `after` job's creation time, then its id), so jobs created
-        meanwhile never shift a page. Filters read the narrowest index: a `custom_id` or batch
-        index, else the status index, else all the tenant's jobs; jobs found expired leave it.
-        """
-        index = self._index(tenant, status, custom_id, batch_id)
-        cursor = None
-        if after is not None:
-            score = await self.redis.zscore(self.keys.tenant_jobs(tenant), after)
-            if score is None:
-                raise UnknownCursor(after)
-            cursor = (score, after)
-        wanted = _Filter(status, custom_id, batch_id)
-        jobs: list[Job] = []
-        async for job in self._walk(index, cursor, wanted, batch=limit + 1):
-            jobs.append(job)
-            if len(jobs) > limit:
-                break
-        return jobs[:limit], len(jobs) > limit
-
-    def _index(
-        self, tenant: str, status: Status | None, custom_id: str | None, batch_id: str | None
-    ) -> str:
-        if custom_id is not None:
-            return self.keys.tenant_custom_id(tenant, _digest(custom_id))
-        if batch_id is not None:
-            return self.keys.tenant_batch(tenant, batch_id)
-        if status is not None:
-            return self.keys.tenant_status(tenant, status.value)
-        return self.keys.tenant_jobs(tenant)
-
-    async def _walk(
-        self, index: str, cursor: tuple[float, str] | None, wanted: _Filter, batch: int
-    ) -> AsyncIterator[Job]:
-        """The index's jobs after the cursor, newest first (ties: greater id first)."""
-        top: float | str = "+inf" if cursor is None else cursor[0]
-        offset = 0  # rows already read at score `top`
-        while True:
-            rows = await self.redis.zrevrangebyscore(
-                index, top, "-inf", start=offset, num=batch, withscores=True
-            )
-            page = [
-                m.decode()
-                for m, score in rows
-                if cursor is None or score < cursor[0] or m.decode() < cursor[1]
-            ]
-            found = await self._many(page)
-            gone = [job_id for job_id, job in zip(page, found, strict=True) if job is None]
-            if gone:  # expired jobs leave the index as they are met
-                await self.redis.zrem(index, *gone)
-            for job in found:
-                if job is not None and wanted.matches(job[0]):
-                    yield job[0]
-            if len(rows) < batch:
-                return
-            batch = min(batch * 2, _LIST_BATCH)  # a sparse match: read more at a time
-            last = rows[-1][1]
-            if last != top:
-                top, offset = last, 0
-            offset += sum(1 for m, score in rows if score == last and m.decode() not in gone)
-
-    async def _many(self, job_ids: list[str]) -> list[tuple[Job, str] | None]:
+    async def read_many(self, job_ids: list[str]) -> list[tuple[Job, str] | None]:
         """Each job (with its tenant) or None, reading only the fields a response shows."""
         if not job_ids:
             return []
@@ -426,20 +353,6 @@ class InvalidUsage(ValueError):
     """A usage object whose counts are not non-negative integers."""
 
 
-class _Filter:
-    """What a listed job must also match, beyond the index it was read from."""
-
-    def __init__(self, status: Status | None, custom_id: str | None, batch_id: str | None):
-        self.status, self.custom_id, self.batch_id = status, custom_id, batch_id
-
-    def matches(self, job: Job) -> bool:
-        return (
-            (self.status is None or job.status == self.status)
-            and (self.custom_id is None or job.custom_id == self.custom_id)
-            and (self.batch_id is None or job.batch_id == self.batch_id)
-        )
-
-
 CANCEL_TRIES = 8
 
 
@@ -469,13 +382,9 @@ class _Partial:
         return {"result": result, **({"usage": result["usage"]} if result.get("usage") else {})}
 
 
-class UnknownCursor(Exception):
-    """`after` names no job of the tenant's (any more)."""
-
-
 class AlreadyFinished(Exception):
     """The job already ended; it cannot be cancelled."""
 
 
-def _digest(key: str) -> str:
+def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()

@@ -15,6 +15,7 @@ from arq.connections import ArqRedis
 
 from moonq.fake_moonshot import FakeServer, expected_content
 from moonq.keys import Keys
+from moonq.listing import JobLister
 from moonq.models import JobCreate, Status
 from moonq.store import InvalidUsage, JobStore
 from tests.conftest import Stack, chat, make_settings, submit
@@ -206,7 +207,7 @@ async def test_paging_never_repeats_a_job_while_jobs_are_created(
     after = None
     try:
         while True:
-            page, more = await store.list_jobs("t", limit=7, after=after)
+            page, more = await JobLister(store).page("t", limit=7, after=after)
             seen += [job.id for job in page]
             await asyncio.sleep(0.005)
             if not more:
@@ -236,9 +237,9 @@ async def test_status_filter_reads_only_matching_jobs(real_redis: ArqRedis, pref
         tenant="t",
     )
     reads = _count_replies(real_redis)
-    listed, more = await store.list_jobs("t", limit=1, status=Status.FAILED)
+    listed, more = await JobLister(store).page("t", limit=1, status=Status.FAILED)
     assert [j.id for j in listed] == [failed] and not more
-    queued, more = await store.list_jobs("t", limit=5, status=Status.QUEUED)
+    queued, more = await JobLister(store).page("t", limit=5, status=Status.QUEUED)
     assert len(queued) == 5 and more and failed not in [j.id for j in queued]
     job = await store.get(jobs[0], "t")
     assert job is not None and job.status == Status.QUEUED
@@ -288,9 +289,9 @@ async def test_listing_filters_by_custom_id(real_redis: ArqRedis, prefix: str) -
     mine = [(await store.create("t", _request(custom_id="doc-7")))[0].id for _ in range(2)]
     await store.create("t", _request(custom_id="doc-8"))
     await store.create("other", _request(custom_id="doc-7"))
-    listed, more = await store.list_jobs("t", limit=10, custom_id="doc-7")
+    listed, more = await JobLister(store).page("t", limit=10, custom_id="doc-7")
     assert [j.id for j in listed] == list(reversed(mine)) and not more
-    assert await store.list_jobs("t", limit=10, batch_id="batch_x") == ([], False)
+    assert await JobLister(store).page("t", limit=10, batch_id="batch_x") == ([], False)
 
 
 async def test_a_run_whose_permit_lapsed_stops_and_the_job_runs_again(real_stack: Any) -> None:

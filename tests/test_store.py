@@ -10,8 +10,9 @@ import pytest
 from arq.connections import ArqRedis
 
 from moonq.keys import Keys
+from moonq.listing import JobLister, UnknownCursor
 from moonq.models import JobCreate, Status
-from moonq.store import AlreadyFinished, IdempotencyConflict, JobStore, UnknownCursor
+from moonq.store import AlreadyFinished, IdempotencyConflict, JobStore
 
 TTL = 3600
 # `XADD ... MAXLEN ~ n` trims whole stream nodes only (stream-node-max-entries, 100 by
@@ -218,7 +219,7 @@ async def test_cancel_keeps_the_partial_content(store: JobStore) -> None:
 async def test_expired_jobs_leave_the_tenant_index(store: JobStore) -> None:
     jobs = [(await store.create("t", _request()))[0] for _ in range(4)]
     await store.redis.delete(store.keys.job(jobs[1].id))  # as if it had expired
-    listed, more = await store.list_jobs("t", limit=10)
+    listed, more = await JobLister(store).page("t", limit=10)
     assert [j.id for j in listed] == [j.id for j in reversed(jobs) if j.id != jobs[1].id]
     assert not more
     assert await store.redis.zscore(store.keys.tenant_jobs("t"), jobs[1].id) is None
@@ -264,11 +265,11 @@ async def test_cancel_of_a_job_held_by_a_dead_worker_leaves_nothing(store: JobSt
 async def test_a_cursor_that_is_gone_is_an_error_not_a_restart(store: JobStore) -> None:
     jobs = [(await store.create("t", _request()))[0] for _ in range(3)]
     await store.redis.delete(store.keys.job(jobs[1].id))
-    listed, _ = await store.list_jobs("t", limit=10)
+    listed, _ = await JobLister(store).page("t", limit=10)
     assert jobs[1].id not in [j.id for j in listed]
     with pytest.raises(UnknownCursor):
-        await store.list_jobs("t", limit=10, after=jobs[1].id)
-    older, _ = await store.list_jobs("t", limit=10, after=jobs[2].id)
+        await JobLister(store).page("t", limit=10, after=jobs[1].id)
+    older, _ = await JobLister(store).page("t", limit=10, after=jobs[2].id)
     assert [j.id for j in older] == [jobs[0].id]
 
 

@@ -69,8 +69,18 @@ class MoonqWorker(Worker):
         self.lock_token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.ctx[LOCK_TOKEN] = self.lock_token
         self._finish_run: AsyncScript | None = None
+        # arq stops by cancelling its main task once; a cancel that lands inside a Redis call
+        # can be lost (seen: a SIGTERMed worker that went on polling). Its `on_stop` hook
+        # follows every such cancel, so the poll loop also ends on this flag.
+        self._stopping = False
+        self.on_stop = self._stopped
+
+    def _stopped(self, signum: signal.Signals) -> None:
+        self._stopping = True
 
     async def _poll_iteration(self) -> None:
+        if self._stopping:
+            raise asyncio.CancelledError  # ends arq's main loop, as its cancel meant to
         self._heartbeat()
         try:
             await super()._poll_iteration()
