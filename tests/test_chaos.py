@@ -40,6 +40,9 @@ def test_small_chaos_run(real_redis_url: str, tmp_path: Path) -> None:
     assert report.peak <= config.limit
     assert report.peak >= 2  # the limiter limits, it does not serialise
     assert report.rpm_peak <= config.rpm
-    assert report.recoveries and max(report.recoveries) < config.lock_timeout + 5
+    # A killed job runs again once its lock lapses, as soon as it gets an upstream permit; a
+    # kill that lands while a stalled worker still holds permits (they lapse after the lock
+    # timeout too) can wait for both. The kill alone is bounded in test_faults.
+    assert report.recoveries and max(report.recoveries) < 2 * config.lock_timeout + 5
     assert report.outcomes["ok:completed"] > 0 and report.outcomes["hopeless:failed"] > 0
     assert report.outcomes["absurd_usage:failed"] == config.absurd
