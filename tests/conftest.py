@@ -141,13 +141,14 @@ class Stack:
             await worker.close()
 
 
-@pytest.fixture
-async def stack_factory(fake_redis: ArqRedis, fake: FakeServer, prefix: str) -> AsyncIterator[Any]:
-    """Build `(stack, client)` pairs over fakeredis and the fake upstream."""
+async def _stacks(
+    redis: ArqRedis, redis_url: str, upstream: str, prefix: str
+) -> AsyncIterator[Any]:
+    """A factory of `(stack, client)` pairs on `redis`, closed when the test ends."""
     opened: list[Any] = []
 
     async def build(**extra: Any) -> tuple[Stack, httpx.AsyncClient]:
-        stack = Stack(make_settings("redis://unused", prefix, fake.url, **extra), fake_redis)
+        stack = Stack(make_settings(redis_url, prefix, upstream, **extra), redis)
         lifespan = stack.app.router.lifespan_context(stack.app)
         await lifespan.__aenter__()
         client = httpx.AsyncClient(
@@ -160,6 +161,22 @@ async def stack_factory(fake_redis: ArqRedis, fake: FakeServer, prefix: str) -> 
     for lifespan, client in reversed(opened):
         await client.aclose()
         await lifespan.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def stack_factory(fake_redis: ArqRedis, fake: FakeServer, prefix: str) -> AsyncIterator[Any]:
+    """Build `(stack, client)` pairs over fakeredis and the fake upstream."""
+    async for build in _stacks(fake_redis, "redis://unused", fake.url, prefix):
+        yield build
+
+
+@pytest.fixture
+async def real_stack(
+    real_redis: ArqRedis, real_redis_url: str, fake: FakeServer, prefix: str
+) -> AsyncIterator[Any]:
+    """Build `(stack, client)` pairs over the real Redis and the fake upstream."""
+    async for build in _stacks(real_redis, real_redis_url, fake.url, prefix):
+        yield build
 
 
 async def submit(client: httpx.AsyncClient, payload: dict[str, Any], **kwargs: Any) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -18,34 +17,10 @@ from moonq.keys import Keys
 from moonq.listing import JobLister
 from moonq.models import JobCreate, Status
 from moonq.store import InvalidUsage, JobStore
-from tests.conftest import Stack, chat, make_settings, submit
+from tests.conftest import Stack, chat, submit
 from worker.main import create_worker
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-async def real_stack(
-    real_redis: ArqRedis, real_redis_url: str, fake: FakeServer, prefix: str
-) -> AsyncIterator[Any]:
-    """Build `(stack, client)` pairs over the real Redis and the fake upstream."""
-    opened: list[Any] = []
-
-    async def build(**extra: Any) -> tuple[Stack, httpx.AsyncClient]:
-        settings = make_settings(real_redis_url, prefix, fake.url, **extra)
-        stack = Stack(settings, real_redis)
-        lifespan = stack.app.router.lifespan_context(stack.app)
-        await lifespan.__aenter__()
-        client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=stack.app), base_url="http://moonq"
-        )
-        opened.append((lifespan, client))
-        return stack, client
-
-    yield build
-    for lifespan, client in reversed(opened):
-        await client.aclose()
-        await lifespan.__aexit__(None, None, None)
 
 
 async def _job(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
