@@ -176,6 +176,11 @@ class JobStore:
             return None
         return {k.decode(): v.decode() for k, v in data.items()}
 
+    async def state(self, job_id: str) -> tuple[Status, str] | None:
+        """The job's status and tenant, or None when it does not exist."""
+        status, tenant = await self.redis.hmget(self.keys.job(job_id), ["status", "tenant"])  # type: ignore[misc]
+        return None if status is None else (Status(status.decode()), tenant.decode())
+
     async def get(self, job_id: str, tenant: str | None = None) -> Job | None:
         """The job, or None when it does not exist or belongs to another tenant."""
         job = (await self.read_many([job_id]))[0]

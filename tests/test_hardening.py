@@ -386,3 +386,17 @@ async def test_scripts_refuse_a_malformed_record_before_writing(
     assert await real_redis.hgetall(store.keys.usage("t")) == {}
     in_progress = store.keys.tenant_status("t", "in_progress")
     assert await real_redis.zscore(in_progress, job.id) is not None  # indexes untouched
+
+
+async def test_a_job_arq_gives_up_on_fails_instead_of_vanishing(real_stack: Any) -> None:
+    """arq drops a job without running it when its entry is gone (or it was tried too often);
+    moonq fails the job first, so it ends with an error and a TTL instead of staying queued
+    for ever with nothing left to run it."""
+    stack, client = await real_stack()
+    job_id = await submit(client, chat("its arq entry is lost"))
+    await stack.redis.delete(f"arq:job:{job_id}")
+    await stack.run_worker()
+    job = await _job(client, job_id)
+    assert job["status"] == "failed" and job["error"]["type"] == "worker_lost"
+    await _assert_ended_cleanly(stack, job_id)
+    assert await stack.redis.zscore(stack.settings.queue_name, job_id) is None

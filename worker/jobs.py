@@ -120,14 +120,14 @@ class Runner:
             type="worker_lost",
         )
         event = {"event": "error", "attempt": 0, "data": error.info()}
-        tenant = await self.store.redis.hget(self.store.keys.job(job_id), "tenant")  # type: ignore[misc]
-        if tenant is not None:
+        state = await self.store.state(job_id)
+        if state is not None and not state[0].terminal:
             fields = {"error": error.info()}
-            await self.store.finish(job_id, Status.FAILED, event, fields, tenant=tenant.decode())
+            await self.store.finish(job_id, Status.FAILED, event, fields, tenant=state[1])
 
     async def _is_over(self, job_id: str) -> bool:
-        status = await self.store.redis.hget(self.store.keys.job(job_id), "status")  # type: ignore[misc]
-        return status is None or Status(status.decode()).terminal
+        state = await self.store.state(job_id)
+        return state is None or state[0].terminal
 
     def _is_draining(self) -> bool:
         return self.draining
