@@ -153,30 +153,34 @@ def serve_on_free_port(
     raise RuntimeError(f"{name}: every port tried was taken")
 
 
-def start_fake(name: str, env: dict[str, str], workdir: Path, *extra: str) -> tuple[Proc, str]:
-    """`moonq fake-moonshot` on port 0; (process, origin URL), once it answers."""
-    proc = start(name, ["fake-moonshot", "--port", "0", *extra], env, workdir)
+def _start_server(
+    name: str,
+    args: list[str],
+    env: dict[str, str],
+    workdir: Path,
+    listening: re.Pattern[str],
+    ready: str,
+) -> tuple[Proc, str]:
+    """`moonq <args>` on port 0; (process, origin), once its log says which port it bound
+    and `origin + ready` answers."""
+    proc = start(name, [*args, "--port", "0"], env, workdir)
     try:
-        port = int(wait_log(proc, _FAKE).group(1))
-        origin = f"http://127.0.0.1:{port}"
-        wait_http(f"{origin}/_fake/stats", proc)
+        origin = f"http://127.0.0.1:{int(wait_log(proc, listening).group(1))}"
+        wait_http(origin + ready, proc)
     except BaseException:
         proc.stop()
         raise
     return proc, origin
 
 
+def start_fake(name: str, env: dict[str, str], workdir: Path, *extra: str) -> tuple[Proc, str]:
+    """`moonq fake-moonshot`; (process, origin URL), once it answers."""
+    return _start_server(name, ["fake-moonshot", *extra], env, workdir, _FAKE, "/_fake/stats")
+
+
 def start_api(name: str, env: dict[str, str], workdir: Path) -> tuple[Proc, str]:
-    """`moonq api` on port 0; (process, base URL), once it answers `/readyz`."""
-    proc = start(name, ["api", "--port", "0"], env, workdir)
-    try:
-        port = int(wait_log(proc, _UVICORN).group(1))
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/readyz", proc)
-    except BaseException:
-        proc.stop()
-        raise
-    return proc, url
+    """`moonq api`; (process, base URL), once it answers `/readyz`."""
+    return _start_server(name, ["api"], env, workdir, _UVICORN, "/readyz")
 
 
 class RedisServer:

@@ -216,6 +216,17 @@ async def test_list_jobs_filters_by_custom_id_and_batch(stack_factory: Any) -> N
 
 
 @pytest.mark.parametrize(
+    ("param", "value"),
+    [("custom_id", "c" * 513), ("batch_id", "b" * 257), ("status", "done"), ("status", "")],
+)
+async def test_list_filters_refuse_bad_values(stack_factory: Any, param: str, value: str) -> None:
+    _, client = await stack_factory()
+    response = await client.get("/v1/jobs", params={param: value})
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
     ("limit", "ok"), [("1", True), ("100", True), ("0", False), ("101", False), ("x", False)]
 )
 async def test_list_limit_bounds(stack_factory: Any, limit: str, ok: bool) -> None:

@@ -21,27 +21,25 @@ from tests.procs import RedisServer, wait_log
 
 pytestmark = pytest.mark.e2e
 
-_job, _submit, _until, _events = job_of, submit_to, until, events_of
-
 
 def test_a_killed_workers_job_runs_again_within_the_lock_timeout(cluster_factory: Any) -> None:
     cluster = cluster_factory(workers=2)  # MOONQ_LOCK_TIMEOUT 5 s, as by default
     payload = chat("crash me", fake_moonshot={"chunks": 40, "delay": 0.05})
-    job_id = _submit(cluster, payload)
-    _until(lambda: _job(cluster, job_id)["status"] == "in_progress", 10)
-    _until(lambda: len(_events(cluster, job_id)) >= 3, 10)  # mid-stream
+    job_id = submit_to(cluster, payload)
+    until(lambda: job_of(cluster, job_id)["status"] == "in_progress", 10)
+    until(lambda: len(events_of(cluster, job_id)) >= 3, 10)  # mid-stream
     owner = next(w for w in cluster.workers if cluster.worker_id(w) in _owner(cluster, job_id))
     owner.popen.send_signal(signal.SIGKILL)
-    recovered = _until(lambda: _job(cluster, job_id)["attempts"] == 2, 60)
+    recovered = until(lambda: job_of(cluster, job_id)["attempts"] == 2, 60)
     # The lock lapses after the lock timeout; the other worker polls every 20 ms. A loaded
     # 2-core machine may add a few seconds, no more.
     assert recovered < cluster.config.lock_timeout + 5, f"recovered after {recovered:.1f} s"
     print(f"\nkilled mid-stream: the next attempt started after {recovered:.2f} s")
-    done = _job(cluster, job_id, wait=20)
+    done = job_of(cluster, job_id, wait=20)
     assert done["status"] == "completed" and done["attempts"] == 2
     assert done["result"]["choices"][0]["message"]["content"] == expected_content(payload["body"])
     assert done["usage"] == expected_usage(payload["body"])
-    kinds = [e["event"] for e in _events(cluster, job_id)]
+    kinds = [e["event"] for e in events_of(cluster, job_id)]
     assert kinds.count("retry") == 1 and kinds.count("done") == 1 and kinds[-1] == "done"
     ledger = sync_redis.Redis.from_url(cluster.redis_url)
     try:
@@ -60,24 +58,24 @@ def _owner(cluster: Cluster, job_id: str) -> str:
 
 def test_sigterm_finishes_short_jobs_and_hands_back_long_ones(cluster_factory: Any) -> None:
     cluster = cluster_factory(workers=1, MOONQ_SHUTDOWN_GRACE="2")
-    short = _submit(cluster, chat("short", fake_moonshot={"chunks": 10, "delay": 0.1}))
-    long = _submit(cluster, chat("long", fake_moonshot={"chunks": 50, "delay": 0.08}))
-    _until(lambda: all(_job(cluster, j)["status"] == "in_progress" for j in (short, long)), 10)
+    short = submit_to(cluster, chat("short", fake_moonshot={"chunks": 10, "delay": 0.1}))
+    long = submit_to(cluster, chat("long", fake_moonshot={"chunks": 50, "delay": 0.08}))
+    until(lambda: all(job_of(cluster, j)["status"] == "in_progress" for j in (short, long)), 10)
     worker = cluster.workers[0]
     worker.popen.send_signal(signal.SIGTERM)
     wait_log(worker, "SIGTERM")  # arq's "shutdown on SIGTERM": it takes no job any more
-    late = _submit(cluster, chat("after the signal"))
+    late = submit_to(cluster, chat("after the signal"))
     assert worker.popen.wait(15) == 0
-    assert _job(cluster, short)["status"] == "completed"  # finished within the grace
-    handed_back = _job(cluster, long)
+    assert job_of(cluster, short)["status"] == "completed"  # finished within the grace
+    handed_back = job_of(cluster, long)
     assert handed_back["status"] == "queued" and handed_back["attempts"] == 1
-    assert _job(cluster, late)["status"] == "queued"  # not taken by a stopping worker
+    assert job_of(cluster, late)["status"] == "queued"  # not taken by a stopping worker
     cluster.add_worker()
     for job_id in (long, late):
-        assert _job(cluster, job_id, wait=30)["status"] == "completed"
-    final = _job(cluster, long)
+        assert job_of(cluster, job_id, wait=30)["status"] == "completed"
+    final = job_of(cluster, long)
     assert final["attempts"] == 2
-    retry = [e for e in _events(cluster, long) if e["event"] == "retry"]
+    retry = [e for e in events_of(cluster, long) if e["event"] == "retry"]
     assert len(retry) == 1 and "shut down" in retry[0]["data"]["reason"]
 
 
@@ -85,7 +83,7 @@ def test_redis_outage_is_503_and_everything_recovers(
     cluster_factory: Any, own_redis: RedisServer
 ) -> None:
     cluster = cluster_factory(redis_url=own_redis.url, workers=0)
-    queued = [_submit(cluster, chat(f"survivor {i}")) for i in range(5)]
+    queued = [submit_to(cluster, chat(f"survivor {i}")) for i in range(5)]
     own_redis.kill()
     started = time.monotonic()
     down = httpx.post(f"{cluster.api_url}/v1/jobs", json=chat(), timeout=30)
@@ -95,17 +93,17 @@ def test_redis_outage_is_503_and_everything_recovers(
     assert httpx.get(f"{cluster.api_url}/readyz", timeout=30).status_code == 503
     assert time.monotonic() - started < 10  # answered, not hung
     own_redis.start()  # same port, same AOF file
-    _until(lambda: httpx.get(f"{cluster.api_url}/readyz").status_code == 200, 10)
-    queued.append(_submit(cluster, chat("after the outage")))  # the API recovered by itself
+    until(lambda: httpx.get(f"{cluster.api_url}/readyz").status_code == 200, 10)
+    queued.append(submit_to(cluster, chat("after the outage")))  # the API recovered by itself
     worker = cluster.add_worker()
     for job_id in queued:  # the queued jobs survived the restart
-        assert _job(cluster, job_id, wait=20)["status"] == "completed"
+        assert job_of(cluster, job_id, wait=20)["status"] == "completed"
     own_redis.kill()  # now with a worker running
     wait_log(worker, "Redis unavailable")  # the worker noticed, and keeps polling
     own_redis.start()
-    _until(lambda: httpx.get(f"{cluster.api_url}/readyz").status_code == 200, 10)
-    after = _submit(cluster, chat("the worker recovered"))
-    assert _job(cluster, after, wait=30)["status"] == "completed"
+    until(lambda: httpx.get(f"{cluster.api_url}/readyz").status_code == 200, 10)
+    after = submit_to(cluster, chat("the worker recovered"))
+    assert job_of(cluster, after, wait=30)["status"] == "completed"
     assert worker.popen.poll() is None  # the same worker, never restarted
 
 
@@ -124,11 +122,11 @@ def test_a_redis_blip_mid_stream_loses_nothing(
 ) -> None:
     cluster = cluster_factory(redis_url=own_redis.url, workers=1)
     payload = chat("through the blip", fake_moonshot={"chunks": 40, "delay": 0.1})
-    job_id = _submit(cluster, payload)
+    job_id = submit_to(cluster, payload)
     url = f"{cluster.api_url}/v1/jobs/{job_id}/events"
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(_read_sse, url)
-        _until(lambda: len(_events(cluster, job_id)) >= 8, 10)  # mid-stream
+        until(lambda: len(events_of(cluster, job_id)) >= 8, 10)  # mid-stream
         own_redis.kill()
         cut = first.result(timeout=30)
     assert cut[-1][0] == "stream_error"  # the open stream says so, and ends
@@ -145,4 +143,4 @@ def test_a_redis_blip_mid_stream_loses_nothing(
     final = [e for e in events if e["attempt"] == events[-1]["attempt"] and e["event"] == "chunk"]
     content = "".join(e["data"]["choices"][0]["delta"].get("content") or "" for e in final)
     assert content == expected_content(payload["body"])
-    assert _job(cluster, job_id)["result"]["choices"][0]["message"]["content"] == content
+    assert job_of(cluster, job_id)["result"]["choices"][0]["message"]["content"] == content

@@ -196,13 +196,13 @@ def test_no_process_opens_more_than_redis_max_connections(
     sampler.start()
     try:
         steer = {"chunks": 30, "delay": 0.01}
-        with httpx.Client(base_url=cluster.api_url, timeout=30) as client:
+        with httpx.Client(base_url=cluster.api_url, timeout=70) as client:
             ids = [
                 client.post("/v1/jobs", json=chat(f"load {i}", fake_moonshot=steer)).json()["id"]
                 for i in range(80)
             ]
             for job_id in ids:
-                job = client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()
+                job = client.get(f"/v1/jobs/{job_id}", params={"wait": 55}).json()
                 assert job["status"] == "completed", job
     finally:
         stop.set()
