@@ -37,7 +37,7 @@ def test_small_chaos_run(real_redis_url: str, tmp_path: Path) -> None:
     assert report.lost == 0 and report.duplicated == 0, (report.table(), report.outcomes)
     assert report.wrong == []
     assert report.no_ttl == []
-    assert report.peak <= config.limit
+    assert report.peak <= config.limit + report.frozen  # a frozen worker's streams stay open
     assert report.peak >= 2  # the limiter limits, it does not serialise
     assert report.rpm_peak <= config.rpm
     # A killed job runs again once its lock lapses, as soon as it gets an upstream permit; a

@@ -336,9 +336,8 @@ async def test_a_run_fenced_at_its_last_write_leaves_the_job_to_its_new_holder(
                 break
             await asyncio.sleep(0.05)
     finally:
-        running.cancel()
-        await asyncio.wait({running})
-        await worker.close()
+        await worker.close()  # stops its poll loop, even if the cancel of its main task is lost
+        await asyncio.wait({running}, timeout=10)
     job = await _job(client, job_id)
     assert job["status"] == "completed" and job["attempts"] == 3
     await _assert_ended_cleanly(stack, job_id)

@@ -345,9 +345,9 @@ async def test_a_job_that_cannot_even_start_fails_instead_of_hanging(stack_facto
 
 
 async def test_a_superseded_run_never_strands_the_job(stack_factory: Any, fake: Any) -> None:
-    """Worker A's lock lapses mid-stream, B takes the job over; when A's run ends, arq cleans
-    up after it: B's run puts arq's entries back, so the job still finishes and, had B died,
-    would still be picked up again."""
+    """Worker A's lock lapses mid-stream (its lock keeper is starved), B takes the job over;
+    when A's run ends, arq must not forget the job: its entries and B's lock stay, so the job
+    still finishes and, had B died, would still be picked up again."""
     import asyncio
 
     from worker.main import create_worker
@@ -362,15 +362,17 @@ async def test_a_superseded_run_never_strands_the_job(stack_factory: Any, fake: 
     try:
         while fake.stats.in_flight < 1:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+        # A's lock keeper stops renewing (starved, as behind a busy pool) and the lock lapses
+        keeper = next(t for t in asyncio.all_tasks() if t.get_name() == f"lock-{job_id}")
+        keeper.cancel()
         run_b = asyncio.create_task(b.async_run())
-        async with asyncio.timeout(5):  # A's lock lapses and stays lapsed (a stalled A)...
-            while (await client.get(f"/v1/jobs/{job_id}")).json()["attempts"] < 2:
-                await stack.redis.delete(lock)
-                await asyncio.sleep(0.005)
+        async with asyncio.timeout(5):
+            while (await client.get(f"/v1/jobs/{job_id}")).json()["attempts"] < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
             # ...until B starts attempt 2; A's next write is refused
             while job_id in a.tasks:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
-        async with asyncio.timeout(1.5):  # B's lock keeper (every 0.25 s) restores them
+        async with asyncio.timeout(1.5):  # arq's entries and B's lock are there
             while not (  # noqa: ASYNC110
                 await stack.redis.exists(f"arq:job:{job_id}", lock) == 2
                 and await stack.redis.zscore(stack.settings.queue_name, job_id) is not None
@@ -378,9 +380,8 @@ async def test_a_superseded_run_never_strands_the_job(stack_factory: Any, fake: 
                 await asyncio.sleep(0.01)
         await asyncio.wait_for(run_b, 10)
     finally:
-        run_a.cancel()
-        await asyncio.gather(run_a, return_exceptions=True)
-        await a.close()
+        await a.close()  # stops A's poll loop, even if the cancel of its main task is lost
+        await asyncio.wait({run_a}, timeout=10)
         await b.close()
     done = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert done["status"] == "completed" and done["attempts"] == 2
