@@ -260,7 +260,8 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     """Ready when Redis answers."""
     try:
-        await asyncio.wait_for(services(request).redis.ping(), 2.0)
+        async with asyncio.timeout(2.0):
+            await services(request).redis.ping()
     except (RedisError, OSError, TimeoutError):
         return JSONResponse(
             {

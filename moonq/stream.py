@@ -89,8 +89,11 @@ class EventHub:
         queue: asyncio.Queue[bytes] = asyncio.Queue(self._queue_size)
         listeners, ready = await self._join(name, queue)
         try:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
+            # lands as the wait completes, and a client that went away would listen on.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ready.wait(), confirm_within)
+                async with asyncio.timeout(confirm_within):
+                    await ready.wait()
             yield queue
         finally:
             # Forget the queue at once: a cancelled listener (a client that went away) may be
@@ -258,7 +261,8 @@ async def _live(queue: asyncio.Queue[bytes], last: int, poll: float) -> AsyncIte
     """Consecutive live events after `last`; ends on an idle `poll` or on a gap."""
     while True:
         try:
-            raw = await asyncio.wait_for(queue.get(), poll)
+            async with asyncio.timeout(poll):  # not wait_for: see EventHub.listen
+                raw = await queue.get()
         except TimeoutError:
             return
         event = RawEvent.parse(raw)

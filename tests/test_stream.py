@@ -206,6 +206,33 @@ async def test_a_listener_that_leaves_unsubscribes(real_redis: ArqRedis, prefix:
         await hub.close()
 
 
+async def test_a_listener_cancelled_as_its_subscription_is_confirmed_leaves(
+    fake_redis: ArqRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel and the confirmation land in the same turn of the loop (the CI failure of
+    `test_a_listener_that_leaves_unsubscribes`): the cancel must still win, or a client that
+    went away keeps listening."""
+    hub = EventHub(fake_redis)
+
+    async def confirmed_later(name: bytes) -> None:
+        pass  # the test confirms by hand
+
+    monkeypatch.setattr(hub, "_subscribe", confirmed_later)
+    try:
+        task = asyncio.create_task(_listen_forever(hub, "events:job"))
+        async with asyncio.timeout(5):
+            while b"events:job" not in hub._ready:  # noqa: ASYNC110
+                await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the listener now waits for its confirmation
+        hub._ready[b"events:job"].set()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(5):
+                await task
+    finally:
+        await hub.close()
+
+
 @pytest.mark.parametrize("beyond", [0, 1, 500])
 async def test_a_reader_resuming_after_the_end_is_done_at_once(
     store: JobStore, hub: EventHub, beyond: int

@@ -294,7 +294,8 @@ class LockKeeper:
             except (RedisError, OSError):
                 log.warning("could not renew the lock of job %s", self.job_id)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._done.wait(), self.ttl / 4)
+                async with asyncio.timeout(self.ttl / 4):  # not wait_for: it can lose a cancel
+                    await self._done.wait()
 
 
 async def run_completion(ctx: dict[str, Any], job_id: str) -> str:
