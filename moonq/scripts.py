@@ -3,6 +3,8 @@ attempts, so a worker that lost its job (or a cancelled one) can never write ove
 
 from __future__ import annotations
 
+from moonq.batch_lua import BATCH_HOOK
+
 TERMINAL_CHECK = """
 local function terminal(s) return s == 'completed' or s == 'failed' or s == 'cancelled' end
 """
@@ -105,47 +107,60 @@ end
 return seq
 """
 
-# KEYS: job, log, channel, tenant usage. ARGV: status index base, attempt ('' = any), status,
-# ttl, maxlen, event body, expected seq ('' = any), index horizon (s), number of field pairs N,
-# N field/value pairs, then usage name/amount pairs.
+# KEYS: job, log, channel, tenant usage, then the scheduler's in-flight set, virtual times and
+# active tenants (see batch_lua.BATCH_HOOK). ARGV: status index base, attempt ('' = any),
+# status, ttl, maxlen, event body, expected seq ('' = any), index horizon (s), batch key base,
+# the line's outcome for its batch ('' = the status), number of field pairs N, N field/value
+# pairs, then usage name/amount pairs.
 # Moves a live job to a terminal status with its terminal event, and adds its usage to the
-# tenant's totals, in one step: a job ends once, so its usage counts once. The job and its
-# log then expire after ttl. Returns the event's seq; -1 if the job is already over (or the
-# attempt is stale), -2 if it is missing, -3 if its log moved past the expected seq.
+# tenant's totals, in one step: a job ends once, so its usage counts once. A batch line is
+# counted into its batch in the same step (and the batch ends with its last line). The job
+# and its log then expire after ttl. Returns the event's seq; -1 if the job is already over
+# (or the attempt is stale), -2 if it is missing, -3 if its log moved past the expected seq.
 # Redis does not undo a script's writes when a later command fails, so everything that could
 # fail is checked first: every usage amount is a non-negative integer and no total can
-# overflow, the record has its tenant and creation time (else an error reply, nothing
-# written); and the XADD, the one write that could still fail (an id out of order), comes
-# before all the others.
+# overflow, the record has its tenant and creation time, its batch record is well formed
+# (else an error reply, nothing written); and the XADD, the one write that could still fail
+# (an id out of order), comes before all the others.
 FINISH = (
     TERMINAL_CHECK
     + MOVE_STATUS
+    + BATCH_HOOK
     + """
 local state = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'seq')
 if not state[1] then return -2 end
 if terminal(state[1]) then return -1 end
 if ARGV[2] ~= '' and state[2] ~= ARGV[2] then return -1 end
 if ARGV[7] ~= '' and state[3] ~= ARGV[7] then return -3 end
-local last_field = 9 + 2 * tonumber(ARGV[9])
+local last_field = 11 + 2 * tonumber(ARGV[11])
+local usage = {}
 for i = last_field + 1, #ARGV, 2 do
   local amount = string.match(ARGV[i + 1], '^%d+$') and #ARGV[i + 1] <= 16 and ARGV[i + 1]
   local total = string.match(redis.call('HGET', KEYS[4], ARGV[i]) or '0', '^%d+$')
   if not amount or not total or #total > 18 or tonumber(total) + tonumber(amount) >= 9e18 then
     return redis.error_reply('ERR moonq: usage ' .. ARGV[i] .. ' is not a countable amount')
   end
+  if ARGV[i] ~= 'jobs' then usage[ARGV[i]] = tonumber(amount) end
 end
 local index = status_index(KEYS[1])
 if not index then return malformed(KEYS[1]) end
+local line = batch_line(KEYS[1], ARGV[3])
+if line and line.err then return redis.error_reply(line.err) end
 local seq = (tonumber(state[3]) or 0) + 1
 local event = '{"seq":' .. seq .. ',' .. string.sub(ARGV[6], 2)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '0-' .. seq, 'e', event)
 redis.call('HSET', KEYS[1], 'seq', seq, 'status', ARGV[3])
-for i = 10, last_field, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 12, last_field, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 for i = last_field + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
 redis.call('ZREMRANGEBYSCORE', move_status(index, state[1], ARGV[3]), '-inf', ARGV[8])
 redis.call('PUBLISH', KEYS[3], event)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+if line then
+  batch_line_done(line, usage, redis.call('TIME')[1], ARGV[4])
+elseif usage['total_tokens'] then
+  charge(redis.call('HGET', KEYS[1], 'tenant'), usage['total_tokens'])
+end
 return seq
 """
 )

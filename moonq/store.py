@@ -243,12 +243,48 @@ class JobStore:
         *,
         tenant: str,
         expected_seq: int | None = None,
+        outcome: str = "",
     ) -> int:
         """Move a live job to a terminal status with its terminal event, atomically; a
         completed job's usage is added to its tenant's totals in the same step.
 
+        A batch line is counted into its batch in the same step, as `outcome` ('' = the
+        status; `expired` for a line whose batch's window ended before it ran).
         Raises `InvalidUsage` (before writing anything) for a usage that is not token counts.
         """
+        keys, args = self._finish_call(
+            job_id, status, event, fields, attempt, tenant, expected_seq, outcome
+        )
+        return int(await self._finish(keys=keys, args=args))
+
+    async def finish_many(
+        self, ends: list[tuple[str, str]], status: Status, error: dict[str, Any], outcome: str
+    ) -> list[int]:
+        """End many jobs (id, tenant) that have not started, in one round trip: batch lines
+        a cancel or an expiry ends. Each is FINISH, so a job that started meanwhile, or ended,
+        is handled as FINISH handles it (-1 for one already over)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, tenant in ends:
+                kind = status.value if status == Status.CANCELLED else "error"
+                event: dict[str, Any] = {"event": kind, "attempt": 0, "data": error}
+                fields = {} if status == Status.CANCELLED else {"error": error}
+                keys, args = self._finish_call(
+                    job_id, status, event, fields, None, tenant, None, outcome
+                )
+                await self._finish(keys=keys, args=args, client=pipe)
+            return [int(r) if isinstance(r, int) else -9 for r in await pipe.execute(False)]
+
+    def _finish_call(
+        self,
+        job_id: str,
+        status: Status,
+        event: dict[str, Any],
+        fields: Mapping[str, Any],
+        attempt: int | None,
+        tenant: str,
+        expected_seq: int | None,
+        outcome: str,
+    ) -> tuple[list[str], list[Any]]:
         counts = usage_counts(fields.get("usage")) if status == Status.COMPLETED else {}
         now = self.clock()
         pairs: list[Any] = ["completed_at", repr(now)]
@@ -257,11 +293,13 @@ class JobStore:
         args: list[Any] = [self.keys.tenant_status_base(), "" if attempt is None else str(attempt)]
         args += [status.value, self.result_ttl, self.max_events, dumps(event)]
         args += ["" if expected_seq is None else expected_seq, repr(self._horizon(now))]
-        args += [len(pairs) // 2, *pairs]
+        args += [self.keys.batch_base(), outcome, len(pairs) // 2, *pairs]
         if status == Status.COMPLETED:
             args += ["jobs", 1, *(x for pair in counts.items() for x in pair)]
-        keys = [*self._event_keys(job_id), self.keys.usage(tenant)]
-        return int(await self._finish(keys=keys, args=args))
+        k = self.keys
+        keys = [*self._event_keys(job_id), k.usage(tenant)]
+        keys += [k.sched_inflight(), k.sched_vtime(), k.sched_active()]
+        return keys, args
 
     async def cancel(self, job_id: str, tenant: str) -> Job | None:
         """Cancel a queued or running job; None if it is not the tenant's.

@@ -26,7 +26,8 @@ log = logging.getLogger("moonq.stream")
 
 _HEAD = re.compile(rb'^\{"seq":(\d+),"event":"(\w+)"')
 _REPLAY_BATCH = 500
-TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL)
+# A batch's statuses after its last event (`expired` is a batch's own); `failed` before any.
+TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL) | {"expired"}
 
 
 @dataclass(frozen=True)
@@ -230,8 +231,25 @@ async def follow(
     Ends at once when the job is over and `after` is at or past its terminal event (a client
     reconnecting after the end), and early if the job expires.
     """
-    log_key = keys.log(job_id)
-    async with hub.listen(keys.channel(job_id)) as queue:
+    feed = follow_record(
+        redis, hub, keys.job(job_id), keys.log(job_id), keys.channel(job_id), after, poll
+    )
+    async for event in feed:
+        yield event
+
+
+async def follow_record(
+    redis: Redis,
+    hub: EventHub,
+    record: str,
+    log_key: str,
+    channel: str,
+    after: int = 0,
+    poll: float = 2.0,
+) -> AsyncIterator[RawEvent]:
+    """`follow` for any record with `status` and `seq` fields, an event log and a channel
+    written the same way (a job's, a batch's)."""
+    async with hub.listen(channel) as queue:
         last = after
         while True:
             async for event in replay(redis, log_key, last):
@@ -239,7 +257,7 @@ async def follow(
                 yield event
                 if event.terminal:
                     return
-            if await _nothing_more(redis, keys.job(job_id), last):
+            if await _nothing_more(redis, record, last):
                 return
             async for event in _live(queue, last, poll):
                 last = event.seq

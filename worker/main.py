@@ -27,9 +27,11 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError, WatchError
 
 from moonq import scripts
+from moonq.batches import BatchStore
 from moonq.keys import Keys
 from moonq.limits import UpstreamLimiter
 from moonq.redis import connect
+from moonq.scheduler import Scheduler, batch_cap, worker_reserve
 from moonq.serde import arq_deserialize, arq_serialize
 from moonq.settings import Settings, get_settings
 from moonq.store import JOB_FUNCTION, JobStore, arq_payload
@@ -49,6 +51,10 @@ HEARTBEAT_EVERY = 5.0
 # `Worker`) writes arq's "1".
 LOCK_TOKEN = "moonq_lock_token"
 ABORT_MAX_AGE_MS = 60_000
+# With no batch line to hand out, a worker asks again after this long (a new batch waits at
+# most this long for its first line to start); batches past their window end within EXPIRY_EVERY.
+IDLE_FEED_EVERY = 0.25
+EXPIRY_EVERY = 2.0
 
 
 class MoonqWorker(Worker):
@@ -74,6 +80,7 @@ class MoonqWorker(Worker):
         # follows every such cancel, so the poll loop also ends on this flag.
         self._stopping = False
         self.on_stop = self._stopped
+        self._next_feed = self._next_expiry = 0.0
 
     def _stopped(self, signum: signal.Signals) -> None:
         self._stopping = True
@@ -84,9 +91,30 @@ class MoonqWorker(Worker):
         self._heartbeat()
         try:
             await super()._poll_iteration()
+            await self._feed_batches()
         except (RedisError, OSError) as exc:
             log.warning("Redis unavailable (%s); the worker keeps polling", type(exc).__name__)
             await asyncio.sleep(1.0)
+
+    async def _feed_batches(self) -> None:
+        """Take batch lines into the free job slots beyond the reserve kept for interactive
+        jobs (arq's own poll has just taken those first); now and then, end the batches whose
+        completion window is over. Asks less often while there is nothing to hand out."""
+        scheduler: Scheduler | None = self.ctx.get("moonq_scheduler")
+        if scheduler is None or self._stopping:
+            return
+        now = time.monotonic()
+        if now >= self._next_expiry:
+            self._next_expiry = now + EXPIRY_EVERY
+            await self.ctx["moonq_batches"].expire_due()
+        free = self.max_jobs - self.job_counter - worker_reserve(self.max_jobs)
+        if free <= 0 or now < self._next_feed:
+            return
+        ids = await scheduler.dispatch(free)
+        if not ids:
+            self._next_feed = now + IDLE_FEED_EVERY
+            return
+        await self.start_jobs([job_id.encode() for job_id in ids])
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's `start_jobs`, with the lock saying who holds it. Also: arq takes a job slot
@@ -348,6 +376,10 @@ def worker_kwargs(
             lease_ttl=settings.lock_timeout,
         )
         ctx["moonq_runner"] = Runner(store, upstream, limiter, settings)
+        ctx["moonq_batches"] = BatchStore(store)
+        ctx["moonq_scheduler"] = Scheduler(
+            client, store.keys, settings.queue_name, cap=batch_cap(settings)
+        )
         if LOCK_TOKEN not in ctx:
             log.warning(
                 "arq's own runner: its locks do not name their holder, so a worker that stalls "

@@ -1,0 +1,207 @@
+"""The `/v1/batches` routes, as the OpenAI SDK speaks them, plus a progress feed (SSE) and the
+batch's output and error files, readable while it runs."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from api.auth import Tenant
+from api.errors import APIError
+from api.services import services
+from moonq.batch_input import ENDPOINT, Limits, TooManyLines
+from moonq.batches import BadWindow, Batch, BatchList, BatchStore, NotCancellable
+from moonq.files import FileObject
+from moonq.serde import dumps
+from moonq.stream import follow_record
+
+router = APIRouter(tags=["batches"])
+
+_OUTPUT_FILE = re.compile(r"^file-(batch_[0-9a-f]{24})-(output|errors)$")
+_SEQ = re.compile(r"^[0-9]{1,15}$")
+
+
+class BatchCreate(BaseModel):
+    """What `client.batches.create(...)` sends."""
+
+    model_config = ConfigDict(extra="forbid")
+    input_file_id: StrictStr = Field(max_length=256)
+    endpoint: StrictStr = Field(max_length=256)
+    completion_window: StrictStr = Field("24h", max_length=16)
+    metadata: (
+        dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None
+    ) = Field(None, max_length=16)
+    output_expires_after: dict[str, Any] | None = Field(
+        None, description="accepted for the SDK's sake; moonq's files follow MOONQ_RESULT_TTL"
+    )
+
+
+def batch_store(request: Request) -> BatchStore:
+    state = request.app.state
+    if getattr(state, "batches", None) is None:
+        state.batches = BatchStore(services(request).store)
+    found: BatchStore = state.batches
+    return found
+
+
+def _shown(value: str, limit: int = 64) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "…")
+
+
+async def _own_batch(request: Request, batch_id: str, tenant: str) -> Batch:
+    batch = await batch_store(request).get(batch_id, tenant)
+    if batch is None:
+        raise APIError(404, f"No batch with id {_shown(batch_id)}.")
+    return batch
+
+
+@router.post("/v1/batches", response_model=Batch)
+async def create_batch(payload: BatchCreate, request: Request, tenant: Tenant) -> Batch:
+    """Validate the input file and run every line as a job. A file with bad lines makes a
+    `failed` batch whose `errors.data` lists each one by line number; nothing runs."""
+    svc = services(request)
+    if payload.endpoint != ENDPOINT:
+        raise APIError(400, f"endpoint must be '{ENDPOINT}'.", param="endpoint")
+    found = await svc.files.get(tenant, payload.input_file_id)
+    if found is None:
+        raise APIError(
+            404, f"No file with id {_shown(payload.input_file_id)}.", param="input_file_id"
+        )
+    if found.purpose != "batch":
+        raise APIError(
+            400, "The input file must be uploaded with purpose 'batch'.", param="input_file_id"
+        )
+    settings = svc.settings
+    limits = Limits(settings.batch_max_lines, settings.max_body_bytes, settings.upstream_tpm)
+    try:
+        return await batch_store(request).create(
+            tenant,
+            found.id,
+            lambda: svc.files.lines(found.id),
+            window=payload.completion_window,
+            metadata=payload.metadata,
+            limits=limits,
+        )
+    except BadWindow as exc:
+        raise APIError(400, str(exc), param="completion_window") from exc
+    except TooManyLines as exc:
+        raise APIError(
+            400,
+            f"The file holds more than {limits.max_lines} requests (MOONQ_BATCH_MAX_LINES).",
+            param="input_file_id",
+        ) from exc
+
+
+@router.get("/v1/batches/{batch_id}", response_model=Batch)
+async def retrieve_batch(batch_id: str, request: Request, tenant: Tenant) -> Batch:
+    """The batch, with its counts and usage as of now."""
+    return await _own_batch(request, batch_id, tenant)
+
+
+@router.get("/v1/batches", response_model=BatchList)
+async def list_batches(
+    request: Request,
+    tenant: Tenant,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(max_length=64, description="a batch id")] = None,
+) -> BatchList:
+    """The caller's batches, newest first."""
+    try:
+        return await batch_store(request).page(tenant, after=after, limit=limit)
+    except LookupError as exc:
+        raise APIError(
+            400, f"`after` is not one of your batches: {_shown(after or '')}.", param="after"
+        ) from exc
+
+
+@router.post("/v1/batches/{batch_id}/cancel", response_model=Batch)
+async def cancel_batch(batch_id: str, request: Request, tenant: Tenant) -> Batch:
+    """Lines not started never run, running ones stop; the batch ends `cancelled` with true
+    counts once its last line has. A batch that already ended is a 409."""
+    try:
+        batch = await batch_store(request).cancel(batch_id, tenant)
+    except NotCancellable as exc:
+        raise APIError(409, f"Batch {_shown(batch_id)} has already ended.") from exc
+    if batch is None:
+        raise APIError(404, f"No batch with id {_shown(batch_id)}.")
+    return batch
+
+
+@router.get(
+    "/v1/batches/{batch_id}/events",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def batch_events(
+    batch_id: str,
+    request: Request,
+    tenant: Tenant,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Progress as Server-Sent Events: a `line` event as each line ends (its `custom_id`,
+    job id, outcome and the counts so far), then `done` with the final batch object. Replays
+    from the start, or after `Last-Event-ID`."""
+    batch = await _own_batch(request, batch_id, tenant)
+    after = 0
+    if last_event_id and last_event_id.strip():
+        if not _SEQ.fullmatch(last_event_id.strip()):
+            raise APIError(422, "Last-Event-ID must be a whole number.", param="Last-Event-ID")
+        after = int(last_event_id)
+    return EventSourceResponse(_progress(request, batch, tenant, after), ping=15)
+
+
+async def _progress(
+    request: Request, batch: Batch, tenant: str, after: int
+) -> AsyncIterator[ServerSentEvent]:
+    svc = services(request)
+    k = svc.keys
+    feed = follow_record(
+        svc.redis,
+        svc.hub,
+        k.batch(batch.id),
+        k.batch_log(batch.id),
+        k.batch_channel(batch.id),
+        after,
+    )
+    try:
+        async for event in feed:
+            if not event.terminal:
+                yield ServerSentEvent(data=event.raw.decode(), id=str(event.seq))
+                continue
+            final = await batch_store(request).get(batch.id, tenant) or batch
+            data = {"seq": event.seq, "event": event.event, "data": final.model_dump()}
+            yield ServerSentEvent(data=dumps(data), id=str(event.seq))
+            return
+        if batch.status == "failed":  # failed validation: it never had a line
+            data = {"seq": 0, "event": "done", "data": batch.model_dump()}
+            yield ServerSentEvent(data=dumps(data), id="0")
+    except (RedisError, OSError):
+        message = "The store became unavailable; reconnect with Last-Event-ID to resume."
+        yield ServerSentEvent(
+            event="stream_error",
+            data=dumps({"error": {"type": "service_unavailable", "message": message}}),
+        )
+
+
+async def output_file(
+    request: Request, tenant: str, file_id: str
+) -> tuple[FileObject, AsyncIterator[bytes]] | None:
+    """A batch's output or error file: every line over so far, produced from its jobs."""
+    match = _OUTPUT_FILE.match(file_id)
+    if match is None:
+        return None
+    batch = await batch_store(request).get(match[1], tenant)
+    if batch is None or batch.output_file_id is None:
+        return None
+    purpose = "batch_output"
+    name = f"{batch.id}_{'output' if match[2] == 'output' else 'error'}.jsonl"
+    found = FileObject(
+        id=file_id, bytes=0, created_at=batch.created_at, filename=name, purpose=purpose
+    )
+    return found, batch_store(request).results(batch.id, match[2])
