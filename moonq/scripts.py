@@ -122,11 +122,15 @@ return seq
 # overflow, the record has its tenant and creation time, its batch record is well formed
 # (else an error reply, nothing written); and the XADD, the one write that could still fail
 # (an id out of order), comes before all the others.
-FINISH = (
-    TERMINAL_CHECK
+# FINISH's body is one function over KEYS and ARGV made locals (its helpers' upvalues too), so
+# that FINISH_MANY can run it for many jobs in one call by pointing them at each job's.
+_FINISH_FUNCTION = (
+    "local KEYS, ARGV = KEYS, ARGV\n"
+    + TERMINAL_CHECK
     + MOVE_STATUS
     + BATCH_HOOK
     + """
+local function finish()
 local state = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'seq')
 if not state[1] then return -2 end
 if terminal(state[1]) then return -1 end
@@ -162,6 +166,33 @@ elseif usage['total_tokens'] then
   charge(redis.call('HGET', KEYS[1], 'tenant'), usage['total_tokens'])
 end
 return seq
+end
+"""
+)
+FINISH = _FINISH_FUNCTION + "return finish()\n"
+
+# ARGV: 1 job key base, 2 log base, 3 channel base, 4 usage base, 5 the scheduler's in-flight
+# set, 6 virtual times, 7 active tenants, 8 the number T of FINISH's ARGV, 9..8+T FINISH's
+# ARGV (one set for every job), then job id/tenant pairs. FINISH for each job, in one call
+# (a cancelled or expired batch's lines); returns FINISH's answer for each, in order. Each
+# FINISH checks before it writes; an error reply stops the loop before the next job's writes.
+FINISH_MANY = (
+    _FINISH_FUNCTION
+    + """
+local batch, template = ARGV, {}
+local count = tonumber(batch[8])
+for i = 9, 8 + count do template[#template + 1] = batch[i] end
+local out = {}
+for i = 9 + count, #batch, 2 do
+  local id, tenant = batch[i], batch[i + 1]
+  KEYS = {batch[1] .. id, batch[2] .. id, batch[3] .. id, batch[4] .. tenant,
+    batch[5], batch[6], batch[7]}
+  ARGV = template
+  local answer = finish()
+  if type(answer) == 'table' then return answer end
+  out[#out + 1] = answer
+end
+return out
 """
 )
 

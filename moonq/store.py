@@ -91,6 +91,7 @@ class JobStore:
         self._start = redis.register_script(scripts.START)
         self._append = redis.register_script(scripts.APPEND)
         self._finish = redis.register_script(scripts.FINISH)
+        self._finish_many = redis.register_script(scripts.FINISH_MANY)
         self._requeue = redis.register_script(scripts.REQUEUE)
         self._create = redis.register_script(scripts.CREATE)
 
@@ -260,19 +261,21 @@ class JobStore:
     async def finish_many(
         self, ends: list[tuple[str, str]], status: Status, error: dict[str, Any], outcome: str
     ) -> list[int]:
-        """End many jobs (id, tenant) that have not started, in one round trip: batch lines
-        a cancel or an expiry ends. Each is FINISH, so a job that started meanwhile, or ended,
-        is handled as FINISH handles it (-1 for one already over)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id, tenant in ends:
-                kind = status.value if status == Status.CANCELLED else "error"
-                event: dict[str, Any] = {"event": kind, "attempt": 0, "data": error}
-                fields = {} if status == Status.CANCELLED else {"error": error}
-                keys, args = self._finish_call(
-                    job_id, status, event, fields, None, tenant, None, outcome
-                )
-                await self._finish(keys=keys, args=args, client=pipe)
-            return [int(r) if isinstance(r, int) else -9 for r in await pipe.execute(False)]
+        """End many jobs (id, tenant) that have not started, in one call: batch lines a
+        cancel or an expiry ends. Each is FINISH's step, so a job that started meanwhile, or
+        ended, is handled as FINISH handles it (-1 for one already over)."""
+        if not ends:
+            return []
+        kind = status.value if status == Status.CANCELLED else "error"
+        event: dict[str, Any] = {"event": kind, "attempt": 0, "data": error}
+        fields = {} if status == Status.CANCELLED else {"error": error}
+        keys, template = self._finish_call("", status, event, fields, None, "", None, outcome)
+        k = self.keys
+        args: list[Any] = [k.job(""), k.log(""), k.channel(""), k.usage("")]
+        args += [*keys[4:], len(template), *template]
+        for pair in ends:
+            args += pair
+        return [int(answer) for answer in await self._finish_many(args=args)]
 
     def _finish_call(
         self,

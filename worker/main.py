@@ -96,6 +96,15 @@ class MoonqWorker(Worker):
             log.warning("Redis unavailable (%s); the worker keeps polling", type(exc).__name__)
             await asyncio.sleep(1.0)
 
+    async def close(self) -> None:
+        """arq's close, which raises when a job task it cancels ends cancelled (a run that
+        was finishing its last write): let them end first."""
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        self.tasks.clear()
+        await super().close()
+
     async def _feed_batches(self) -> None:
         """Take batch lines into the free job slots beyond the reserve kept for interactive
         jobs (arq's own poll has just taken those first); now and then, end the batches whose
