@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from moonq.fake_moonshot import FakeServer, expected_content
-from tests.conftest import until
 from worker.main import MoonqWorker, create_worker
 
 pytestmark = pytest.mark.redis
@@ -97,7 +96,7 @@ async def test_the_openai_sdk_runs_a_batch_end_to_end(real_stack: Any) -> None:
     """The official `openai` package's whole batch flow, checked against OpenAI's formats."""
     import openai
 
-    stack, client = await real_stack()
+    stack, _client = await real_stack()
     sdk = openai.AsyncOpenAI(
         api_key="unused",
         base_url="http://moonq/v1",
@@ -205,7 +204,7 @@ async def test_validation_names_every_bad_line_and_enqueues_nothing(real_stack: 
 async def test_a_bad_batch_request_is_a_4xx(
     real_stack: Any, change: dict[str, Any], param: str
 ) -> None:
-    stack, client = await real_stack()
+    _stack, client = await real_stack()
     file_id = await upload(client, jsonl([line("a")]))
     payload = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", **change}
     response = await client.post("/v1/batches", json=payload)
@@ -215,7 +214,7 @@ async def test_a_bad_batch_request_is_a_4xx(
 
 
 async def test_over_the_line_limit_is_a_400(real_stack: Any) -> None:
-    stack, client = await real_stack(MOONQ_BATCH_MAX_LINES=3)
+    _stack, client = await real_stack(MOONQ_BATCH_MAX_LINES=3)
     file_id = await upload(client, jsonl([line(str(i)) for i in range(4)]))
     response = await client.post(
         "/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/chat/completions"}
@@ -268,7 +267,7 @@ async def batch_of(client: httpx.AsyncClient, batch_id: str) -> dict[str, Any]:
 
 async def wait_for(predicate: Any, timeout: float) -> None:
     async with asyncio.timeout(timeout):
-        while not await predicate():
+        while not await predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.02)
 
 

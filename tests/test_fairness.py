@@ -3,7 +3,6 @@ the same rate whatever their sizes, and a tenant that used more recently yields.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import statistics
 import time
@@ -89,7 +88,7 @@ async def test_two_tenants_progress_at_the_same_rate(real_stack: Any, fake: Fake
 async def test_a_tenant_that_used_more_recently_yields(real_stack: Any) -> None:
     """Alice's interactive jobs used 5,000 tokens just now; Bob used none. Their batches of
     equal lines arrive together: Bob's lines go first until he has used as much."""
-    stack, client = await real_stack()
+    stack, _client = await real_stack()
     store = stack.app.state.services.store
     job, _ = await store.create("alice", JobCreate.model_validate({"body": line("x")["body"]}))
     assert await store.start_attempt(job.id) == 1
