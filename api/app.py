@@ -10,9 +10,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from api import errors, routes
+from api import account, batches, errors, files, routes
+from api.files import MULTIPART_OVERHEAD
 from api.limits import BodyLimit
 from api.services import Services
+from moonq.files import FileStore
 from moonq.redis import connect, ping
 from moonq.settings import Settings
 from moonq.store import JobStore
@@ -29,7 +31,11 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = redis or connect(settings.redis_url, settings.redis_max_connections)
         store = JobStore.from_settings(client, settings)
-        app.state.services = Services(settings, client, store, EventHub(client), tenants)
+        file_store = FileStore(
+            client, store.keys, max_bytes=settings.max_file_bytes, ttl=settings.file_ttl
+        )
+        hub = EventHub(client)
+        app.state.services = Services(settings, client, store, hub, tenants, file_store)
         if not tenants:
             log.warning("MOONQ_API_KEYS is empty: the API is open to anyone who can reach it")
         if not await ping(client):
@@ -48,9 +54,18 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, paths=_upload_limits(settings))
     app.include_router(routes.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
+    app.include_router(account.router)
     return app
+
+
+def _upload_limits(settings: Settings) -> dict[str, tuple[int, str]]:
+    """File uploads may be larger than other bodies: up to MOONQ_MAX_FILE_BYTES."""
+    message = f"The file is larger than {settings.max_file_bytes} bytes (MOONQ_MAX_FILE_BYTES)."
+    return {"/v1/files": (settings.max_file_bytes + MULTIPART_OVERHEAD, message)}
 
 
 def app_from_env() -> FastAPI:

@@ -15,6 +15,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api.auth import Tenant
 from api.errors import APIError
 from api.services import services
+from moonq.account import WAITING_REASON, paused_reason
 from moonq.limits import estimate_tokens
 from moonq.listing import JobLister, UnknownCursor
 from moonq.models import Job, JobCreate, JobList, Status
@@ -153,9 +154,13 @@ async def get_job(
     """The job; with `wait`, answers as soon as it ends or after `wait` seconds (capped)."""
     job = await _own_job(request, job_id, tenant)
     timeout = min(wait, services(request).settings.max_wait)
-    if job.status.terminal or timeout <= 0:
-        return job
-    return await _wait_terminal(request, job, tenant, timeout)
+    if not job.status.terminal and timeout > 0:
+        job = await _wait_terminal(request, job, tenant, timeout)
+    if job.status == Status.QUEUED:  # say why it does not start, if the account is paused
+        svc = services(request)
+        if await paused_reason(svc.redis, svc.keys) is not None:
+            job.waiting_reason = WAITING_REASON
+    return job
 
 
 async def _wait_terminal(request: Request, job: Job, tenant: str, timeout: float) -> Job:
@@ -258,10 +263,13 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", tags=["health"])
 async def readyz(request: Request) -> JSONResponse:
-    """Ready when Redis answers."""
+    """Ready when Redis answers. An account paused for balance is still ready (the API takes
+    jobs, which wait): `account` says so, for a monitor to alert on."""
+    svc = services(request)
     try:
         async with asyncio.timeout(2.0):
-            await services(request).redis.ping()
+            await svc.redis.ping()
+            reason = await paused_reason(svc.redis, svc.keys)
     except (RedisError, OSError, TimeoutError):
         return JSONResponse(
             {
@@ -270,4 +278,5 @@ async def readyz(request: Request) -> JSONResponse:
             },
             status_code=503,
         )
-    return JSONResponse({"status": "ok"})
+    account = {"paused": reason is not None, "reason": reason}
+    return JSONResponse({"status": "ok", "account": account})

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from redis.asyncio import Redis
 
+from moonq.files import FileStore
 from moonq.keys import Keys
 from moonq.settings import Settings
 from moonq.store import JobStore
@@ -20,6 +21,7 @@ class Services:
     store: JobStore
     hub: EventHub
     tenants: dict[str, str]
+    files: FileStore
 
     @property
     def keys(self) -> Keys:

@@ -1,4 +1,6 @@
-"""The `moonq` command: run the processes (api, worker, dev, fake-moonshot).
+"""The `moonq` command: run the processes (api, worker, dev, fake-moonshot), or `moonq batch`.
+
+`moonq batch` (moonq/batch_cli.py) sends documents and batch files to a running server.
 
 Everything that can be known to be wrong at start is refused at start, with one line naming
 the setting or the port, before a server binds or a worker takes a job.
@@ -15,6 +17,7 @@ from typing import NoReturn
 
 from pydantic import ValidationError
 
+from moonq import batch_cli
 from moonq.settings import Settings, get_settings, is_loopback, redis_database
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -203,6 +206,10 @@ def parser() -> argparse.ArgumentParser:
     )
     fake.add_argument("--usage-style", choices=("moonshot", "openai"), default="moonshot")
     fake.set_defaults(run=_fake)
+
+    batch = sub.add_parser("batch", help="documents and batch files through a moonq server")
+    batch_cli.configure(batch)
+    batch.set_defaults(run=batch_cli.entry)
     return top
 
 

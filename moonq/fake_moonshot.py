@@ -17,6 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
+from moonq import fake_account
+
 JSON = dict[str, Any]
 
 # name -> (status, message); the wire type is the name, or "server_error" for 5xx as Moonshot does.
@@ -212,7 +214,7 @@ def _tool_names(body: JSON) -> list[str]:
 
 def _usage(body: JSON, completion_tokens: int) -> JSON:
     messages = body["messages"]
-    prompt = sum(len(_text(m)) for m in messages) // 4 + len(messages)
+    prompt = fake_account.prompt_tokens(messages)  # what its tokenizer endpoint counts
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion_tokens,
@@ -396,6 +398,8 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     cfg = request.app[CONFIG_KEY]
     _check_auth(request, cfg)
     body = await _read_body(request)
+    if fake_account.out_of_balance(request.app):
+        raise _ApiError("exceeded_current_quota_error", fake_account.SUSPENDED)
     ctl = _control(body, cfg)
     answer = _answer(body, ctl)  # validates tools before faults
     if ctl.first_byte_delay > 0:
@@ -443,6 +447,7 @@ async def get_stats(request: web.Request) -> web.Response:
 async def reset(request: web.Request) -> web.Response:
     request.app[STATS_KEY].reset()
     request.app[FAILS_KEY].clear()
+    request.app[fake_account.ACCOUNT_KEY].reset()
     return web.json_response(asdict(request.app[STATS_KEY]))
 
 
@@ -453,6 +458,10 @@ def create_app(config: FakeConfig | None = None) -> web.Application:
     app[STATS_KEY] = FakeStats()
     app[FAILS_KEY] = {}
     app.router.add_post("/v1/chat/completions", chat_completions)
+    fake_account.install(app, app[CONFIG_KEY])
+    from moonq import fake_files  # it imports this module
+
+    fake_files.install(app)
     app.router.add_get("/_fake/stats", get_stats)
     app.router.add_post("/_fake/reset", reset)
     return app

@@ -48,9 +48,81 @@ class Keys:
         """String: the job created for a tenant's Idempotency-Key (hashed), kept 24 h."""
         return f"{self.prefix}:idem:{tenant}:{digest}"
 
+    def file(self, file_id: str) -> str:
+        """Hash: an uploaded file's record (its tenant and its OpenAI file object)."""
+        return f"{self.prefix}:file:{file_id}"
+
+    def file_data(self, file_id: str) -> str:
+        """String: an uploaded file's bytes, APPENDed in pieces as the upload streams in."""
+        return f"{self.prefix}:file:{file_id}:data"
+
+    def tenant_files(self, tenant: str) -> str:
+        """Sorted set of a tenant's file ids, scored by creation time."""
+        return f"{self.prefix}:tenant:{tenant}:files"
+
+    def extract_owner(self, upstream_id: str) -> str:
+        """String: the tenant that uploaded an upstream `file-extract` file (proxied)."""
+        return f"{self.prefix}:extract:{upstream_id}"
+
     def usage(self, tenant: str) -> str:
         """Hash: a tenant's token totals, added once per completed job."""
         return f"{self.prefix}:usage:{tenant}"
+
+    def batch_base(self) -> str:
+        """What scripts build a batch's key names from (+ batch id [+ suffix])."""
+        return f"{self.prefix}:batch:"
+
+    def batch(self, batch_id: str) -> str:
+        """Hash: the batch record (status, input file, counts, usage, timestamps)."""
+        return f"{self.batch_base()}{batch_id}"
+
+    def batch_lines(self, batch_id: str) -> str:
+        """List: the batch's job ids in the input file's line order (its output's order)."""
+        return f"{self.batch(batch_id)}:lines"
+
+    def batch_pending(self, batch_id: str) -> str:
+        """List: the batch's job ids not yet handed to the workers, in line order."""
+        return f"{self.batch(batch_id)}:pending"
+
+    def batch_log(self, batch_id: str) -> str:
+        """Stream: the batch's progress events (`line` per finished line, then `done`)."""
+        return f"{self.batch(batch_id)}:log"
+
+    def batch_channel(self, batch_id: str) -> str:
+        """Pub/sub channel on which each progress event is published live."""
+        return f"{self.batch_base()}events:{batch_id}"
+
+    def tenant_batches(self, tenant: str) -> str:
+        """Sorted set: a tenant's batch ids, scored by creation time."""
+        return f"{self.prefix}:tenant:{tenant}:batches"
+
+    def batches_expiring(self) -> str:
+        """Sorted set: running batches scored by when their completion window ends."""
+        return f"{self.batch_base()}expiring"
+
+    def sched_base(self) -> str:
+        """What the scheduler's scripts build a tenant's line of batches from (+ tenant)."""
+        return f"{self.prefix}:sched:tenant:"
+
+    def sched_tenant(self, tenant: str) -> str:
+        """List: a tenant's batches with lines still to hand out, oldest first."""
+        return f"{self.sched_base()}{tenant}"
+
+    def sched_active(self) -> str:
+        """Sorted set: tenants with batch lines to hand out, scored by virtual time."""
+        return f"{self.prefix}:sched:active"
+
+    def sched_vtime(self) -> str:
+        """Hash: each tenant's virtual time (tokens charged), kept while it is idle."""
+        return f"{self.prefix}:sched:vtime"
+
+    def sched_clock(self) -> str:
+        """String: the virtual time of the latest line handed out (a new tenant starts here)."""
+        return f"{self.prefix}:sched:clock"
+
+    def sched_inflight(self) -> str:
+        """Sorted set: batch lines handed to the workers and not yet over, by hand-out time."""
+        return f"{self.prefix}:sched:inflight"
 
     def limit_leases(self) -> str:
         """Sorted set: upstream concurrency permits held, scored by expiry (ms)."""
@@ -75,3 +147,12 @@ class Keys:
     def limit_window_tokens(self) -> str:
         """String: the tokens of every request in the window, kept in step by the limiter."""
         return f"{self.limit_window()}:tokens"
+
+    def account(self) -> str:
+        """Hash: the upstream account's pause (out of balance): `paused` (the reason),
+        `paused_since`, `next_check` (Unix s), `checks`; absent while it is not paused."""
+        return f"{self.prefix}:account"
+
+    def account_check(self) -> str:
+        """String: held (SET NX PX) by the one worker checking a paused account's balance."""
+        return f"{self.prefix}:account:check"

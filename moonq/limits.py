@@ -21,7 +21,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -189,12 +189,39 @@ return lost
 )
 
 
-def estimate_tokens(body: dict[str, Any]) -> int:
-    """A cautious guess of what a request will count against TPM before its usage is known:
-    about a token per 3 characters of prompt, plus the completion budget it asks for."""
-    prompt = len(json.dumps(body.get("messages", []), ensure_ascii=False)) // 3 + 1
+def estimate_tokens(body: dict[str, Any], prompt_tokens: int | None = None) -> int:
+    """What a request will count against TPM before its usage is known: its prompt tokens
+    (the upstream's exact count when given, else `local_prompt_tokens`) plus the completion
+    budget it asks for. The API's door check, batches, the CLI and the worker all use it."""
+    prompt = local_prompt_tokens(body) if prompt_tokens is None else max(0, prompt_tokens)
+    return prompt + completion_budget(body)
+
+
+def local_prompt_tokens(body: dict[str, Any]) -> int:
+    """A cautious guess without the upstream's tokenizer: a token per 3 characters of the
+    messages as JSON (real tokenizers count fewer)."""
+    return len(json.dumps(body.get("messages", []), ensure_ascii=False)) // 3 + 1
+
+
+def completion_budget(body: dict[str, Any]) -> int:
+    """The most tokens the request lets the answer take (`max_tokens`), 0 when unbounded."""
     budget = body.get("max_tokens") or body.get("max_completion_tokens") or 0
-    return prompt + (budget if isinstance(budget, int) and budget > 0 else 0)
+    return budget if isinstance(budget, int) and budget > 0 else 0
+
+
+@dataclass(frozen=True)
+class Opening:
+    """A gate's answer to a waiter: wait `wait` seconds before asking again, or go (0); a
+    `probe` goes alone to learn whether a paused account works again."""
+
+    wait: float = 0.0
+    probe: bool = False
+
+
+class Gate(Protocol):
+    """Something that can close the upstream to every worker at once (`moonq.account`)."""
+
+    async def opening(self) -> Opening: ...
 
 
 class PermitAbandoned(Exception):
@@ -215,6 +242,7 @@ class Permit:
     used: int | None = None
     priority: float = 0.0
     lost: asyncio.Event = field(default_factory=asyncio.Event)
+    probe: bool = False  # let through a closed gate, to learn whether the account works
 
 
 class UpstreamLimiter:
@@ -227,8 +255,10 @@ class UpstreamLimiter:
         rpm: int,
         tpm: int,
         lease_ttl: float = 5.0,
+        gate: Gate | None = None,
     ) -> None:
         self.redis = redis
+        self.gate = gate
         self.keys = keys
         self.concurrency, self.rpm, self.tpm = concurrency, rpm, tpm
         self.lease_ttl_ms = int(lease_ttl * 1000)
@@ -249,7 +279,8 @@ class UpstreamLimiter:
         """Hold one upstream request's permit; set `permit.used` to the real token count
         (0 when the attempt ended without usage: its estimate leaves the TPM window).
 
-        Waiters are served lowest `priority` first (moonq passes the job's creation time).
+        Waiters are served lowest `priority` first (moonq passes the job's creation time),
+        and only while the `gate` (the account's pause) is open, limits on or off.
         Raises `PermitImpossible` at once when `tokens` exceeds the TPM limit, and
         `PermitAbandoned` when `give_up()` turns true while waiting. While held, watch
         `permit.lost`: it is set if the lease lapsed and was not renewed.
@@ -260,15 +291,16 @@ class UpstreamLimiter:
                 f"MOONQ_UPSTREAM_TPM={self.tpm} allows in a minute"
             )
         permit = Permit(uuid.uuid4().hex, tokens, priority=priority)
-        if not self.enabled:
-            yield permit
-            return
         try:
             await self._wait_for(permit, give_up)
         except BaseException:
-            with contextlib.suppress(RedisError, OSError):  # give up the place in line
-                await asyncio.shield(self._leave_line(permit.lease))
+            if self.enabled:
+                with contextlib.suppress(RedisError, OSError):  # give up the place in line
+                    await asyncio.shield(self._leave_line(permit.lease))
             raise
+        if not self.enabled:
+            yield permit
+            return
         try:
             yield permit
         finally:
@@ -293,7 +325,11 @@ class UpstreamLimiter:
         while True:
             if give_up():
                 raise PermitAbandoned(permit.lease)
-            wait_ms = int(await self._acquire(keys=self._keys(), args=args))
+            wait_ms = await self._closed_ms(permit)
+            if wait_ms == 0:
+                if not self.enabled:
+                    return
+                wait_ms = int(await self._acquire(keys=self._keys(), args=args))
             if wait_ms == 0:
                 self._held[permit.lease] = permit
                 self._ensure_renewer()
@@ -301,6 +337,15 @@ class UpstreamLimiter:
             # jitter keeps waiting workers from asking in lockstep; never past the 3 s after
             # which a silent waiter loses its place
             await asyncio.sleep(min(wait_ms, 1000) / 1000 * random.uniform(0.5, 1.5))
+
+    async def _closed_ms(self, permit: Permit) -> int:
+        """How long the gate keeps this waiter out (one cheap read per ask); 0 when open. A
+        probe, once let through, is not stopped again while it waits for its permit."""
+        if self.gate is None or permit.probe:
+            return 0
+        opening = await self.gate.opening()
+        permit.probe = opening.probe
+        return 0 if opening.probe or opening.wait <= 0 else max(1, int(opening.wait * 1000))
 
     async def _leave_line(self, lease: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:

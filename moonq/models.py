@@ -145,6 +145,8 @@ class Job(BaseModel):
     result: dict[str, Any] | None = None
     usage: dict[str, Any] | None = None
     error: ErrorInfo | None = None
+    # Why a queued job does not start (the upstream account is paused): GET /v1/jobs/{id} only.
+    waiting_reason: str | None = None
 
 
 class JobList(BaseModel):

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import ipaddress
 from functools import lru_cache
+from typing import Self
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MOONSHOT_BASE_URL = "https://api.moonshot.cn/v1"
+
+# Moonshot's account limits by tier (cumulative recharge): concurrency, RPM, TPM.
+MOONSHOT_TIERS: dict[int, tuple[int, int, int]] = {
+    0: (1, 3, 500_000),
+    1: (50, 200, 2_000_000),
+    2: (100, 500, 3_000_000),
+    3: (200, 5_000, 3_000_000),
+    4: (400, 5_000, 4_000_000),
+    5: (1_000, 10_000, 5_000_000),
+}
+DEFAULT_TIER = 1
+_LIMITS = ("upstream_concurrency", "upstream_rpm", "upstream_tpm")
 
 
 class Settings(BaseSettings):
@@ -34,16 +47,46 @@ class Settings(BaseSettings):
     max_attempts: int = Field(5, ge=1, le=100, alias="MOONQ_MAX_ATTEMPTS")
     shutdown_grace: float = Field(30.0, ge=0, alias="MOONQ_SHUTDOWN_GRACE")
     lock_timeout: float = Field(5.0, ge=1, le=300, alias="MOONQ_LOCK_TIMEOUT")
-    upstream_concurrency: int = Field(50, ge=0, alias="MOONQ_UPSTREAM_CONCURRENCY")
-    upstream_rpm: int = Field(200, ge=0, alias="MOONQ_UPSTREAM_RPM")
-    upstream_tpm: int = Field(128_000, ge=0, alias="MOONQ_UPSTREAM_TPM")
+    moonshot_tier: int = Field(DEFAULT_TIER, alias="MOONQ_MOONSHOT_TIER")
+    # The tier's limits unless set (each on its own; 0 = off); the defaults shown are tier 1's.
+    upstream_concurrency: int = Field(
+        MOONSHOT_TIERS[DEFAULT_TIER][0], ge=0, alias="MOONQ_UPSTREAM_CONCURRENCY"
+    )
+    upstream_rpm: int = Field(MOONSHOT_TIERS[DEFAULT_TIER][1], ge=0, alias="MOONQ_UPSTREAM_RPM")
+    upstream_tpm: int = Field(MOONSHOT_TIERS[DEFAULT_TIER][2], ge=0, alias="MOONQ_UPSTREAM_TPM")
+    balance_check_min: float = Field(5.0, gt=0, alias="MOONQ_BALANCE_CHECK_MIN")
+    balance_check_max: float = Field(300.0, gt=0, alias="MOONQ_BALANCE_CHECK_MAX")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, alias="MOONQ_MAX_BODY_BYTES")
+    # A Redis string holds at most 512 MiB (proto-max-bulk-len): a file's bytes are one string.
+    max_file_bytes: int = Field(
+        200 * 1024 * 1024, ge=1, le=512 * 1024 * 1024, alias="MOONQ_MAX_FILE_BYTES"
+    )
+    file_ttl: int = Field(0, ge=0, alias="MOONQ_FILE_TTL")
+    batch_max_lines: int = Field(50_000, ge=1, alias="MOONQ_BATCH_MAX_LINES")
     retry_base_delay: float = Field(1.0, ge=0, alias="MOONQ_RETRY_BASE_DELAY")
     retry_max_delay: float = Field(60.0, ge=0, alias="MOONQ_RETRY_MAX_DELAY")
     connect_timeout: float = Field(10.0, gt=0, alias="MOONQ_CONNECT_TIMEOUT")
     read_timeout: float = Field(120.0, gt=0, alias="MOONQ_READ_TIMEOUT")
     redis_max_connections: int = Field(64, ge=2, alias="MOONQ_REDIS_MAX_CONNECTIONS")
     max_wait: float = Field(60.0, ge=0, alias="MOONQ_MAX_WAIT")
+
+    @field_validator("moonshot_tier")
+    @classmethod
+    def _check_tier(cls, value: int) -> int:
+        if value not in MOONSHOT_TIERS:
+            raise ValueError(
+                f"must be Moonshot's account tier, 0 to {max(MOONSHOT_TIERS)} (README: Account "
+                "and limits); set MOONQ_UPSTREAM_* to set the limits yourself"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _limits_from_tier(self) -> Self:
+        """Each upstream limit not set explicitly is the tier's, so they match the account."""
+        for name, value in zip(_LIMITS, MOONSHOT_TIERS[self.moonshot_tier], strict=True):
+            if name not in self.model_fields_set:
+                setattr(self, name, value)
+        return self
 
     @field_validator("moonshot_api_key")
     @classmethod

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from moonq.settings import Settings, is_loopback, redis_database
+from moonq.settings import MOONSHOT_TIERS, Settings, is_loopback, redis_database
 
 
 def settings(**values: Any) -> Settings:
@@ -112,3 +112,43 @@ def test_loopback_hosts(host: str, loopback: bool) -> None:
 def test_an_open_api_is_not_allowed_by_default() -> None:
     assert settings().allow_open is False
     assert settings(MOONQ_ALLOW_OPEN="true").allow_open is True
+
+
+@pytest.mark.parametrize("tier", sorted(MOONSHOT_TIERS))
+def test_the_tier_sets_the_upstream_limits(tier: int) -> None:
+    chosen = settings(MOONQ_MOONSHOT_TIER=tier)
+    limits = (chosen.upstream_concurrency, chosen.upstream_rpm, chosen.upstream_tpm)
+    assert limits == MOONSHOT_TIERS[tier]
+
+
+def test_the_default_tier_is_moonshots_first_paid_one() -> None:
+    default = settings()
+    assert default.moonshot_tier == 1
+    assert (default.upstream_concurrency, default.upstream_rpm, default.upstream_tpm) == (
+        50,
+        200,
+        2_000_000,
+    )
+
+
+def test_each_explicit_limit_overrides_its_tier_value_alone() -> None:
+    chosen = settings(MOONQ_MOONSHOT_TIER=3, MOONQ_UPSTREAM_RPM=0, MOONQ_UPSTREAM_TPM="1234")
+    assert chosen.upstream_concurrency == MOONSHOT_TIERS[3][0]  # the tier's
+    assert chosen.upstream_rpm == 0  # off, as set
+    assert chosen.upstream_tpm == 1234
+
+
+def test_the_limits_come_from_the_environment_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOONQ_MOONSHOT_TIER", "0")
+    monkeypatch.setenv("MOONQ_UPSTREAM_CONCURRENCY", "7")
+    chosen = settings()
+    assert (chosen.upstream_concurrency, chosen.upstream_rpm, chosen.upstream_tpm) == (
+        7,
+        *MOONSHOT_TIERS[0][1:],
+    )
+
+
+@pytest.mark.parametrize("tier", [-1, 6, 100])
+def test_a_tier_moonshot_does_not_have_is_refused_by_name(tier: int) -> None:
+    name, message = refusal(MOONQ_MOONSHOT_TIER=tier)
+    assert name == "MOONQ_MOONSHOT_TIER" and "0 to 5" in message

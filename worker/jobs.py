@@ -16,6 +16,7 @@ from arq import Retry
 from redis.exceptions import RedisError
 
 from moonq import errors
+from moonq.account import Account
 from moonq.assemble import Assembler
 from moonq.limits import (
     Permit,
@@ -26,6 +27,7 @@ from moonq.limits import (
 )
 from moonq.models import Status
 from moonq.redis import transient
+from moonq.scheduler import BATCH_PRIORITY_OFFSET
 from moonq.settings import Settings
 from moonq.store import InvalidUsage, JobStore, usage_counts
 from worker.publisher import AttemptLost, EventPublisher
@@ -74,11 +76,16 @@ class Runner:
         client: MoonshotClient,
         limiter: UpstreamLimiter,
         settings: Settings,
+        account: Account | None = None,
     ) -> None:
         self.store = store
         self.client = client
         self.limiter = limiter
         self.settings = settings
+        self.account = account or Account.from_settings(
+            store.redis, store.keys, settings, client.available_balance
+        )
+        limiter.gate = self.account  # no permit goes out while the account is paused
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.draining = False  # set on SIGTERM: take no new upstream permits
 
@@ -169,8 +176,11 @@ class Runner:
     ) -> str:
         """Wait for an upstream permit, then run an attempt under it."""
         body: dict[str, Any] = json.loads(record["request"])
-        priority = float(record["created_at"])  # oldest jobs get permits first
-        tokens = estimate_tokens(body)
+        # Oldest jobs get permits first; batch lines only after every interactive job.
+        priority = float(record["created_at"])
+        if record.get("batch_id"):
+            priority += BATCH_PRIORITY_OFFSET
+        tokens = await self._tokens(body)
         async with self.limiter.permit(tokens, priority, self._is_draining) as permit:
             number = await self.store.start_attempt(
                 job_id, self.worker_id, lock_token, self.settings.lock_timeout
@@ -185,6 +195,12 @@ class Runner:
                 return await self._guarded(Attempt(job_id, number, record, body, permit, publisher))
             finally:
                 publisher.close()
+
+    async def _tokens(self, body: dict[str, Any]) -> int:
+        """The request's TPM cost: its exact prompt tokens when the upstream counts them (asked
+        only when TPM is limited), else moonq's own estimate; plus its completion budget."""
+        prompt = await self.client.estimate_prompt_tokens(body) if self.limiter.tpm else None
+        return estimate_tokens(body, prompt)
 
     async def _guarded(self, attempt: Attempt) -> str:
         interruptions = attempt.number - 1 - int(attempt.record.get("failures", "0"))
@@ -245,6 +261,8 @@ class Runner:
             if not assembler.chunks:  # nothing generated: its token estimate is given back
                 attempt.permit.used = 0
             return await self._upstream_failed(attempt, error)
+        if attempt.permit.probe:  # the account's probe got through: it works again
+            await self.account.resume("a probe request succeeded")
         return await self._complete(attempt, assembler.result())
 
     @staticmethod
@@ -293,6 +311,9 @@ class Runner:
 
     async def _upstream_failed(self, attempt: Attempt, error: errors.UpstreamError) -> str:
         await attempt.publisher.drain()  # chunks before the failure stay in the log, in order
+        quota = isinstance(error, errors.UpstreamQuotaExceeded)
+        if quota and await self.account.refused_for_quota():  # out of balance: wait for it
+            return await self._hand_back_paused(attempt)
         if error.retryable:
             reason = f"{error.type}: {error.message}"
             outcome = await self.store.requeue(
@@ -316,6 +337,14 @@ class Runner:
                 )
                 raise Retry(defer=delay)
         return await self._fail(attempt, error)
+
+    async def _hand_back_paused(self, attempt: Attempt) -> str:
+        """The account is out of balance (and now paused): the job goes back to the queue,
+        not counted against it, and waits there until the account is topped up."""
+        reason = "the upstream account is out of balance"
+        if await self.store.requeue(attempt.job_id, attempt.number, reason) < 0:
+            return LOST
+        raise Retry(defer=self.settings.balance_check_min)
 
     async def _fail(self, attempt: Attempt, error: errors.UpstreamError) -> str:
         log.info("job %s failed on attempt %d: %s", attempt.job_id, attempt.number, error.type)

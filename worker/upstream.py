@@ -6,7 +6,9 @@ concurrency here (DESIGN.md: plain httpx's pool degrades badly under concurrency
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -17,6 +19,10 @@ from httpx_sse import EventSource, SSEError
 
 from moonq import errors
 from moonq.settings import Settings
+
+# Moonshot's account endpoints (token counts, balance) answer at once or not usefully at all.
+ACCOUNT_TIMEOUT = 3.0
+_JSON = {"Accept": "application/json"}
 
 
 class MoonshotClient:
@@ -33,6 +39,7 @@ class MoonshotClient:
     ) -> None:
         self._key = api_key
         self._include_usage = include_usage
+        self._missing: set[str] = set()  # account endpoints this upstream answered 404/405 to
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
@@ -83,6 +90,38 @@ class MoonshotClient:
             ) from None
         except errors.UpstreamError as exc:
             raise self._redact(exc) from exc.__cause__
+
+    async def estimate_prompt_tokens(self, body: dict[str, Any]) -> int | None:
+        """The upstream's exact prompt token count (Moonshot's `tokenizers/estimate-token-count`),
+        or None: the upstream lacks the endpoint (asked once), or it failed or was slow."""
+        request = {k: body[k] for k in ("model", "messages", "tools") if k in body}
+        data = await self._account_call("POST", "tokenizers/estimate-token-count", json=request)
+        count = data.get("total_tokens") if data else None
+        return count if type(count) is int and count >= 0 else None
+
+    async def available_balance(self) -> float | None:
+        """The account's available balance (Moonshot's `users/me/balance`), or None when the
+        upstream lacks the endpoint or it failed: the caller cannot tell."""
+        data = await self._account_call("GET", "users/me/balance")
+        balance = data.get("available_balance") if data else None
+        if isinstance(balance, bool) or not isinstance(balance, int | float):
+            return None
+        return float(balance) if math.isfinite(balance) else None
+
+    async def _account_call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any] | None:
+        """The `data` object of an account endpoint's answer; None on any failure, never an
+        exception: these answers only refine what moonq can do without them."""
+        if path in self._missing:
+            return None
+        try:
+            async with asyncio.timeout(ACCOUNT_TIMEOUT):
+                response = await self._http.request(method, path, headers=_JSON, **kwargs)
+            if response.status_code in (404, 405):
+                self._missing.add(path)  # not an endpoint of this upstream: stop asking
+            data = response.json().get("data") if response.status_code == 200 else None
+        except Exception:  # any failure (a bug in a transport included) means "unknown"
+            return None
+        return data if isinstance(data, dict) else None
 
     def _redact(self, error: errors.UpstreamError) -> errors.UpstreamError:
         """Upstreams may echo the key in an error message; the job's error must not keep it."""

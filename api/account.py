@@ -1,0 +1,119 @@
+"""The upstream account as clients see it: its limits, what of them is in use, and whether it
+is paused for balance (`GET /v1/account`); and prompt token counts for dry runs.
+
+The token count is the one route that calls the upstream from the API: it asks Moonshot's
+`tokenizers/estimate-token-count` (the Moonshot key stays server-side) and falls back to
+moonq's local estimate where the upstream has no such endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import APIRouter, FastAPI, Request
+from pydantic import BaseModel
+
+from api.auth import Tenant
+from api.services import services
+from moonq.account import read_in_use, read_pause
+from moonq.limits import local_prompt_tokens
+from moonq.models import ChatRequest
+from worker.upstream import MoonshotClient
+
+
+@asynccontextmanager
+async def _upstream(app: FastAPI) -> AsyncIterator[None]:
+    """One upstream client per API process, for token counts (it remembers an upstream
+    without the endpoint and stops asking); closed at shutdown."""
+    client = MoonshotClient.from_settings(app.state.services.settings)
+    app.state.upstream = client
+    try:
+        yield
+    finally:
+        await client.aclose()
+
+
+router = APIRouter(lifespan=_upstream, tags=["account"])
+
+
+class AccountLimits(BaseModel):
+    """The limits moonq holds every worker to together (0 = no limit)."""
+
+    tier: int
+    concurrency: int
+    rpm: int
+    tpm: int
+
+
+class AccountInUse(BaseModel):
+    permits: int
+    requests_last_minute: int
+    tokens_last_minute: int
+
+
+class AccountView(BaseModel):
+    object: Literal["account"] = "account"
+    paused: bool
+    paused_reason: str | None = None
+    paused_since: float | None = None
+    next_check_at: float | None = None
+    limits: AccountLimits
+    in_use: AccountInUse
+
+
+class TokenCount(BaseModel):
+    total_tokens: int
+
+
+class TokenEstimate(BaseModel):
+    """Moonshot's answer (`data.total_tokens`: the prompt's tokens), and who counted them."""
+
+    data: TokenCount
+    source: Literal["upstream", "local"]
+
+
+@router.get("/v1/account", response_model=AccountView)
+async def get_account(request: Request, tenant: Tenant) -> AccountView:
+    """The account's limits (from `MOONQ_MOONSHOT_TIER` and the overrides), what every worker
+    uses of them now, and whether it is paused because the upstream says it is out of balance
+    (jobs then wait, queued, until a balance check finds it topped up). Reads only."""
+    svc = services(request)
+    pause = await read_pause(svc.redis, svc.keys)
+    in_use = await read_in_use(svc.redis, svc.keys)
+    settings = svc.settings
+    limits = AccountLimits(
+        tier=settings.moonshot_tier,
+        concurrency=settings.upstream_concurrency,
+        rpm=settings.upstream_rpm,
+        tpm=settings.upstream_tpm,
+    )
+    return AccountView(
+        paused=pause is not None,
+        paused_reason=pause.reason if pause else None,
+        paused_since=pause.since if pause else None,
+        next_check_at=pause.next_check if pause else None,
+        limits=limits,
+        in_use=AccountInUse(
+            permits=in_use.permits,
+            requests_last_minute=in_use.requests_last_minute,
+            tokens_last_minute=in_use.tokens_last_minute,
+        ),
+    )
+
+
+@router.post("/v1/tokenizers/estimate-token-count", response_model=TokenEstimate)
+async def estimate_token_count(
+    body: ChatRequest, request: Request, tenant: Tenant
+) -> TokenEstimate:
+    """A chat request's prompt tokens: the upstream's exact count where it has the endpoint
+    (`source: upstream`), else moonq's cautious local estimate (`source: local`). What a job
+    counts against MOONQ_UPSTREAM_TPM adds its `max_tokens` (`moonq.limits.estimate_tokens`)."""
+    request_body = body.upstream_body()
+    client: MoonshotClient = request.app.state.upstream
+    counted = await client.estimate_prompt_tokens(request_body)
+    if counted is None:
+        local = local_prompt_tokens(request_body)
+        return TokenEstimate(data=TokenCount(total_tokens=local), source="local")
+    return TokenEstimate(data=TokenCount(total_tokens=counted), source="upstream")

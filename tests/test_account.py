@@ -1,0 +1,266 @@
+"""The account: token counts from the upstream (or a local fallback), and a pause instead of
+thousands of failed jobs when the balance runs out, resumed by itself once topped up."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from moonq.fake_account import ACCOUNT_KEY, FakeAccount
+from moonq.fake_moonshot import FakeServer, expected_usage
+from moonq.keys import Keys
+from moonq.limits import UpstreamLimiter, completion_budget, estimate_tokens, local_prompt_tokens
+from tests.conftest import Stack, chat, submit
+from worker.upstream import MoonshotClient
+
+FAST_CHECKS = {"MOONQ_BALANCE_CHECK_MIN": 0.1, "MOONQ_BALANCE_CHECK_MAX": 0.2}
+PAUSED_REASON = "the upstream account is out of balance; moonq resumes when it is topped up"
+
+
+def account_of(fake: FakeServer) -> FakeAccount:
+    return fake.runner.app[ACCOUNT_KEY]
+
+
+async def steer(fake: FakeServer, **values: Any) -> None:
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(f"{fake.origin}/_fake/balance", json=values)
+        answer.raise_for_status()
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> None:
+    """Await until `check()` (sync or async) is truthy; fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        outcome = check()
+        if asyncio.iscoroutine(outcome):
+            outcome = await outcome
+        if outcome:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s")
+
+
+# --- token counts -----------------------------------------------------------------------------
+
+
+def test_the_estimate_is_the_prompt_plus_the_completion_budget() -> None:
+    body = chat("count me", max_tokens=300)["body"]
+    assert completion_budget(body) == 300
+    assert estimate_tokens(body, prompt_tokens=42) == 342  # the upstream's count
+    assert estimate_tokens(body) == local_prompt_tokens(body) + 300  # moonq's own
+    assert estimate_tokens(chat("x", max_completion_tokens=7)["body"], 10) == 17
+
+
+async def test_the_client_gets_the_upstreams_exact_prompt_count(fake: FakeServer) -> None:
+    body = chat("a prompt of some length " * 20)["body"]
+    client = MoonshotClient(fake.url, "sk-any")
+    try:
+        counted = await client.estimate_prompt_tokens(body)
+    finally:
+        await client.aclose()
+    assert counted == expected_usage(body)["prompt_tokens"]  # what its usage will report
+    assert counted < local_prompt_tokens(body)  # the local guess is the cautious one
+    assert account_of(fake).token_estimates == 1
+
+
+async def test_an_upstream_without_the_endpoints_is_asked_once() -> None:
+    asked: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        return httpx.Response(404, json={"error": {"message": "no such route"}})
+
+    client = MoonshotClient("http://upstream.test/v1", "sk", transport=httpx.MockTransport(handler))
+    body = chat()["body"]
+    for _ in range(3):
+        assert await client.estimate_prompt_tokens(body) is None
+        assert await client.available_balance() is None
+    await client.aclose()
+    assert asked == ["/v1/tokenizers/estimate-token-count", "/v1/users/me/balance"]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(500, json={"error": {"type": "server_error"}}),
+        httpx.Response(200, text="not json"),
+        httpx.Response(200, json={"data": {"total_tokens": True, "available_balance": "9"}}),
+        httpx.Response(200, json={"data": {"total_tokens": -1, "available_balance": None}}),
+        httpx.Response(200, json=["data"]),
+        httpx.ConnectError("refused"),
+        RuntimeError("a transport bug"),
+    ],
+)
+async def test_a_failing_account_endpoint_is_none_never_an_exception(answer: Any) -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    client = MoonshotClient("http://upstream.test/v1", "sk", transport=httpx.MockTransport(handler))
+    assert await client.estimate_prompt_tokens(chat()["body"]) is None
+    assert await client.available_balance() is None
+    assert await client.estimate_prompt_tokens(chat()["body"]) is None
+    await client.aclose()
+    assert calls == 3  # a failure is not a missing endpoint: asked again next time
+
+
+async def test_the_api_counts_with_the_upstream_or_falls_back(
+    real_stack: Any, fake: FakeServer
+) -> None:
+    _, client = await real_stack()
+    body = chat("how many tokens is this")["body"]
+    exact = (await client.post("/v1/tokenizers/estimate-token-count", json=body)).json()
+    assert exact == {
+        "data": {"total_tokens": expected_usage(body)["prompt_tokens"]},
+        "source": "upstream",
+    }
+    await steer(fake, account_endpoints=False)  # an OpenAI-style upstream
+    local = (await client.post("/v1/tokenizers/estimate-token-count", json=body)).json()
+    assert local == {"data": {"total_tokens": local_prompt_tokens(body)}, "source": "local"}
+    bad = await client.post("/v1/tokenizers/estimate-token-count", json={"model": "m"})
+    assert bad.status_code == 422 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_the_worker_budgets_tpm_with_the_upstreams_count(
+    real_stack: Any, fake: FakeServer
+) -> None:
+    """A request that fits TPM by its exact count runs; counted by moonq's cautious guess it
+    could never fit, which is what an upstream without a tokenizer gets."""
+    stack, client = await real_stack(MOONQ_UPSTREAM_TPM=0)
+    payload = chat("z" * 3000, max_tokens=100)
+    exact = estimate_tokens(payload["body"], expected_usage(payload["body"])["prompt_tokens"])
+    tpm = (exact + estimate_tokens(payload["body"])) // 2
+    assert exact < tpm < estimate_tokens(payload["body"])
+    limited = Stack(stack.settings.model_copy(update={"upstream_tpm": tpm}), stack.redis)
+    fits = await submit(client, payload)
+    await limited.run_worker()
+    assert (await client.get(f"/v1/jobs/{fits}")).json()["status"] == "completed"
+
+    await steer(fake, account_endpoints=False)
+    guessed = await submit(client, payload)
+    await limited.run_worker()
+    job = (await client.get(f"/v1/jobs/{guessed}")).json()
+    assert job["status"] == "failed" and job["error"]["type"] == "request_too_large"
+
+
+# --- limits and the pause ---------------------------------------------------------------------
+
+
+async def test_the_account_shows_its_tier_limits_and_what_is_in_use(real_stack: Any) -> None:
+    stack, client = await real_stack(MOONQ_MOONSHOT_TIER=0, MOONQ_UPSTREAM_RPM=10)
+    limiter = UpstreamLimiter(
+        stack.redis, Keys(stack.settings.key_prefix), concurrency=1, rpm=10, tpm=500_000
+    )
+    async with limiter.permit(1234):
+        account = (await client.get("/v1/account")).json()
+    await limiter.close()
+    assert account["object"] == "account" and account["paused"] is False
+    assert account["limits"] == {"tier": 0, "concurrency": 1, "rpm": 10, "tpm": 500_000}
+    assert account["in_use"] == {
+        "permits": 1,
+        "requests_last_minute": 1,
+        "tokens_last_minute": 1234,
+    }
+    after = (await client.get("/v1/account")).json()["in_use"]
+    assert after["permits"] == 0 and after["requests_last_minute"] == 1
+    ready = (await client.get("/readyz")).json()
+    assert ready == {"status": "ok", "account": {"paused": False, "reason": None}}
+
+
+async def _jobs(client: httpx.AsyncClient, ids: list[str]) -> list[dict[str, Any]]:
+    return [(await client.get(f"/v1/jobs/{job_id}")).json() for job_id in ids]
+
+
+async def _paused(client: httpx.AsyncClient) -> bool:
+    paused: bool = (await client.get("/v1/account")).json()["paused"]
+    return paused
+
+
+async def test_an_account_out_of_balance_pauses_and_resumes_by_itself(
+    real_stack: Any, fake: FakeServer
+) -> None:
+    stack, client = await real_stack(MOONQ_UPSTREAM_CONCURRENCY=1, **FAST_CHECKS)
+    await steer(fake, available_balance=0)
+    ids = [await submit(client, chat(f"job {n}")) for n in range(4)]
+    worker = asyncio.create_task(stack.run_worker())
+    try:
+        await eventually(lambda: _paused(client))
+        refused = fake.stats.requests
+        assert refused >= 1  # the first attempt's 429
+        checks = account_of(fake).balance_checks
+        await asyncio.sleep(1.0)  # several balance checks' worth
+
+        assert fake.stats.requests == refused  # no chat call while paused
+        assert account_of(fake).balance_checks > checks  # but the balance is checked
+        jobs = await _jobs(client, ids)
+        assert [j["status"] for j in jobs] == ["queued"] * 4  # none failed
+        assert sum(j["attempts"] for j in jobs) == refused  # refused, handed back
+        assert all(j["waiting_reason"] == PAUSED_REASON for j in jobs)
+        account = (await client.get("/v1/account")).json()
+        assert "out of balance" in account["paused_reason"]
+        assert account["paused_since"] <= time.time() and account["next_check_at"] > 0
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["account"]["paused"] is True
+
+        await steer(fake, available_balance=25)
+        await asyncio.wait_for(worker, 15)
+    finally:
+        worker.cancel()
+    jobs = await _jobs(client, ids)
+    assert [j["status"] for j in jobs] == ["completed"] * 4
+    assert all(j["waiting_reason"] is None and j["error"] is None for j in jobs)
+    assert fake.stats.requests == refused + 4
+    assert (await client.get("/readyz")).json()["account"] == {"paused": False, "reason": None}
+    assert not await _paused(client)
+
+
+async def test_without_a_balance_endpoint_one_job_probes_the_account(
+    real_stack: Any, fake: FakeServer
+) -> None:
+    stack, client = await real_stack(MOONQ_UPSTREAM_CONCURRENCY=2, **FAST_CHECKS)
+    await steer(fake, available_balance=0, account_endpoints=False)
+    ids = [await submit(client, chat(f"probe {n}")) for n in range(3)]
+    worker = asyncio.create_task(stack.run_worker())
+    try:
+        await eventually(lambda: _paused(client))
+        before = fake.stats.requests
+        await asyncio.sleep(0.6)
+        # a probe per due check (every 0.1-0.2 s), not every job as fast as it is retried
+        assert 1 <= fake.stats.requests - before <= 6
+        assert await _paused(client)
+        assert [j["status"] for j in await _jobs(client, ids)] == ["queued"] * 3
+        await steer(fake, available_balance=5)
+        await asyncio.wait_for(worker, 15)
+    finally:
+        worker.cancel()
+    assert [j["status"] for j in await _jobs(client, ids)] == ["completed"] * 3
+    assert account_of(fake).balance_checks == 0  # it never had the endpoint to ask
+    assert not await _paused(client)
+
+
+async def test_a_quota_refusal_with_a_positive_balance_fails_only_its_job(
+    real_stack: Any, fake: FakeServer
+) -> None:
+    """The balance says the account is fine: the refusal is that request's own."""
+    stack, client = await real_stack(**FAST_CHECKS)
+    refused = await submit(
+        client, chat("no", fake_moonshot={"error": "exceeded_current_quota_error"})
+    )
+    fine = await submit(client, chat("yes"))
+    await asyncio.wait_for(stack.run_worker(), 15)
+    refused_job, fine_job = await _jobs(client, [refused, fine])
+    assert refused_job["status"] == "failed"
+    assert refused_job["error"]["type"] == "exceeded_current_quota_error"
+    assert fine_job["status"] == "completed"
+    assert not await _paused(client)
+    assert refused_job["attempts"] == 1

@@ -1,0 +1,257 @@
+"""The Files API on real Redis: uploads streamed into Redis and back byte for byte, tenants kept
+apart, limits, listing pages, `FileStore.lines`, and the official OpenAI SDK against it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from arq.connections import ArqRedis
+
+from moonq import files as files_module
+from moonq.files import FileStore, FileTooLarge
+from moonq.keys import Keys
+
+MiB = 1024 * 1024
+
+
+async def _upload(
+    client: httpx.AsyncClient, data: bytes, name: str = "in.jsonl", **headers: str
+) -> httpx.Response:
+    return await client.post(
+        "/v1/files", files={"file": (name, data)}, data={"purpose": "batch"}, headers=headers
+    )
+
+
+async def _file_keys(redis: ArqRedis, prefix: str) -> list[bytes]:
+    return sorted(await redis.keys(f"{prefix}:file:*"))
+
+
+async def test_round_trip_of_a_file_of_several_mib(
+    real_stack: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[int] = []
+    append = FileStore._append
+
+    async def spy(self: FileStore, key: str, piece: bytes) -> None:
+        writes.append(len(piece))
+        await append(self, key, piece)
+
+    monkeypatch.setattr(FileStore, "_append", spy)
+    stack, client = await real_stack()
+    data = os.urandom(3 * MiB + 123)
+    created = await _upload(client, data, "requests.jsonl")
+    assert created.status_code == 200, created.text
+    found = created.json()
+    assert found["id"].startswith("file-") and len(found["id"]) == 29
+    assert found["object"] == "file" and found["purpose"] == "batch"
+    assert found["bytes"] == len(data) and found["filename"] == "requests.jsonl"
+    # written in pieces of about a MiB, never the whole file at once
+    assert sum(writes) == len(data) and len(writes) >= 3 and max(writes) < 2 * MiB
+
+    assert (await client.get(f"/v1/files/{found['id']}")).json() == found
+    listed = (await client.get("/v1/files")).json()
+    assert listed["object"] == "list" and listed["data"] == [found]
+    assert listed["first_id"] == listed["last_id"] == found["id"] and not listed["has_more"]
+    content = await client.get(f"/v1/files/{found['id']}/content")
+    assert content.status_code == 200 and content.content == data
+    pieces = [p async for p in stack.app.state.services.files.read(found["id"])]
+    assert await stack.redis.ttl(f"{prefix}:file:{found['id']}:data") == -1  # kept until deleted
+    assert len(pieces) == 4 and max(map(len, pieces)) <= MiB
+
+    deleted = await client.delete(f"/v1/files/{found['id']}")
+    assert deleted.json() == {"id": found["id"], "object": "file", "deleted": True}
+    for path in (f"/v1/files/{found['id']}", f"/v1/files/{found['id']}/content"):
+        gone = await client.get(path)
+        assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found_error"
+    assert (await client.delete(f"/v1/files/{found['id']}")).status_code == 404
+    assert (await client.get("/v1/files")).json()["data"] == []
+    assert await _file_keys(stack.redis, prefix) == []
+
+
+async def test_another_tenant_sees_nothing(real_stack: Any) -> None:
+    _, client = await real_stack(MOONQ_API_KEYS="ka=team-a,kb=team-b")
+    a, b = {"Authorization": "Bearer ka"}, {"Authorization": "Bearer kb"}
+    assert (await _upload(client, b"x\n")).status_code == 401
+    file_id = (await _upload(client, b'{"a": 1}\n', **a)).json()["id"]
+    for path in (f"/v1/files/{file_id}", f"/v1/files/{file_id}/content"):
+        answer = await client.get(path, headers=b)
+        assert answer.status_code == 404 and file_id in answer.json()["error"]["message"]
+    assert (await client.delete(f"/v1/files/{file_id}", headers=b)).status_code == 404
+    assert (await client.get("/v1/files", headers=b)).json()["data"] == []
+    after = await client.get("/v1/files", params={"after": file_id}, headers=b)
+    assert after.status_code == 400
+    assert (await client.get(f"/v1/files/{file_id}/content", headers=a)).content == b'{"a": 1}\n'
+
+
+async def _chunked(data: bytes, piece: int = 4096) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), piece):
+        yield data[i : i + piece]
+
+
+async def test_limits_of_an_upload(real_stack: Any, prefix: str) -> None:
+    stack, client = await real_stack(MOONQ_MAX_FILE_BYTES=5000, MOONQ_MAX_BODY_BYTES=2048)
+    too_large = await _upload(client, b"x" * 5001)
+    assert too_large.status_code == 413
+    assert "MOONQ_MAX_FILE_BYTES" in too_large.json()["error"]["message"]
+    assert (await _upload(client, b"x" * 5000)).status_code == 200  # above MOONQ_MAX_BODY_BYTES
+
+    # a body far over the limit is refused by its length, or while it streams in (chunked)
+    huge = httpx.Request(
+        "POST",
+        "http://moonq/v1/files",
+        files={"file": ("a", b"y" * 200_000)},
+        data={"purpose": "batch"},
+    )
+    body = huge.read()
+    for content in (body, _chunked(body)):
+        answer = await client.post(
+            "/v1/files", content=content, headers={"content-type": huge.headers["content-type"]}
+        )
+        assert answer.status_code == 413, answer.text
+        assert "MOONQ_MAX_FILE_BYTES" in answer.json()["error"]["message"]
+    # other routes keep their own limit
+    job = await client.post(
+        "/v1/jobs", content=b" " * 3000, headers={"content-type": "application/json"}
+    )
+    assert job.status_code == 413 and "MOONQ_MAX_BODY_BYTES" in job.json()["error"]["message"]
+    assert len((await client.get("/v1/files")).json()["data"]) == 1
+    assert len(await _file_keys(stack.redis, prefix)) == 2  # the one file: record and bytes
+
+
+async def test_the_store_keeps_nothing_of_a_too_large_upload(
+    real_redis: ArqRedis, prefix: str
+) -> None:
+    store = FileStore(real_redis, Keys(prefix), max_bytes=3 * MiB)
+    with pytest.raises(FileTooLarge):
+        await store.create("t", "batch", "big", _chunked(b"z" * (3 * MiB + 1), MiB // 2))
+    assert await real_redis.keys(f"{prefix}:*") == []
+    assert await store.page("t") == ([], False)
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "param"),
+    [
+        ({"file": ("a.jsonl", b"x")}, {"purpose": "fine-tune"}, "purpose"),
+        ({"file": ("a.jsonl", b"x")}, {}, "purpose"),
+        (None, {"purpose": "batch"}, "file"),
+        ({"file": ("a.jsonl", b"")}, {"purpose": "batch"}, "file"),
+        (None, {"purpose": "batch", "file": "not a file"}, "file"),
+    ],
+)
+async def test_bad_uploads_are_400(
+    real_stack: Any, prefix: str, files: Any, data: dict[str, str], param: str
+) -> None:
+    stack, client = await real_stack()
+    answer = await client.post("/v1/files", files=files, data=data)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    if param == "purpose":
+        assert "'batch'" in error["message"]
+    assert await _file_keys(stack.redis, prefix) == []
+
+
+async def test_a_json_body_is_400(real_stack: Any) -> None:
+    _, client = await real_stack()
+    answer = await client.post("/v1/files", json={"purpose": "batch"})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "file"
+
+
+async def _pages(client: httpx.AsyncClient, **params: Any) -> list[list[str]]:
+    pages, after = [], None
+    while True:
+        query = {**params, **({"after": after} if after else {})}
+        listed = (await client.get("/v1/files", params=query)).json()
+        pages.append([f["id"] for f in listed["data"]])
+        if not listed["has_more"]:
+            return pages
+        after = listed["last_id"]
+
+
+async def test_listing_pages_in_both_orders(real_stack: Any) -> None:
+    _, client = await real_stack()
+    ids = [(await _upload(client, f"{i}\n".encode())).json()["id"] for i in range(5)]
+    assert await _pages(client, limit=2) == [ids[:2:-1], ids[2:0:-1], ids[:1]]
+    assert await _pages(client, limit=2, order="asc") == [ids[:2], ids[2:4], ids[4:]]
+    assert await _pages(client, limit=5) == [ids[::-1]]
+    assert await _pages(client, purpose="batch-output") == [[]]
+    for bad in ({"limit": 0}, {"limit": 10_001}, {"order": "up"}):
+        assert (await client.get("/v1/files", params=bad)).status_code == 422
+    unknown = await client.get("/v1/files", params={"after": "file-" + "0" * 24})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "after"
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def test_store_filters_by_purpose_and_keeps_time_order(
+    real_redis: ArqRedis, prefix: str
+) -> None:
+    now = [1000.0]
+    store = FileStore(real_redis, Keys(prefix), max_bytes=100, clock=lambda: now[0])
+    made = []
+    for i, purpose in enumerate(["batch", "other", "batch", "other", "batch"]):
+        now[0] += 1
+        made.append(await store.create("t", purpose, f"f{i}", _one(b"x")))
+    batch_ids = [f.id for f in made if f.purpose == "batch"]
+    first, more = await store.page("t", purpose="batch", limit=2, order="asc")
+    assert [f.id for f in first] == batch_ids[:2] and more
+    rest, more = await store.page("t", purpose="batch", after=first[-1].id, order="asc")
+    assert [f.id for f in rest] == batch_ids[2:] and not more
+    assert [f.created_at for f in made] == [1001, 1002, 1003, 1004, 1005]
+    assert await store.get("someone-else", made[0].id) is None
+
+
+async def test_with_a_ttl_files_expire(real_redis: ArqRedis, prefix: str) -> None:
+    keys = Keys(prefix)
+    store = FileStore(real_redis, keys, max_bytes=100, clock=lambda: 5000.5, ttl=60)
+    found = await store.create("t", "batch", "a", _one(b"x\n"))
+    assert found.created_at == 5000 and found.expires_at == 5060
+    for key in (keys.file(found.id), keys.file_data(found.id), keys.tenant_files("t")):
+        assert 0 < await real_redis.ttl(key) <= 60
+    await real_redis.delete(keys.file(found.id))  # as if it expired
+    assert await store.page("t") == ([], False)
+    assert await real_redis.zcard(keys.tenant_files("t")) == 0  # the index forgot it
+
+
+async def test_lines_number_every_line_and_strip_crlf(
+    real_redis: ArqRedis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileStore(real_redis, Keys(prefix), max_bytes=MiB)
+    text = b'{"a":1}\r\n\n{"b":2}\n  \r\n' + b"long" * 10 + b"\r\nlast"
+    expected = [
+        (1, b'{"a":1}'),
+        (2, b""),
+        (3, b'{"b":2}'),
+        (4, b"  "),
+        (5, b"long" * 10),
+        (6, b"last"),
+    ]
+    found = await store.create("t", "batch", "a", _one(text))
+    for piece in (MiB, 7, 1):  # pieces that split lines, and split "\r" from "\n"
+        monkeypatch.setattr(files_module, "PIECE", piece)
+        assert [x async for x in store.lines(found.id)] == expected
+    ended = await store.create("t", "batch", "b", _one(b"one\r\ntwo\n"))
+    assert [x async for x in store.lines(ended.id)] == [(1, b"one"), (2, b"two")]
+
+
+async def test_the_openai_sdk_speaks_to_it(real_stack: Any) -> None:
+    _, client = await real_stack()
+    sdk = openai.AsyncOpenAI(
+        api_key="unused", base_url="http://moonq/v1", http_client=client, max_retries=0
+    )
+    data = b'{"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n'
+    created = await sdk.files.create(file=("batch.jsonl", data), purpose="batch")
+    assert created.bytes == len(data) and created.purpose == "batch"
+    assert (await sdk.files.retrieve(created.id)).filename == "batch.jsonl"
+    assert [f.id async for f in sdk.files.list(purpose="batch")] == [created.id]
+    assert (await sdk.files.content(created.id)).content == data
+    assert (await sdk.files.delete(created.id)).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        await sdk.files.retrieve(created.id)
