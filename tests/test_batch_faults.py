@@ -1,0 +1,85 @@
+"""A batch's counts stay true when workers are killed under it (real processes)."""
+
+from __future__ import annotations
+
+import json
+import signal
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import record_of, until
+
+pytestmark = pytest.mark.e2e
+
+
+def _rows(n: int) -> bytes:
+    rows = []
+    for i in range(n):
+        body = {
+            "model": "moonshot-v1-8k",
+            "messages": [{"role": "user", "content": f"document {i}"}],
+            "fake_moonshot": {"chunks": 8, "delay": 0.05},
+        }
+        row = {"custom_id": f"d{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+        rows.append(json.dumps(row) + "\n")
+    return "".join(rows).encode()
+
+
+def test_counts_stay_true_when_workers_are_killed(cluster_factory: Any) -> None:
+    cluster = cluster_factory(workers=2, limit=8, MOONQ_LOCK_TIMEOUT="2")
+    http = httpx.Client(base_url=cluster.api_url, timeout=30)
+    uploaded = http.post(
+        "/v1/files", files={"file": ("in.jsonl", _rows(40))}, data={"purpose": "batch"}
+    ).json()
+    batch = http.post(
+        "/v1/batches",
+        json={"input_file_id": uploaded["id"], "endpoint": "/v1/chat/completions"},
+    ).json()
+
+    def counts() -> dict[str, int]:
+        found: dict[str, int] = http.get(f"/v1/batches/{batch['id']}").json()["request_counts"]
+        return found
+
+    def holder(done: int) -> str:
+        """The worker running a line, once `done` lines are over ('' before)."""
+        params = {"batch_id": batch["id"], "status": "in_progress"}
+        jobs = http.get("/v1/jobs", params=params).json()["data"]
+        if counts()["completed"] < done:
+            return ""
+        alive = {cluster.worker_id(w) for w in cluster.workers}
+        owners = (record_of(cluster, job["id"]).get("worker", "") for job in jobs)
+        return next((owner for owner in owners if owner in alive), "")
+
+    found: list[str] = []
+    for done_before_kill in (5, 20):
+        until(lambda n=done_before_kill: found.append(holder(n)) or found[-1], 30)  # type: ignore[misc]
+        victim = next(w for w in cluster.workers if cluster.worker_id(w) == found[-1])
+        cluster.workers.remove(victim)
+        victim.popen.send_signal(signal.SIGKILL)  # mid-stream: it holds several lines
+        cluster.add_worker()
+    until(lambda: http.get(f"/v1/batches/{batch['id']}").json()["status"] == "completed", 60)
+    final = http.get(f"/v1/batches/{batch['id']}").json()
+    assert final["request_counts"]["completed"] == 40
+    assert final["request_counts"]["failed"] == 0
+    output = [
+        json.loads(x)
+        for x in http.get(f"/v1/files/{final['output_file_id']}/content").text.splitlines()
+    ]
+    assert [row["custom_id"] for row in output] == [f"d{i}" for i in range(40)]
+    assert final["usage"]["total_tokens"] == sum(
+        row["response"]["body"]["usage"]["total_tokens"] for row in output
+    )
+    jobs = [
+        job
+        for row in output
+        for job in [http.get(f"/v1/jobs/{row['response']['request_id']}").json()]
+    ]
+    retried = sum(job["attempts"] > 1 for job in jobs)
+    print(f"\n{retried} of 40 lines ran again after a kill; counts exact")
+    assert retried >= 1  # the kills did land mid-line
+    with http.stream("GET", f"/v1/batches/{batch['id']}/events") as events:
+        kinds = [json.loads(x[5:])["event"] for x in events.iter_lines() if x.startswith("data:")]
+    assert kinds == ["line"] * 40 + ["done"]
+    http.close()
