@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from moonq import batch_input
+from moonq import batch_input, batch_output
 from moonq.batch_input import Limits, LineError
 from moonq.batch_lua import ACTIVATE
 from moonq.keys import Keys
@@ -33,7 +33,6 @@ _COUNTS = ("total", "completed", "failed", "cancelled", "expired", "done")
 _USAGE = ("prompt_tokens", "completion_tokens", "total_tokens")
 _TIMES = ("created_at", "in_progress_at", "expires_at", "completed_at", "failed_at")
 _TIMES_TOO = ("cancelling_at", "cancelled_at", "expired_at", "finalizing_at")
-_CANCELLED = "the request was cancelled before it ended"
 BATCH_ID = re.compile(r"^batch_[0-9a-f]{24}$")
 
 # CANCEL: KEYS the batch. ARGV now (s). Marks a running (or validating) batch `cancelling`;
@@ -350,9 +349,7 @@ class BatchStore:
                 await asyncio.gather(*(self._cancel_running(i, tenant) for i in running))
 
     async def _line_ids(self, batch_id: str, start: int) -> list[str]:
-        key = self.keys.batch_lines(batch_id)
-        rows = await self.redis.lrange(key, start, start + WRITE_CHUNK - 1)  # type: ignore[misc]
-        return [row.decode() for row in rows]
+        return await batch_output.line_ids(self.redis, self.keys, batch_id, start)
 
     async def _open_lines(self, ids: list[str], keep_running: bool) -> tuple[list[str], list[str]]:
         """The lines not started (not handed to a worker, when `keep_running`), and the others
@@ -375,23 +372,9 @@ class BatchStore:
         with contextlib.suppress(AlreadyFinished):
             await self.jobs.cancel(job_id, tenant)
 
-    async def results(self, batch_id: str, kind: str) -> AsyncIterator[bytes]:
-        """The output (`output`) or error (`errors`) file: every line over so far, in the
-        input's order, as JSONL, read a chunk of jobs at a time."""
-        start = 0
-        while True:
-            ids = await self._line_ids(batch_id, start)
-            if not ids:
-                return
-            start += len(ids)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for job_id in ids:
-                    pipe.hmget(self.keys.job(job_id), ["status", "custom_id", "result", "error"])
-                rows = await pipe.execute()
-            out = [_result_line(job_id, row, kind) for job_id, row in zip(ids, rows, strict=True)]
-            text = "".join(line for line in out if line)
-            if text:
-                yield text.encode()
+    def results(self, batch_id: str, kind: str) -> AsyncIterator[bytes]:
+        """The output (`output`) or error (`errors`) file, as far as the batch has got."""
+        return batch_output.results(self.redis, self.keys, batch_id, kind)
 
 
 def _line_record(
@@ -411,26 +394,6 @@ def _line_record(
         "estimate": str(line.estimate),
         "line": str(line.number),
     }
-
-
-def _result_line(job_id: str, row: list[bytes | None], kind: str) -> str:
-    """One line of the output or error file, in OpenAI's format ('' when it belongs to the
-    other file, or the job is not over)."""
-    status, custom_id, result, error = (v.decode() if v is not None else None for v in row)
-    response: dict[str, Any] | None = None
-    failure: dict[str, Any] | None = None
-    if status == Status.COMPLETED.value and kind == "output":
-        response = {"status_code": 200, "request_id": job_id, "body": json.loads(result or "{}")}
-    elif status in ("failed", "cancelled") and kind == "errors":
-        info = json.loads(error) if error else {"type": "cancelled", "message": _CANCELLED}
-        if info.get("status_code"):
-            body = {"error": {"message": info.get("message"), "type": info.get("type")}}
-            response = {"status_code": info["status_code"], "request_id": job_id, "body": body}
-        failure = {"code": info.get("type"), "message": info.get("message")}
-    else:
-        return ""
-    line = {"id": f"batch_req_{job_id[4:]}", "custom_id": custom_id}
-    return dumps({**line, "response": response, "error": failure}) + "\n"
 
 
 def _errors(errors: list[LineError]) -> dict[str, Any]:
