@@ -62,8 +62,8 @@ def cleanup_prefix(url: str, prefix: str) -> None:
             if key.endswith((b":jobs", b":queue")) and client.type(key) == b"zset":
                 members: list[bytes] = client.zrange(key, 0, -1)  # type: ignore[assignment]
                 job_ids.update(m.decode() for m in members)
-        for job_id in job_ids:
-            doomed += list(client.scan_iter(f"arq:*{job_id}", count=1000))
+        arq = ("arq:job:", "arq:in-progress:", "arq:retry:", "arq:result:")
+        doomed += [f"{kind}{job_id}".encode() for job_id in job_ids for kind in arq]
         for i in range(0, len(doomed), 500):
             client.delete(*doomed[i : i + 500])
         ids = sorted(job_ids)
