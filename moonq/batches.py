@@ -18,14 +18,22 @@ from redis.asyncio import Redis
 
 from moonq import batch_input, batch_output
 from moonq.batch_input import Limits, LineError
-from moonq.batch_lua import ACTIVATE
+from moonq.batch_lua import ACTIVATE, SETTLE
 from moonq.keys import Keys
 from moonq.models import Status
 from moonq.serde import dumps
-from moonq.store import AlreadyFinished, JobStore, digest, new_job_id
+from moonq.store import AlreadyFinished, JobStore, new_job_id
 
 # Lines written to Redis per round trip while a batch is created.
 WRITE_CHUNK = 500
+# Seconds between the creation times of a batch's consecutive lines (50,000 lines: 0.5 s).
+LINE_STEP = 1e-5
+# A batch whose creation has not finished after this long (its API process died) is failed.
+CREATE_DEADLINE = 300
+# A failed validation lists at most this many bad lines, then says how many more there were.
+MAX_LISTED_ERRORS = 1000
+# Tokens per minute a tenant's lead decays at, at least, when TPM is off (see ACTIVATE).
+DECAY_FLOOR = 100_000
 MAX_WINDOW = 7 * 24 * 3600
 _WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -33,12 +41,31 @@ _COUNTS = ("total", "completed", "failed", "cancelled", "expired", "done")
 _USAGE = ("prompt_tokens", "completion_tokens", "total_tokens")
 _TIMES = ("created_at", "in_progress_at", "expires_at", "completed_at", "failed_at")
 _TIMES_TOO = ("cancelling_at", "cancelled_at", "expired_at", "finalizing_at")
+TERMINAL_BATCH = ("completed", "failed", "cancelled", "expired")
+# Seconds between two looks at a batch that is ending while some of its lines still run.
+RECHECK_EVERY = 30
+_CANCELLED = {"type": "batch_cancelled", "message": "the batch was cancelled"}
+_EXPIRED = {
+    "type": "batch_expired",
+    "message": "the batch's completion window ended before this request ran",
+}
+_INTERRUPTED = {
+    "type": "batch_create_failed",
+    "message": "the batch could not be created in full (the service failed meanwhile); "
+    "nothing more of it runs: submit it again",
+}
+_CHANGED = {
+    "type": "input_file_changed",
+    "message": "the input file was deleted or changed while the batch was being created",
+}
 BATCH_ID = re.compile(r"^batch_[0-9a-f]{24}$")
 
 # CANCEL: KEYS the batch. ARGV now (s). Marks a running (or validating) batch `cancelling`;
-# returns its status before, or nil when it does not exist. Writes only HSET: cannot fail.
+# returns its status before (`expiring` for one whose window already ended it), or nil when it
+# does not exist. Writes only HSET: cannot fail.
 CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'in_progress' and redis.call('HGET', KEYS[1], 'ending') then return 'expiring' end
 if status == 'in_progress' or status == 'validating' then
   redis.call('HSET', KEYS[1], 'status', 'cancelling', 'ending', 'cancelled')
   redis.call('HSET', KEYS[1], 'cancelling_at', ARGV[1])
@@ -133,6 +160,7 @@ class BatchStore:
         self.keys: Keys = store.keys
         self.clock = clock
         self._activate = self.redis.register_script(ACTIVATE)
+        self._settle = self.redis.register_script(SETTLE)
         self._cancel = self.redis.register_script(CANCEL)
         self._expire = self.redis.register_script(EXPIRE)
 
@@ -148,8 +176,10 @@ class BatchStore:
     ) -> Batch:
         """Validate every line, then write each as a job and make the batch runnable.
 
-        A file with any bad line makes a `failed` batch listing every bad line, and nothing
-        is enqueued. Raises `BadWindow`, `batch_input.TooManyLines`.
+        A file with any bad line makes a `failed` batch listing its bad lines, and nothing
+        is enqueued. Raises `BadWindow`, `batch_input.TooManyLines`. A creation that fails
+        part-way fails the batch and ends the lines written; one whose process dies is
+        failed by the workers' sweep after CREATE_DEADLINE.
         """
         seconds = window_seconds(window)
         now = self.clock()
@@ -164,23 +194,50 @@ class BatchStore:
             await self._write_record(batch_id, tenant, record, now, ttl=self.jobs.result_ttl)
             return await self._must_get(batch_id)
         await self._write_record(batch_id, tenant, record, now)
-        await self._write_lines(batch_id, tenant, batch_input.requests(lines(), limits), now)
-        k = self.keys
-        activated = await self._activate(
-            keys=[
-                k.batch(batch_id),
-                k.sched_tenant(tenant),
-                k.sched_active(),
-                k.sched_vtime(),
-                k.sched_clock(),
-                k.batches_expiring(),
-            ],
-            args=[batch_id, tenant, int(self.clock()), int(now) + seconds],
-        )
-        if not activated:  # cancelled while its lines were being written
-            error = {"type": "batch_cancelled", "message": "the batch was cancelled"}
-            await self.end_lines(batch_id, tenant, Status.CANCELLED, error, "cancelled")
+        try:
+            written = await self._write_lines(
+                batch_id, tenant, batch_input.requests(lines(), limits), now
+            )
+        except BaseException:
+            await asyncio.shield(self._fail(batch_id, tenant, _INTERRUPTED))
+            raise
+        if written != report.lines:  # the file changed (was deleted) between the two passes
+            await self._fail(batch_id, tenant, _CHANGED)
+            return await self._must_get(batch_id)
+        await self._activate_batch(batch_id, tenant, int(now) + seconds, written, limits.tpm)
+        await self.settle(batch_id, tenant)  # its lines may all have been cancelled meanwhile
         return await self._must_get(batch_id)
+
+    async def _activate_batch(
+        self, batch_id: str, tenant: str, expires_at: int, written: int, tpm: int
+    ) -> None:
+        k = self.keys
+        keys = [k.batch(batch_id), k.sched_tenant(tenant), k.sched_active(), k.sched_vtime()]
+        keys += [k.sched_clock(), k.batches_expiring()]
+        decay = max(tpm, DECAY_FLOOR * 60) / 600  # a tenth of the account's minute, per minute
+        args: list[str | int | float] = [batch_id, tenant, int(self.clock()), expires_at]
+        args += [written, decay]
+        if not await self._activate(keys=keys, args=args):  # cancelled while being written
+            await self.end_lines(batch_id, tenant, Status.CANCELLED, _CANCELLED, "cancelled")
+
+    async def _fail(self, batch_id: str, tenant: str, why: dict[str, str]) -> None:
+        """A batch whose creation did not finish: failed, and its written lines ended."""
+        errors = {"object": "list", "data": [{"code": why["type"], "message": why["message"]}]}
+        fields = {"status": "failed", "failed_at": str(int(self.clock())), "errors": dumps(errors)}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.batch(batch_id), mapping=fields)
+            pipe.expire(self.keys.batch(batch_id), self.jobs.result_ttl)
+            pipe.zrem(self.keys.batches_expiring(), batch_id)
+            await pipe.execute()
+        await self.end_lines(batch_id, tenant, Status.FAILED, why, "failed")
+
+    async def settle(self, batch_id: str, tenant: str) -> bool:
+        """End the batch if its lines are all over (FINISH does this as its last line ends;
+        this covers a batch whose lines ended before it ran, or whose creation died)."""
+        k = self.keys
+        args: list[str | int] = [batch_id, k.batch_base(), k.tenant_status_base(), tenant]
+        args += [int(self.clock()), self.jobs.result_ttl]
+        return bool(await self._settle(keys=[k.batch(batch_id)], args=args))
 
     def _record(
         self,
@@ -209,41 +266,54 @@ class BatchStore:
     async def _write_record(
         self, batch_id: str, tenant: str, record: dict[str, str], now: float, ttl: int = 0
     ) -> None:
+        """The record, in the tenant's list, and (unless it already failed) watched by the
+        workers' sweep: should its creation die, the sweep fails it after CREATE_DEADLINE."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.batch(batch_id), mapping=record)
             if ttl:
                 pipe.expire(self.keys.batch(batch_id), ttl)
+            else:
+                pipe.zadd(self.keys.batches_expiring(), {batch_id: int(now) + CREATE_DEADLINE})
             pipe.zadd(self.keys.tenant_batches(tenant), {batch_id: now})
             await pipe.execute()
 
     async def _write_lines(
         self, batch_id: str, tenant: str, requests: AsyncIterator[batch_input.Line], now: float
-    ) -> None:
+    ) -> int:
+        """Write the lines, a chunk per round trip; how many there were."""
         chunk: list[batch_input.Line] = []
+        written = 0
         async for line in requests:
             chunk.append(line)
             if len(chunk) == WRITE_CHUNK:
-                await self._write_chunk(batch_id, tenant, chunk, now)
-                chunk = []
+                await self._write_chunk(batch_id, tenant, chunk, now + written * LINE_STEP)
+                written, chunk = written + len(chunk), []
         if chunk:
-            await self._write_chunk(batch_id, tenant, chunk, now)
+            await self._write_chunk(batch_id, tenant, chunk, now + written * LINE_STEP)
+        return written + len(chunk)
 
     async def _write_chunk(
         self, batch_id: str, tenant: str, lines: list[batch_input.Line], now: float
     ) -> None:
-        """Each line's job record and index entries (not arq's queue: the scheduler feeds it)."""
+        """Each line's job record and index entries (not arq's queue: the scheduler feeds it).
+
+        Lines are created LINE_STEP apart, so that each has a creation time of its own: listed
+        and given permits in the file's order, paged without ties. They are in no `custom_id`
+        index (one sorted set per line would cost more than the line): they are found by
+        `batch_id`, within which `custom_id` filters."""
         k = self.keys
         ids = [new_job_id() for _ in lines]
+        created = {job_id: now + i * LINE_STEP for i, job_id in enumerate(ids)}
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id, line in zip(ids, lines, strict=True):
-                pipe.hset(k.job(job_id), mapping=_line_record(job_id, tenant, batch_id, line, now))
-                pipe.zadd(k.tenant_custom_id(tenant, digest(line.custom_id)), {job_id: now})
+                record = _line_record(job_id, tenant, batch_id, line, created[job_id])
+                pipe.hset(k.job(job_id), mapping=record)
             for index in (
                 k.tenant_jobs(tenant),
                 k.tenant_status(tenant, Status.QUEUED.value),
                 k.tenant_batch(tenant, batch_id),
             ):
-                pipe.zadd(index, dict.fromkeys(ids, now))
+                pipe.zadd(index, created)
             pipe.rpush(k.batch_lines(batch_id), *ids)
             pipe.rpush(k.batch_pending(batch_id), *ids)
             await pipe.execute()
@@ -270,7 +340,8 @@ class BatchStore:
         return None if raw is None else raw.decode()
 
     async def page(self, tenant: str, *, after: str | None, limit: int) -> BatchList:
-        """The tenant's batches, newest first, as OpenAI pages them (`after` a batch id)."""
+        """The tenant's batches, newest first, as OpenAI pages them (`after` a batch id).
+        Batches found expired leave the tenant's index as they are met."""
         index = self.keys.tenant_batches(tenant)
         top = "+inf"
         if after is not None:
@@ -278,20 +349,35 @@ class BatchStore:
             if score is None:
                 raise LookupError(after)
             top = f"({score}"
-        rows = await self.redis.zrevrangebyscore(index, top, "-inf", start=0, num=limit + 1)
-        ids = [row.decode() for row in rows]
-        found = [await self.get(batch_id, tenant) for batch_id in ids[:limit]]
-        data = [batch for batch in found if batch is not None]
+        data: list[Batch] = []
+        more = False
+        while not more:
+            rows = await self.redis.zrevrangebyscore(
+                index, top, "-inf", start=0, num=limit + 1, withscores=True
+            )
+            for raw, _score in rows:
+                batch = await self.get(raw.decode(), tenant)
+                if batch is None:
+                    await self.redis.zrem(index, raw)
+                elif len(data) == limit:
+                    more = True
+                    break
+                else:
+                    data.append(batch)
+            if len(rows) < limit + 1:
+                break
+            top = f"({rows[-1][1]}"
         return BatchList(
             data=data,
             first_id=data[0].id if data else None,
             last_id=data[-1].id if data else None,
-            has_more=len(ids) > limit,
+            has_more=more,
         )
 
     async def cancel(self, batch_id: str, tenant: str) -> Batch | None:
         """Stop the batch: lines not started never run, running ones are cancelled; the batch
-        ends `cancelled` with its last line. Raises `NotCancellable` when it already ended."""
+        ends `cancelled` with its last line. Raises `NotCancellable` when it already ended
+        (or is ending as `expired`). Cancelling a `cancelling` batch finishes the job."""
         if await self.get(batch_id, tenant) is None:
             return None
         before = await self._cancel(keys=[self.keys.batch(batch_id)], args=[int(self.clock())])
@@ -299,31 +385,47 @@ class BatchStore:
             return None
         if before.decode() not in ("in_progress", "validating", "cancelling"):
             raise NotCancellable(batch_id)
-        error = {"type": "batch_cancelled", "message": "the batch was cancelled"}
-        await self.end_lines(batch_id, tenant, Status.CANCELLED, error, "cancelled")
+        await self.end_lines(batch_id, tenant, Status.CANCELLED, _CANCELLED, "cancelled")
+        await self.settle(batch_id, tenant)
         return await self.get(batch_id, tenant)
 
-    async def expire(self, batch_id: str) -> None:
-        """The completion window ended: lines not handed to a worker yet fail as `expired`;
-        lines already running finish, and are kept."""
-        tenant = await self.tenant_of(batch_id)
-        if tenant is None or not await self._expire(keys=[self.keys.batch(batch_id)]):
-            await self.redis.zrem(self.keys.batches_expiring(), batch_id)
-            return
-        error = {
-            "type": "batch_expired",
-            "message": "the batch's completion window ended before this request ran",
-        }
-        await self.end_lines(batch_id, tenant, Status.FAILED, error, "expired", keep_running=True)
-
-    async def expire_due(self, limit: int = 10) -> int:
-        """Expire the batches whose window has ended; how many there were."""
+    async def sweep_due(self, limit: int = 10) -> int:
+        """Look after the batches whose time has come (workers call this now and then): end
+        what a completion window left, fail a batch whose creation died, finish a cancel that
+        was cut short. Each step can run again after a crash; a batch stays watched until it
+        has ended. How many batches it looked at."""
         due = await self.redis.zrangebyscore(
             self.keys.batches_expiring(), "-inf", int(self.clock()), start=0, num=limit
         )
         for raw in due:
-            await self.expire(raw.decode())
+            await self._sweep(raw.decode())
         return len(due)
+
+    async def _sweep(self, batch_id: str) -> None:
+        fields = await self.redis.hmget(  # type: ignore[misc]
+            self.keys.batch(batch_id), ["status", "tenant", "expires_at"]
+        )
+        status, tenant, expires = (v.decode() if v is not None else "" for v in fields)
+        if status in ("", *TERMINAL_BATCH):
+            await self.redis.zrem(self.keys.batches_expiring(), batch_id)
+        elif status == "validating":  # its creation did not finish within CREATE_DEADLINE
+            await self._fail(batch_id, tenant, _INTERRUPTED)
+        elif status == "in_progress" and self.clock() < int(expires):
+            await self._watch(batch_id, int(expires))
+        else:
+            if status == "in_progress":
+                await self._expire(keys=[self.keys.batch(batch_id)])
+                error, outcome, ending = _EXPIRED, "expired", Status.FAILED
+            else:  # cancelling
+                error, outcome, ending = _CANCELLED, "cancelled", Status.CANCELLED
+            keep = outcome == "expired"
+            await self.end_lines(batch_id, tenant, ending, error, outcome, keep_running=keep)
+            if not await self.settle(batch_id, tenant):  # lines still running: look again
+                await self._watch(batch_id, int(self.clock()) + RECHECK_EVERY)
+
+    async def _watch(self, batch_id: str, when: int) -> None:
+        """Look at the batch again at `when`, unless it has ended (and left the set)."""
+        await self.redis.zadd(self.keys.batches_expiring(), {batch_id: when}, xx=True)
 
     async def end_lines(
         self,
@@ -334,39 +436,49 @@ class BatchStore:
         outcome: str,
         keep_running: bool = False,
     ) -> None:
-        """End every line that is not over: queued ones in bulk (FINISH each), running ones
-        through the job's own cancel (a worker holding one is told at once)."""
+        """End every line that is not over: queued ones in bulk (FINISH each) and taken out
+        of arq if a worker was handed them, running ones through the job's own cancel (a
+        worker holding one is told at once); with `keep_running`, lines handed to a worker
+        are left to run."""
         start = 0
         while True:
             ids = await self._line_ids(batch_id, start)
             if not ids:
                 return
             start += len(ids)
-            queued, running = await self._open_lines(ids, keep_running)
+            queued, handed, running = await self._open_lines(ids, keep_running)
             if queued:
                 await self.jobs.finish_many([(i, tenant) for i in queued], status, error, outcome)
-            if running and not keep_running:
+            for job_id in handed:
+                await self.jobs.withdraw(job_id)
+            if running:
                 await asyncio.gather(*(self._cancel_running(i, tenant) for i in running))
 
     async def _line_ids(self, batch_id: str, start: int) -> list[str]:
         return await batch_output.line_ids(self.redis, self.keys, batch_id, start)
 
-    async def _open_lines(self, ids: list[str], keep_running: bool) -> tuple[list[str], list[str]]:
-        """The lines not started (not handed to a worker, when `keep_running`), and the others
-        not over."""
+    async def _open_lines(
+        self, ids: list[str], keep_running: bool
+    ) -> tuple[list[str], list[str], list[str]]:
+        """Of these lines: the queued ones to end (with `keep_running`, not those handed to a
+        worker), those of them handed to a worker, and the running ones to cancel (none with
+        `keep_running`)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hget(self.keys.job(job_id), "status")
                 pipe.zscore(self.keys.sched_inflight(), job_id)
             rows = await pipe.execute()
-        queued, running = [], []
+        queued, handed, running = [], [], []
         for job_id, status, inflight in zip(ids, rows[::2], rows[1::2], strict=True):
             state = None if status is None else status.decode()
-            if state == "queued" and not (keep_running and inflight is not None):
+            out = inflight is not None
+            if state == "queued" and not (keep_running and out):
                 queued.append(job_id)
-            elif state in ("queued", "in_progress"):
+                if out:
+                    handed.append(job_id)
+            elif state == "in_progress" and not keep_running:
                 running.append(job_id)
-        return queued, running
+        return queued, handed, running
 
     async def _cancel_running(self, job_id: str, tenant: str) -> None:
         with contextlib.suppress(AlreadyFinished):
@@ -397,7 +509,13 @@ def _line_record(
 
 
 def _errors(errors: list[LineError]) -> dict[str, Any]:
-    return {"object": "list", "data": [error.as_json() for error in errors]}
+    """OpenAI's `errors`: the first MAX_LISTED_ERRORS bad lines, then how many more."""
+    data = [error.as_json() for error in errors[:MAX_LISTED_ERRORS]]
+    if len(errors) > MAX_LISTED_ERRORS:
+        more = len(errors) - MAX_LISTED_ERRORS
+        message = f"{more} more bad lines, not listed (the first {MAX_LISTED_ERRORS} are)"
+        data.append({"code": "too_many_errors", "message": message, "param": None, "line": None})
+    return {"object": "list", "data": data}
 
 
 def _to_batch(fields: dict[str, str]) -> Batch:

@@ -56,10 +56,10 @@ class JobLister:
     def _index(
         self, tenant: str, status: Status | None, custom_id: str | None, batch_id: str | None
     ) -> str:
+        if batch_id is not None:  # batch lines are in no custom_id index
+            return self.keys.tenant_batch(tenant, batch_id)
         if custom_id is not None:
             return self.keys.tenant_custom_id(tenant, digest(custom_id))
-        if batch_id is not None:
-            return self.keys.tenant_batch(tenant, batch_id)
         if status is not None:
             return self.keys.tenant_status(tenant, status.value)
         return self.keys.tenant_jobs(tenant)

@@ -20,10 +20,13 @@ BATCH_PRIORITY_OFFSET = 1e10
 
 
 def batch_cap(settings: Settings) -> int:
-    """The most batch lines in flight account-wide: the upstream's concurrency less a tenth,
-    kept for interactive jobs (0 = no cap, when concurrency is not limited)."""
+    """The most batch lines in flight account-wide: the upstream's concurrency less a tenth
+    (at least one permit), kept for interactive jobs; 0 = no cap, when concurrency is not
+    limited. With a concurrency of 1 (tier 0) batch lines get it: they would never run else."""
     concurrency = settings.upstream_concurrency
-    return max(1, concurrency - concurrency // 10) if concurrency else 0
+    if concurrency <= 1:
+        return concurrency
+    return concurrency - max(1, concurrency // 10)
 
 
 def worker_reserve(max_jobs: int) -> int:

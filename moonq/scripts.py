@@ -158,13 +158,15 @@ for i = 12, last_field, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) e
 for i = last_field + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
 redis.call('ZREMRANGEBYSCORE', move_status(index, state[1], ARGV[3]), '-inf', ARGV[8])
 redis.call('PUBLISH', KEYS[3], event)
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
+local now = tonumber(redis.call('TIME')[1])
+local keep = ARGV[4]
 if line then
-  batch_line_done(line, usage, redis.call('TIME')[1], ARGV[4])
+  keep = batch_line_done(line, usage, now, ARGV[4])  -- a line is kept as long as its batch
 elseif usage['total_tokens'] then
-  charge(redis.call('HGET', KEYS[1], 'tenant'), usage['total_tokens'])
+  charge(redis.call('HGET', KEYS[1], 'tenant'), usage['total_tokens'], now)
 end
+redis.call('EXPIRE', KEYS[1], keep)
+redis.call('EXPIRE', KEYS[2], keep)
 return seq
 end
 """

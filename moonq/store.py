@@ -339,7 +339,7 @@ class JobStore:
             if done >= 0:
                 if not tries_left:  # cancelled with a stale read: now the log is still
                     await self._complete_partial(partial, attempt, done - 1)
-                await self._withdraw(job_id)
+                await self.withdraw(job_id)
                 return await self.get(job_id)
         raise AssertionError("unreachable: the last try does not check the seq")
 
@@ -350,7 +350,7 @@ class JobStore:
             fields = {k: dumps(v) for k, v in partial.fields().items()}
             await self.redis.hset(self.keys.job(partial.job_id), mapping=fields)  # type: ignore[misc]
 
-    async def _withdraw(self, job_id: str) -> None:
+    async def withdraw(self, job_id: str) -> None:
         """Take a cancelled job out of arq: off the queue, its entry deleted, and aborted where
         a worker holds it. Best effort: a worker that still starts it finds it cancelled."""
         try:

@@ -187,7 +187,8 @@ class Runner:
             )
             if number == -3:  # this run lost arq's lock (a stall): another run has the job
                 return LOST
-            if number < 0:
+            if number < 0:  # over (a cancel) meanwhile: the permit goes back unused
+                permit.used = 0
                 return "skipped"
             started(number)
             publisher = EventPublisher(self.store, job_id, number)

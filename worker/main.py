@@ -52,7 +52,8 @@ HEARTBEAT_EVERY = 5.0
 LOCK_TOKEN = "moonq_lock_token"
 ABORT_MAX_AGE_MS = 60_000
 # With no batch line to hand out, a worker asks again after this long (a new batch waits at
-# most this long for its first line to start); batches past their window end within EXPIRY_EVERY.
+# most this long for its first line to start); batches past their window are swept (in the
+# background) within EXPIRY_EVERY.
 IDLE_FEED_EVERY = 0.25
 EXPIRY_EVERY = 2.0
 
@@ -81,6 +82,7 @@ class MoonqWorker(Worker):
         self._stopping = False
         self.on_stop = self._stopped
         self._next_feed = self._next_expiry = 0.0
+        self._sweeping: asyncio.Task[None] | None = None
 
     def _stopped(self, signum: signal.Signals) -> None:
         self._stopping = True
@@ -101,6 +103,9 @@ class MoonqWorker(Worker):
         was finishing its last write): let them end first."""
         if not self._handle_signals:
             self.handle_sig(signal.SIGUSR1)
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            await asyncio.gather(self._sweeping, return_exceptions=True)
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         self.tasks.clear()
         await super().close()
@@ -113,9 +118,9 @@ class MoonqWorker(Worker):
         if scheduler is None or self._stopping:
             return
         now = time.monotonic()
-        if now >= self._next_expiry:
+        if now >= self._next_expiry and (self._sweeping is None or self._sweeping.done()):
             self._next_expiry = now + EXPIRY_EVERY
-            await self.ctx["moonq_batches"].expire_due()
+            self._sweeping = asyncio.create_task(self._sweep(), name="moonq-batch-sweep")
         free = self.max_jobs - self.job_counter - worker_reserve(self.max_jobs)
         if free <= 0 or now < self._next_feed:
             return
@@ -124,6 +129,16 @@ class MoonqWorker(Worker):
             self._next_feed = now + IDLE_FEED_EVERY
             return
         await self.start_jobs([job_id.encode() for job_id in ids])
+
+    async def _sweep(self) -> None:
+        """Batches past their window, or whose creation or cancel was cut short, in the
+        background: ending a large batch's lines must not hold up the poll loop."""
+        try:
+            await self.ctx["moonq_batches"].sweep_due()
+        except (RedisError, OSError) as exc:
+            log.warning("the batch sweep failed (%s); it runs again", type(exc).__name__)
+        except Exception:
+            log.exception("the batch sweep failed; it runs again")
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's `start_jobs`, with the lock saying who holds it. Also: arq takes a job slot
