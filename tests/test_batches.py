@@ -370,3 +370,16 @@ async def test_a_batch_past_its_window_expires_what_has_not_run(
     errors = await content(client, final["error_file_id"])
     assert {row["error"]["code"] for row in errors} == {"batch_expired"}
     assert len(errors) == counts["expired"]
+
+
+async def test_batches_run_on_the_embedded_redis_of_moonq_dev(stack_factory: Any) -> None:
+    """`moonq dev` runs on fakeredis: its Lua (cjson, the batch scripts) must work there too."""
+    stack, client = await stack_factory()
+    batch = await create(client, [line("a"), line("b")])
+    await stack.run_worker()
+    done = await batch_of(client, batch["id"])
+    assert done["status"] == "completed"
+    assert [row["custom_id"] for row in await content(client, done["output_file_id"])] == ["a", "b"]
+    other = await create(client, [line(f"c{i}") for i in range(5)])
+    cancelled = (await client.post(f"/v1/batches/{other['id']}/cancel")).json()
+    assert cancelled["status"] == "cancelled" and cancelled["request_counts"]["cancelled"] == 5
