@@ -32,7 +32,7 @@ LINE_STEP = 1e-5
 CREATE_DEADLINE = 300
 # A failed validation lists at most this many bad lines, then says how many more there were.
 MAX_LISTED_ERRORS = 1000
-# Tokens per minute a tenant's lead decays at, at least, when TPM is off (see ACTIVATE).
+# Tokens per minute a tenant's lead decays at, at least (see ACTIVATE): the rate with TPM off.
 DECAY_FLOOR = 100_000
 MAX_WINDOW = 7 * 24 * 3600
 _WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
@@ -214,7 +214,8 @@ class BatchStore:
         k = self.keys
         keys = [k.batch(batch_id), k.sched_tenant(tenant), k.sched_active(), k.sched_vtime()]
         keys += [k.sched_clock(), k.batches_expiring()]
-        decay = max(tpm, DECAY_FLOOR * 60) / 600  # a tenth of the account's minute, per minute
+        # tokens per second: a tenth of the account's TPM per minute (DECAY_FLOOR with TPM off)
+        decay = max(tpm / 10, DECAY_FLOOR) / 60
         args: list[str | int | float] = [batch_id, tenant, int(self.clock()), expires_at]
         args += [written, decay]
         if not await self._activate(keys=keys, args=args):  # cancelled while being written
