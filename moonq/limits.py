@@ -224,6 +224,12 @@ class Gate(Protocol):
     async def opening(self) -> Opening: ...
 
 
+def kept_back(limit: int) -> int:
+    """What batch lines may use of a limit: all but a tenth (at least one), kept for
+    interactive jobs; all of a limit of 1 (or 0, no limit), else batches could never run."""
+    return limit if limit <= 1 else limit - max(1, limit // 10)
+
+
 class PermitAbandoned(Exception):
     """The caller stopped waiting for a permit (the worker is shutting down)."""
 
@@ -274,7 +280,12 @@ class UpstreamLimiter:
 
     @contextlib.asynccontextmanager
     async def permit(
-        self, tokens: int, priority: float = 0.0, give_up: Callable[[], bool] = lambda: False
+        self,
+        tokens: int,
+        priority: float = 0.0,
+        give_up: Callable[[], bool] = lambda: False,
+        *,
+        batch: bool = False,
     ) -> AsyncIterator[Permit]:
         """Hold one upstream request's permit; set `permit.used` to the real token count
         (0 when the attempt ended without usage: its estimate leaves the TPM window).
@@ -283,7 +294,9 @@ class UpstreamLimiter:
         and only while the `gate` (the account's pause) is open, limits on or off.
         Raises `PermitImpossible` at once when `tokens` exceeds the TPM limit, and
         `PermitAbandoned` when `give_up()` turns true while waiting. While held, watch
-        `permit.lost`: it is set if the lease lapsed and was not renewed.
+        `permit.lost`: it is set if the lease lapsed and was not renewed. A `batch` request
+        leaves a tenth of RPM and TPM (`kept_back`) to the others: a batch that filled the
+        minute's window would otherwise hold an interactive job back until the window moved.
         """
         if self.tpm and tokens > self.tpm:
             raise PermitImpossible(
@@ -292,7 +305,7 @@ class UpstreamLimiter:
             )
         permit = Permit(uuid.uuid4().hex, tokens, priority=priority)
         try:
-            await self._wait_for(permit, give_up)
+            await self._wait_for(permit, give_up, batch)
         except BaseException:
             if self.enabled:
                 with contextlib.suppress(RedisError, OSError):  # give up the place in line
@@ -313,8 +326,10 @@ class UpstreamLimiter:
             except (RedisError, OSError):
                 log.warning("could not release an upstream permit; it expires on its own")
 
-    async def _wait_for(self, permit: Permit, give_up: Callable[[], bool]) -> None:
+    async def _wait_for(self, permit: Permit, give_up: Callable[[], bool], batch: bool) -> None:
         limits = [self.concurrency, self.rpm, self.tpm]
+        if batch:
+            limits[1:] = [kept_back(self.rpm), kept_back(self.tpm)]
         args: list[str | int | float] = [
             permit.lease,
             self.lease_ttl_ms,

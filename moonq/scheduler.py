@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from moonq.batch_lua import DISPATCH
 from moonq.keys import Keys
+from moonq.limits import kept_back
 from moonq.settings import Settings
 from moonq.store import arq_payload
 
@@ -20,13 +21,9 @@ BATCH_PRIORITY_OFFSET = 1e10
 
 
 def batch_cap(settings: Settings) -> int:
-    """The most batch lines in flight account-wide: the upstream's concurrency less a tenth
-    (at least one permit), kept for interactive jobs; 0 = no cap, when concurrency is not
-    limited. With a concurrency of 1 (tier 0) batch lines get it: they would never run else."""
-    concurrency = settings.upstream_concurrency
-    if concurrency <= 1:
-        return concurrency
-    return concurrency - max(1, concurrency // 10)
+    """The most batch lines in flight account-wide: the upstream's concurrency less what is
+    kept back for interactive jobs (`limits.kept_back`); 0 = no cap (no concurrency limit)."""
+    return kept_back(settings.upstream_concurrency)
 
 
 def worker_reserve(max_jobs: int) -> int:

@@ -3,6 +3,7 @@ the same rate whatever their sizes, and a tenant that used more recently yields.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
 import time
@@ -115,3 +116,27 @@ async def test_a_tenant_that_used_more_recently_yields(real_stack: Any) -> None:
     # each line is estimated at ~20 tokens: 5,000 tokens buy bob well over 40 lines
     assert order[:40] == [b.id] * 40
     assert order[40:60] == [a.id] * 20
+
+
+async def test_a_batch_that_fills_the_minute_leaves_room_for_interactive_jobs(
+    real_stack: Any, fake: FakeServer
+) -> None:
+    """RPM is the limit: the batch takes what it may of the minute's window at once, and an
+    interactive job still starts at once, from the tenth kept back, not a minute later."""
+    stack, client = await real_stack(
+        MOONQ_UPSTREAM_CONCURRENCY=10, MOONQ_UPSTREAM_RPM=20, MOONQ_UPSTREAM_TPM=0
+    )
+    batch = await create(client, [line(f"b{i}") for i in range(60)])
+    async with worker_running(stack):
+
+        async def window_full() -> bool:
+            counts = (await batch_of(client, batch["id"]))["request_counts"]
+            return counts["completed"] >= 18  # kept_back(20): the batch's share of the minute
+
+        await wait_for(window_full, 10)
+        await asyncio.sleep(0.3)
+        assert (await batch_of(client, batch["id"]))["request_counts"]["completed"] == 18
+        waits = [await _first_chunk_after(client, f"q{i}") for i in range(2)]
+        await client.post(f"/v1/batches/{batch['id']}/cancel")
+    print(f"first chunks with the minute's window full of batch lines: {waits}")
+    assert max(waits) < 1.0

@@ -181,7 +181,8 @@ class Runner:
         if record.get("batch_id"):
             priority += BATCH_PRIORITY_OFFSET
         tokens = await self._tokens(body)
-        async with self.limiter.permit(tokens, priority, self._is_draining) as permit:
+        batch = bool(record.get("batch_id"))
+        async with self.limiter.permit(tokens, priority, self._is_draining, batch=batch) as permit:
             number = await self.store.start_attempt(
                 job_id, self.worker_id, lock_token, self.settings.lock_timeout
             )
