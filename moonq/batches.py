@@ -441,45 +441,18 @@ class BatchStore:
         of arq if a worker was handed them, running ones through the job's own cancel (a
         worker holding one is told at once); with `keep_running`, lines handed to a worker
         are left to run."""
-        start = 0
+        start, lines = 0, self.keys.batch_lines(batch_id)
         while True:
-            ids = await self._line_ids(batch_id, start)
-            if not ids:
-                return
-            start += len(ids)
-            queued, handed, running = await self._open_lines(ids, keep_running)
-            if queued:
-                await self.jobs.finish_many([(i, tenant) for i in queued], status, error, outcome)
+            read, handed, running = await self.jobs.end_lines(
+                lines, tenant, start, WRITE_CHUNK, (status, error, outcome), keep_running
+            )
             for job_id in handed:
                 await self.jobs.withdraw(job_id)
             if running:
                 await asyncio.gather(*(self._cancel_running(i, tenant) for i in running))
-
-    async def _line_ids(self, batch_id: str, start: int) -> list[str]:
-        return await batch_output.line_ids(self.redis, self.keys, batch_id, start)
-
-    async def _open_lines(
-        self, ids: list[str], keep_running: bool
-    ) -> tuple[list[str], list[str], list[str]]:
-        """Of these lines: the queued ones to end (with `keep_running`, not those handed to a
-        worker), those of them handed to a worker, and the running ones to cancel (none with
-        `keep_running`)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hget(self.keys.job(job_id), "status")
-                pipe.zscore(self.keys.sched_inflight(), job_id)
-            rows = await pipe.execute()
-        queued, handed, running = [], [], []
-        for job_id, status, inflight in zip(ids, rows[::2], rows[1::2], strict=True):
-            state = None if status is None else status.decode()
-            out = inflight is not None
-            if state == "queued" and not (keep_running and out):
-                queued.append(job_id)
-                if out:
-                    handed.append(job_id)
-            elif state == "in_progress" and not keep_running:
-                running.append(job_id)
-        return queued, handed, running
+            if read < WRITE_CHUNK:
+                return
+            start += read
 
     async def _cancel_running(self, job_id: str, tenant: str) -> None:
         with contextlib.suppress(AlreadyFinished):

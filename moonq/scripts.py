@@ -173,28 +173,40 @@ end
 )
 FINISH = _FINISH_FUNCTION + "return finish()\n"
 
-# ARGV: 1 job key base, 2 log base, 3 channel base, 4 usage base, 5 the scheduler's in-flight
-# set, 6 virtual times, 7 active tenants, 8 the number T of FINISH's ARGV, 9..8+T FINISH's
-# ARGV (one set for every job), then job id/tenant pairs. FINISH for each job, in one call
-# (a cancelled or expired batch's lines); returns FINISH's answer for each, in order. Each
-# FINISH checks before it writes; an error reply stops the loop before the next job's writes.
-FINISH_MANY = (
+# ARGV: 1 job key base, 2 log base, 3 channel base, 4 the tenant's usage, 5 the scheduler's
+# in-flight set, 6 virtual times, 7 active tenants, 8 a batch's list of lines, 9 the first
+# line (0-based), 10 how many, 11 '1' to leave running the lines handed to a worker, 12 the
+# number T of FINISH's ARGV, 13..12+T FINISH's ARGV (one set for every job).
+# Ends a slice of a batch's lines that have not started, each by FINISH's own step (a
+# cancelled or expired batch's lines); returns {lines read, ids of those ended that a worker
+# had been handed, ids running (none with ARGV[11])}: the caller takes the first out of arq
+# and cancels the others. Each FINISH checks before it writes; an error reply stops the loop
+# before the next job's writes.
+END_LINES = (
     _FINISH_FUNCTION
     + """
 local batch, template = ARGV, {}
-local count = tonumber(batch[8])
-for i = 9, 8 + count do template[#template + 1] = batch[i] end
-local out = {}
-for i = 9 + count, #batch, 2 do
-  local id, tenant = batch[i], batch[i + 1]
-  KEYS = {batch[1] .. id, batch[2] .. id, batch[3] .. id, batch[4] .. tenant,
-    batch[5], batch[6], batch[7]}
-  ARGV = template
-  local answer = finish()
-  if type(answer) == 'table' then return answer end
-  out[#out + 1] = answer
+for i = 13, 12 + tonumber(batch[12]) do template[#template + 1] = batch[i] end
+local first = tonumber(batch[9])
+local ids = redis.call('LRANGE', batch[8], first, first + tonumber(batch[10]) - 1)
+local keep, handed, running = batch[11] == '1', {}, {}
+for _, id in ipairs(ids) do
+  local status = redis.call('HGET', batch[1] .. id, 'status')
+  if status == 'queued' then
+    local out = redis.call('ZSCORE', batch[5], id)
+    if not (keep and out) then
+      KEYS = {batch[1] .. id, batch[2] .. id, batch[3] .. id, batch[4], batch[5], batch[6],
+        batch[7]}
+      ARGV = template
+      local answer = finish()
+      if type(answer) == 'table' then return answer end
+      if out then handed[#handed + 1] = id end
+    end
+  elseif status == 'in_progress' and not keep then
+    running[#running + 1] = id
+  end
 end
-return out
+return {#ids, handed, running}
 """
 )
 

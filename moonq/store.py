@@ -91,7 +91,7 @@ class JobStore:
         self._start = redis.register_script(scripts.START)
         self._append = redis.register_script(scripts.APPEND)
         self._finish = redis.register_script(scripts.FINISH)
-        self._finish_many = redis.register_script(scripts.FINISH_MANY)
+        self._end_lines = redis.register_script(scripts.END_LINES)
         self._requeue = redis.register_script(scripts.REQUEUE)
         self._create = redis.register_script(scripts.CREATE)
 
@@ -258,24 +258,28 @@ class JobStore:
         )
         return int(await self._finish(keys=keys, args=args))
 
-    async def finish_many(
-        self, ends: list[tuple[str, str]], status: Status, error: dict[str, Any], outcome: str
-    ) -> list[int]:
-        """End many jobs (id, tenant) that have not started, in one call: batch lines a
-        cancel or an expiry ends. Each is FINISH's step, so a job that started meanwhile, or
-        ended, is handled as FINISH handles it (-1 for one already over)."""
-        if not ends:
-            return []
+    async def end_lines(
+        self,
+        lines_key: str,
+        tenant: str,
+        first: int,
+        count: int,
+        ending: tuple[Status, dict[str, Any], str],
+        keep_running: bool,
+    ) -> tuple[int, list[str], list[str]]:
+        """End the not-started jobs of a slice of a batch's lines in one call (`END_LINES`),
+        as `ending` = (status, error, outcome for the batch) says. Returns how many lines
+        were read, the ended ones a worker had been handed, and the running ones."""
+        status, error, outcome = ending
         kind = status.value if status == Status.CANCELLED else "error"
         event: dict[str, Any] = {"event": kind, "attempt": 0, "data": error}
         fields = {} if status == Status.CANCELLED else {"error": error}
-        keys, template = self._finish_call("", status, event, fields, None, "", None, outcome)
+        keys, template = self._finish_call("", status, event, fields, None, tenant, None, outcome)
         k = self.keys
-        args: list[Any] = [k.job(""), k.log(""), k.channel(""), k.usage("")]
-        args += [*keys[4:], len(template), *template]
-        for pair in ends:
-            args += pair
-        return [int(answer) for answer in await self._finish_many(args=args)]
+        args: list[Any] = [k.job(""), k.log(""), k.channel(""), keys[3], *keys[4:], lines_key]
+        args += [first, count, "1" if keep_running else "0", len(template), *template]
+        read, handed, running = await self._end_lines(args=args)
+        return int(read), [i.decode() for i in handed], [i.decode() for i in running]
 
     def _finish_call(
         self,
