@@ -45,6 +45,7 @@ pytest: $(TOOLS)
 
 bench: $(TOOLS)
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.batch
 
 # The full fault suite: 500 jobs, upstream faults, workers SIGKILLed and stalled, Redis stalled
 # (a redis-server of its own; `--redis-url URL` runs it on another Redis, without Redis stalls).
