@@ -16,7 +16,8 @@ from api.auth import Tenant
 from api.errors import APIError
 from api.services import services
 from moonq.batch_input import ENDPOINT, Limits, TooManyLines
-from moonq.batches import BadWindow, Batch, BatchList, BatchStore, NotCancellable
+from moonq.batch_models import BadWindow, Batch, BatchList, NotCancellable
+from moonq.batches import BatchStore
 from moonq.files import FileObject
 from moonq.serde import dumps
 from moonq.stream import follow_record

@@ -6,19 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import re
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from moonq import batch_input, batch_output
-from moonq.batch_input import Limits, LineError
+from moonq.batch_input import Limits
 from moonq.batch_lua import ACTIVATE, SETTLE
+from moonq.batch_models import (
+    BATCH_ID,
+    COUNTS,
+    USAGE,
+    Batch,
+    BatchList,
+    NotCancellable,
+    listed_errors,
+    new_batch_id,
+    to_batch,
+    window_seconds,
+)
 from moonq.keys import Keys
 from moonq.models import Status
 from moonq.serde import dumps
@@ -30,17 +38,8 @@ WRITE_CHUNK = 500
 LINE_STEP = 1e-5
 # A batch whose creation has not finished after this long (its API process died) is failed.
 CREATE_DEADLINE = 300
-# A failed validation lists at most this many bad lines, then says how many more there were.
-MAX_LISTED_ERRORS = 1000
 # Tokens per minute a tenant's lead decays at, at least (see ACTIVATE): the rate with TPM off.
 DECAY_FLOOR = 100_000
-MAX_WINDOW = 7 * 24 * 3600
-_WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smhd])$")
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_COUNTS = ("total", "completed", "failed", "cancelled", "expired", "done")
-_USAGE = ("prompt_tokens", "completion_tokens", "total_tokens")
-_TIMES = ("created_at", "in_progress_at", "expires_at", "completed_at", "failed_at")
-_TIMES_TOO = ("cancelling_at", "cancelled_at", "expired_at", "finalizing_at")
 TERMINAL_BATCH = ("completed", "failed", "cancelled", "expired")
 # Seconds between two looks at a batch that is ending while some of its lines still run.
 RECHECK_EVERY = 30
@@ -58,8 +57,6 @@ _CHANGED = {
     "type": "input_file_changed",
     "message": "the input file was deleted or changed while the batch was being created",
 }
-BATCH_ID = re.compile(r"^batch_[0-9a-f]{24}$")
-
 # CANCEL: KEYS the batch. ARGV now (s). Marks a running (or validating) batch `cancelling`;
 # returns its status before (`expiring` for one whose window already ended it), or nil when it
 # does not exist. Writes only HSET: cannot fail.
@@ -81,76 +78,6 @@ if redis.call('HGET', KEYS[1], 'ending') then return 0 end
 redis.call('HSET', KEYS[1], 'ending', 'expired')
 return 1
 """
-
-
-class RequestCounts(BaseModel):
-    total: int
-    completed: int
-    failed: int
-    cancelled: int = 0
-    expired: int = 0
-
-
-class Batch(BaseModel):
-    """OpenAI's batch object, with moonq's `usage` (token totals of its completed lines)."""
-
-    id: str
-    object: Literal["batch"] = "batch"
-    endpoint: str
-    errors: dict[str, Any] | None = None
-    input_file_id: str
-    completion_window: str
-    status: str
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-    created_at: int
-    in_progress_at: int | None = None
-    expires_at: int | None = None
-    finalizing_at: int | None = None
-    completed_at: int | None = None
-    failed_at: int | None = None
-    expired_at: int | None = None
-    cancelling_at: int | None = None
-    cancelled_at: int | None = None
-    request_counts: RequestCounts
-    metadata: dict[str, str] | None = None
-    usage: dict[str, int]
-
-
-class BatchList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Batch]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
-
-
-class BadWindow(ValueError):
-    """A completion window that is not a duration up to 7 days."""
-
-
-class NotCancellable(Exception):
-    """The batch already ended."""
-
-
-def window_seconds(window: str) -> int:
-    """`24h`, `90m`, `7d`, `3600s`: a duration of at most 7 days."""
-    match = _WINDOW.match(window)
-    if not match:
-        raise BadWindow("completion_window must be a duration like '24h', '90m' or '7d'")
-    seconds = int(match[1]) * _UNIT[match[2]]
-    if seconds > MAX_WINDOW:
-        raise BadWindow("completion_window can be at most 7 days ('7d')")
-    return seconds
-
-
-def output_file_id(batch_id: str, kind: str) -> str:
-    """The id of a batch's output (`output`) or error (`errors`) file."""
-    return f"file-{batch_id}-{kind}"
-
-
-def new_batch_id() -> str:
-    return "batch_" + secrets.token_hex(12)
 
 
 class BatchStore:
@@ -190,7 +117,7 @@ class BatchStore:
         record["total"] = str(report.lines)
         if report.errors:
             record |= {"status": "failed", "failed_at": str(int(now))}
-            record["errors"] = dumps(_errors(report.errors))
+            record["errors"] = dumps(listed_errors(report.errors))
             await self._write_record(batch_id, tenant, record, now, ttl=self.jobs.result_ttl)
             return await self._must_get(batch_id)
         await self._write_record(batch_id, tenant, record, now)
@@ -258,7 +185,7 @@ class BatchStore:
             "completion_window": window,
             "created_at": str(int(now)),
             "seq": "0",
-            **{name: "0" for name in (*_COUNTS, *_USAGE) if name != "total"},
+            **{name: "0" for name in (*COUNTS, *USAGE) if name != "total"},
         }
         if metadata is not None:
             record["metadata"] = dumps(metadata)
@@ -334,7 +261,7 @@ class BatchStore:
         fields = {k.decode(): v.decode() for k, v in raw.items()}
         if not fields or (tenant is not None and fields.get("tenant") != tenant):
             return None
-        return _to_batch(fields)
+        return to_batch(fields)
 
     async def tenant_of(self, batch_id: str) -> str | None:
         raw = await self.redis.hget(self.keys.batch(batch_id), "tenant")  # type: ignore[misc]
@@ -480,33 +407,3 @@ def _line_record(
         "estimate": str(line.estimate),
         "line": str(line.number),
     }
-
-
-def _errors(errors: list[LineError]) -> dict[str, Any]:
-    """OpenAI's `errors`: the first MAX_LISTED_ERRORS bad lines, then how many more."""
-    data = [error.as_json() for error in errors[:MAX_LISTED_ERRORS]]
-    if len(errors) > MAX_LISTED_ERRORS:
-        more = len(errors) - MAX_LISTED_ERRORS
-        message = f"{more} more bad lines, not listed (the first {MAX_LISTED_ERRORS} are)"
-        data.append({"code": "too_many_errors", "message": message, "param": None, "line": None})
-    return {"object": "list", "data": data}
-
-
-def _to_batch(fields: dict[str, str]) -> Batch:
-    counts = {name: int(fields.get(name, "0")) for name in _COUNTS if name != "done"}
-    data: dict[str, Any] = {
-        name: fields[name]
-        for name in ("id", "endpoint", "input_file_id", "completion_window", "status")
-    }
-    for name in (*_TIMES, *_TIMES_TOO):
-        if fields.get(name):
-            data[name] = int(float(fields[name]))
-    for name in ("metadata", "errors"):
-        if name in fields:
-            data[name] = json.loads(fields[name])
-    if data["status"] != "failed":
-        data["output_file_id"] = output_file_id(fields["id"], "output")
-        data["error_file_id"] = output_file_id(fields["id"], "errors")
-    data["request_counts"] = counts
-    data["usage"] = {name: int(fields.get(name, "0")) for name in _USAGE}
-    return Batch.model_validate(data)

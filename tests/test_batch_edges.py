@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from moonq.batch_input import Limits
-from moonq.batches import MAX_LISTED_ERRORS, BatchStore
+from moonq.batch_models import MAX_LISTED_ERRORS
+from moonq.batches import BatchStore
 from moonq.models import JobCreate, Status
 from moonq.scheduler import Scheduler, batch_cap
 from moonq.store import JobStore
