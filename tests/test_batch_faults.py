@@ -28,15 +28,18 @@ def _rows(n: int) -> bytes:
 
 
 def test_counts_stay_true_when_workers_are_killed(cluster_factory: Any) -> None:
+    """The official `openai` package against real processes: upload, create, workers killed
+    under the batch, retrieve, list, the output file; then a second batch cancelled."""
+    import openai
+
     cluster = cluster_factory(workers=2, limit=8, MOONQ_LOCK_TIMEOUT="2")
     http = httpx.Client(base_url=cluster.api_url, timeout=30)
-    uploaded = http.post(
-        "/v1/files", files={"file": ("in.jsonl", _rows(40))}, data={"purpose": "batch"}
-    ).json()
-    batch = http.post(
-        "/v1/batches",
-        json={"input_file_id": uploaded["id"], "endpoint": "/v1/chat/completions"},
-    ).json()
+    sdk = openai.OpenAI(base_url=f"{cluster.api_url}/v1", api_key="unused", max_retries=0)
+    uploaded = sdk.files.create(file=("in.jsonl", _rows(40)), purpose="batch")
+    created = sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    batch = {"id": created.id}
 
     def counts() -> dict[str, int]:
         found: dict[str, int] = http.get(f"/v1/batches/{batch['id']}").json()["request_counts"]
@@ -59,14 +62,12 @@ def test_counts_stay_true_when_workers_are_killed(cluster_factory: Any) -> None:
         cluster.workers.remove(victim)
         victim.popen.send_signal(signal.SIGKILL)  # mid-stream: it holds several lines
         cluster.add_worker()
-    until(lambda: http.get(f"/v1/batches/{batch['id']}").json()["status"] == "completed", 60)
+    until(lambda: sdk.batches.retrieve(created.id).status == "completed", 60)
     final = http.get(f"/v1/batches/{batch['id']}").json()
+    assert [b.id for b in sdk.batches.list().data] == [created.id]
     assert final["request_counts"]["completed"] == 40
     assert final["request_counts"]["failed"] == 0
-    output = [
-        json.loads(x)
-        for x in http.get(f"/v1/files/{final['output_file_id']}/content").text.splitlines()
-    ]
+    output = [json.loads(x) for x in sdk.files.content(final["output_file_id"]).text.splitlines()]
     assert [row["custom_id"] for row in output] == [f"d{i}" for i in range(40)]
     assert final["usage"]["total_tokens"] == sum(
         row["response"]["body"]["usage"]["total_tokens"] for row in output
@@ -83,3 +84,12 @@ def test_counts_stay_true_when_workers_are_killed(cluster_factory: Any) -> None:
         kinds = [json.loads(x[5:])["event"] for x in events.iter_lines() if x.startswith("data:")]
     assert kinds == ["line"] * 40 + ["done"]
     http.close()
+    second = sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    cancelled = sdk.batches.cancel(second.id)
+    assert cancelled.status in ("cancelling", "cancelled")
+    until(lambda: sdk.batches.retrieve(second.id).status == "cancelled", 5)
+    counts_after = sdk.batches.retrieve(second.id).request_counts
+    assert counts_after is not None and counts_after.total == 40
+    sdk.close()
