@@ -235,6 +235,9 @@ def execute(args: argparse.Namespace, transport: httpx.BaseTransport | None = No
             file=sys.stderr,
         )
         return int(ExitCode.ERROR)
+    except Exception as exc:  # a bug or a case not foreseen: still one line, never a traceback
+        print(f"moonq: unexpected error ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return int(ExitCode.ERROR)
 
 
 def entry(args: argparse.Namespace) -> None:

@@ -20,6 +20,9 @@ DEFAULT_URL = "http://localhost:8000"
 JSON = dict[str, Any]
 # No tokenizer on this server (or none upstream): the caller estimates locally instead.
 NO_ESTIMATE = frozenset({404, 405, 501, 502, 503, 504})
+# What the server answers for a document that cannot be extracted (api/extract.py passes the
+# upstream's refusal on): that document's failure, not the run's.
+DOCUMENT_REFUSED = frozenset({400, 404, 409, 413, 415, 422})
 
 
 class ExitCode(IntEnum):
@@ -44,6 +47,13 @@ class CliError(Exception):
         super().__init__(message)
         self.code = code
         self.details = details or []
+
+
+class Unextractable(CliError):
+    """The server could not extract one document's text; the others go on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ExitCode.INVALID)
 
 
 class StreamDropped(Exception):
@@ -127,6 +137,17 @@ class Client:
 
     # Files
 
+    def refused_document(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """A file-extract request: a refusal is `Unextractable`, with the server's message."""
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise self.unreachable(exc) from exc
+        if response.status_code in DOCUMENT_REFUSED:
+            raise Unextractable(f"{error_message(response)} ({response.status_code})")
+        check(response)
+        return response
+
     def upload(self, name: str, content: bytes, purpose: str) -> JSON:
         files = {"file": (name, content)}
         return self.json("POST", "/v1/files", files=files, data={"purpose": purpose})
@@ -159,16 +180,21 @@ class Client:
 
     def extract(self, name: str, content: bytes) -> str:
         """A document's text through Moonshot's file-extract; the upload is deleted after."""
-        uploaded = self.upload(name, content, "file-extract")
+        files = {"file": (name, content)}
+        data = {"purpose": "file-extract"}
+        uploaded = self.refused_document("POST", "/v1/files", files=files, data=data).json()
+        if not isinstance(uploaded, dict) or not isinstance(uploaded.get("id"), str):
+            raise CliError("the server answered /v1/files with no file id")
         try:
-            extracted = json.loads(self.file_bytes(uploaded["id"]))
+            content_path = f"/v1/files/{uploaded['id']}/content"
+            extracted = json.loads(self.refused_document("GET", content_path).content)
         except ValueError as exc:
-            raise CliError(f"the server's extraction of {name} is not JSON") from exc
+            raise Unextractable(f"the server's extraction of {name} is not JSON") from exc
         finally:
             self.forget(uploaded["id"])
         text = extracted.get("content") if isinstance(extracted, dict) else None
         if not isinstance(text, str):
-            raise CliError(f"the server's extraction of {name} has no text content")
+            raise Unextractable(f"the server's extraction of {name} has no text content")
         return text
 
     # Batches and jobs
@@ -202,8 +228,13 @@ class Client:
         if response.status_code in NO_ESTIMATE:
             return None
         check(response)
-        total = response.json().get("data", {}).get("total_tokens")
-        return total if isinstance(total, int) else None
+        try:
+            answer = response.json()
+        except ValueError:
+            return None
+        data = answer.get("data") if isinstance(answer, dict) else None
+        total = data.get("total_tokens") if isinstance(data, dict) else None
+        return total if isinstance(total, int) and not isinstance(total, bool) else None
 
     def events(self, batch_id: str, after: int = 0) -> Iterator[JSON]:
         """The batch's progress events after seq `after`; `StreamDropped` when the stream

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moonq import prices
-from moonq.batch_client import Client, ExitCode
+from moonq.batch_client import Client, ExitCode, Unextractable
 from moonq.batch_results import Results
 from moonq.batch_run import text_of
 from moonq.documents import Document, Request, body, local_estimate
@@ -37,7 +37,8 @@ class Estimator:
 @dataclass(frozen=True)
 class Row:
     document: Document
-    tokens: int | None  # None: already done, not estimated
+    tokens: int | None  # None: already done, or its text cannot be extracted
+    failure: str | None = None  # why the server cannot extract it: a run records it as failed
 
 
 def fits(tokens: int, request: Request) -> Text:
@@ -75,8 +76,13 @@ def estimate_rows(
     for document in documents:
         if document.custom_id in done:
             rows.append(Row(document, None))
-        else:
-            rows.append(Row(document, estimate(request, text_of(client, document))))
+            continue
+        try:
+            text = text_of(client, document)
+        except Unextractable as exc:
+            rows.append(Row(document, None, str(exc)))
+            continue
+        rows.append(Row(document, estimate(request, text)))
     return rows, estimate.local
 
 
@@ -87,7 +93,10 @@ def table(rows: list[Row], request: Request, local: bool) -> Table:
     out.add_column("prompt tokens", justify="right")
     out.add_column("fits the context window")
     for row in rows:
-        if row.tokens is None:
+        if row.failure is not None:
+            failure = Text.assemble(("cannot extract", "bold red"), f": {row.failure}")
+            out.add_row(row.document.name, "-", failure)
+        elif row.tokens is None:
             out.add_row(row.document.name, "-", "done already: skipped")
         else:
             out.add_row(row.document.name, f"{row.tokens:,}", fits(row.tokens, request))

@@ -90,7 +90,9 @@ class Results:
             return results
         raw = path.read_bytes()
         results.torn = bool(raw) and not raw.endswith(b"\n")
-        for line in raw.decode("utf-8", errors="replace").splitlines():
+        # "\n" only, as `append` writes: str.splitlines() would also cut at U+2028, U+2029 and
+        # U+0085, which json.dumps(ensure_ascii=False) leaves unescaped inside an answer.
+        for line in raw.decode("utf-8", errors="replace").split("\n"):
             try:
                 entry = json.loads(line)
             except ValueError:
@@ -111,7 +113,7 @@ class Results:
 
     def append(self, entry: JSON) -> None:
         line = json.dumps(entry, ensure_ascii=False) + "\n"
-        with self.path.open("a", encoding="utf-8") as handle:
+        with self.path.open("a", encoding="utf-8", newline="\n") as handle:
             handle.write(("\n" if self.torn else "") + line)
             handle.flush()
         self.torn = False

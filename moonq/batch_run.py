@@ -12,10 +12,10 @@ from typing import Any
 
 from rich.console import Console
 
-from moonq.batch_client import Client, CliError, ExitCode
+from moonq.batch_client import Client, CliError, ExitCode, Unextractable
 from moonq.batch_results import TERMINAL, Results, State, record, state_path
 from moonq.batch_watch import Tracker, View, watch
-from moonq.documents import Document, Request, batch_line, find_files, load
+from moonq.documents import Document, Request, batch_line, load, named_files
 
 JSON = dict[str, Any]
 
@@ -34,7 +34,10 @@ def collect(paths: Sequence[Path], out: Path) -> list[Document]:
         if not path.exists():
             raise CliError(f"no such file or folder: {path}", ExitCode.NO_DOCUMENTS)
     state = state_path(out)
-    files = find_files(paths, exclude=[out, state, state.with_name(state.name + ".tmp")])
+    try:
+        files = named_files(paths, exclude=[out, state, state.with_name(state.name + ".tmp")])
+    except ValueError as exc:  # two documents with one name: their answers could not be told apart
+        raise CliError(f"{exc}: name them through different arguments") from exc
     if not files:
         shown = ", ".join(str(p) for p in paths)
         raise CliError(f"no documents found under {shown}", ExitCode.NO_DOCUMENTS)
@@ -116,9 +119,7 @@ def batch_lines(
     for document in pending:
         try:
             text = text_of(client, document)
-        except CliError as exc:
-            if exc.code != ExitCode.INVALID:
-                raise
+        except Unextractable as exc:
             error = {"code": "file_extract_failed", "message": str(exc)}
             results.append(record(document.custom_id, document.name, "failed", None, error=error))
             continue

@@ -1,7 +1,8 @@
 """Documents for `moonq batch run`: found on disk, named stably, turned into batch lines.
 
-A document's custom_id is its path under the common root plus a short hash of its bytes, so a
-re-run of the same command knows which documents are done, and an edited one is sent again.
+A document's custom_id is its name, which depends only on the arguments given (never on which
+other files exist), plus a short hash of its bytes, so a re-run of the same command knows which
+documents are done, and an edited one is sent again.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ MAX_CUSTOM_ID = 500  # moonq takes custom_ids of up to 512 characters
 @dataclass(frozen=True)
 class Document:
     path: Path
-    name: str  # the path under the common root, with forward slashes
+    name: str  # see `named_files`: from the arguments given, with forward slashes
     digest: str  # the first HASH_LENGTH hex digits of the sha256 of its bytes
     text: str | None  # None: it needs file-extract
 
@@ -50,19 +51,43 @@ def _walk(path: Path) -> Iterable[Path]:
                 yield Path(folder) / name
 
 
-def find_files(paths: Sequence[Path], exclude: Iterable[Path] = ()) -> list[Path]:
-    """The files named or found under `paths`, resolved, sorted, each once, minus `exclude`
-    (the results file and its state file, which may live among the documents)."""
+def labels(paths: Sequence[Path]) -> list[str]:
+    """What each argument's documents are named under: nothing for a lone argument, else its
+    own name, or the path as given where two arguments share a name (a/docs and b/docs)."""
+    if len(paths) == 1:
+        return [""]
+    own = [Path(os.path.abspath(p)).name for p in paths]
+    given = [Path(os.path.normpath(p)).as_posix() for p in paths]
+    return [g if not o or own.count(o) > 1 else o for o, g in zip(own, given, strict=True)]
+
+
+def _name(path: Path, argument: Path, label: str) -> str:
+    """A file argument is named by its label (or its own name); a file found in a folder by
+    its path under the folder, after the folder's label."""
+    if path == argument:
+        return label or path.name
+    relative = path.relative_to(argument).as_posix()
+    return f"{label}/{relative}" if label else relative
+
+
+def named_files(paths: Sequence[Path], exclude: Iterable[Path] = ()) -> list[tuple[Path, str]]:
+    """The files named or found under `paths`, each once (named through the first argument
+    that reaches it), sorted by name, minus `exclude` (the results file and its state file,
+    which may live among the documents). The names depend only on the arguments, so adding a
+    file never renames the others."""
     skipped = {p.resolve() for p in exclude}
-    found = {p.resolve() for path in paths for p in _walk(path)}
-    return sorted(found - skipped)
-
-
-def common_root(files: Sequence[Path]) -> Path:
-    """The deepest folder holding every file: the base of their names."""
-    if not files:
-        raise ValueError("no files")
-    return Path(os.path.commonpath([f.parent for f in files]))
+    seen: dict[Path, str] = {}
+    for argument, label in zip(paths, labels(paths), strict=True):
+        for found in _walk(argument):
+            resolved = found.resolve()
+            if resolved not in skipped and resolved not in seen:
+                seen[resolved] = _name(found, argument, label)
+    names: dict[str, Path] = {}
+    for resolved, name in seen.items():
+        if name in names:
+            raise ValueError(f"{names[name]} and {resolved} would both be named {name}")
+        names[name] = resolved
+    return sorted(((path, name) for name, path in names.items()), key=lambda item: item[1])
 
 
 def decode_text(path: Path, raw: bytes) -> str | None:
@@ -79,14 +104,12 @@ def decode_text(path: Path, raw: bytes) -> str | None:
     return None if "\x00" in text else text
 
 
-def load(files: Sequence[Path]) -> list[Document]:
-    """Read each file once: its hash, and its text when it is text."""
-    root = common_root(files)
+def load(files: Sequence[tuple[Path, str]]) -> list[Document]:
+    """Read each (path, name) once: its hash, and its text when it is text."""
     documents = []
-    for path in files:
+    for path, name in files:
         raw = path.read_bytes()
         digest = hashlib.sha256(raw).hexdigest()[:HASH_LENGTH]
-        name = path.relative_to(root).as_posix()
         documents.append(Document(path, name, digest, decode_text(path, raw)))
     return documents
 

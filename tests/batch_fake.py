@@ -219,7 +219,10 @@ class FakeMoonq:
 def parse(jsonl: str, batch_id: str) -> tuple[list[Line], list[JSON]]:
     lines: list[Line] = []
     errors: list[JSON] = []
-    for number, text in enumerate(jsonl.splitlines(), 1):
+    # "\n" only, as the real server (moonq/file_lines.py): not str.splitlines()
+    for number, text in enumerate(jsonl.split("\n"), 1):
+        if not text.strip():
+            continue  # blank lines are not requests
         try:
             entry = json.loads(text)
             body = entry["body"]

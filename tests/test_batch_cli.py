@@ -16,10 +16,10 @@ import pytest
 
 from moonq import batch_cli, batch_watch
 from moonq.batch_client import ExitCode
-from moonq.documents import Request, batch_line, body, decode_text, find_files, load
+from moonq.documents import Request, batch_line, body, decode_text, load, named_files
 from moonq.fake_moonshot import expected_content
 from moonq.prices import context_window, cost
-from tests.batch_fake import FakeMoonq
+from tests.batch_fake import FakeMoonq, multipart
 from tests.conftest import until
 from tests.procs import clean_env, start
 
@@ -64,30 +64,70 @@ def run(fake: FakeMoonq, docs: Path, out: Path, *extra: str) -> int:
 
 
 def results(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in out.read_text().splitlines()]
+    return [json.loads(line) for line in out.read_text().split("\n") if line]
 
 
 # Documents: found, named, read, turned into lines
 
 
 def test_documents_are_found_recursively_in_order_without_hidden_files(docs: Path) -> None:
-    found = find_files([docs], exclude=[docs / "alpha.txt"])
-    names = [p.relative_to(docs).as_posix() for p in found]
+    found = named_files([docs], exclude=[docs / "alpha.txt"])
+    names = [name for _, name in found]
     assert names == ["b/beta.md", "b/deep/gamma.markdown", "b/delta.csv", "epsilon.txt"]
+    assert [path.relative_to(docs).as_posix() for path, _ in found] == names
     # a file named twice (directly and through its folder) is one document
-    assert find_files([docs / "b" / "beta.md", docs / "b"]) == find_files([docs / "b"])
+    twice = named_files([docs / "b" / "beta.md", docs / "b"])
+    assert sorted(p for p, _ in twice) == sorted(p for p, _ in named_files([docs / "b"]))
 
 
 def test_custom_ids_stay_when_the_folder_moves_and_change_with_the_content(
     docs: Path, tmp_path: Path
 ) -> None:
-    first = {d.name: d.custom_id for d in load(find_files([docs]))}
+    first = {d.name: d.custom_id for d in load(named_files([docs]))}
     assert first["b/beta.md"].startswith("b/beta.md#") and len(set(first.values())) == 5
     moved = shutil.copytree(docs, tmp_path / "elsewhere" / "copy")
-    assert {d.name: d.custom_id for d in load(find_files([moved]))} == first
+    assert {d.name: d.custom_id for d in load(named_files([moved]))} == first
     (moved / "b" / "beta.md").write_text("# Beta\nBeta is about bears now.")
-    again = {d.name: d.custom_id for d in load(find_files([moved]))}
+    again = {d.name: d.custom_id for d in load(named_files([moved]))}
     assert {n for n in first if first[n] != again[n]} == {"b/beta.md"}
+
+
+def test_custom_ids_depend_on_the_arguments_not_on_the_other_files_found(
+    tmp_path: Path,
+) -> None:
+    """Adding a file elsewhere under the same folder renames nothing, so nothing is paid twice."""
+    (tmp_path / "docs" / "a").mkdir(parents=True)
+    (tmp_path / "docs" / "a" / "x.txt").write_text("x")
+    (tmp_path / "docs" / "a" / "y.txt").write_text("y")
+    fake, out = FakeMoonq(), tmp_path / "answers.jsonl"
+    assert run(fake, tmp_path / "docs", out) == ExitCode.OK
+    (tmp_path / "docs" / "b").mkdir()
+    (tmp_path / "docs" / "b" / "z.txt").write_text("z")
+    assert run(fake, tmp_path / "docs", out) == ExitCode.OK
+    assert [line.custom_id.split("#")[0] for line in fake.lines["batch_2"]] == ["b/z.txt"]
+    assert [r["path"] for r in results(out)] == ["a/x.txt", "a/y.txt", "b/z.txt"]
+
+
+def test_several_arguments_name_documents_by_their_argument_without_collisions(
+    tmp_path: Path,
+) -> None:
+    for folder in ("one", "two", "p/docs", "q/docs"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "x.txt").write_text("the same text")
+    (tmp_path / "p" / "note.md").write_text("a note")
+
+    def names(*paths: str) -> list[str]:
+        return [name for _, name in named_files([tmp_path / p for p in paths])]
+
+    assert names("one") == ["x.txt"] and names("p/note.md") == ["note.md"]
+    assert names("one", "two", "p/note.md") == ["note.md", "one/x.txt", "two/x.txt"]
+    given = [(tmp_path / p).as_posix() for p in ("p/docs", "q/docs")]
+    assert names("p/docs", "q/docs") == [f"{given[0]}/x.txt", f"{given[1]}/x.txt"]
+    assert names("one/x.txt", "two/x.txt") == [
+        f"{(tmp_path / p).as_posix()}/x.txt" for p in ("one", "two")
+    ]
+    documents = load(named_files([tmp_path / "one", tmp_path / "two"]))
+    assert len({d.custom_id for d in documents}) == 2
 
 
 @pytest.mark.parametrize(
@@ -147,7 +187,7 @@ def test_run_writes_every_answer_and_a_rerun_sends_nothing(
     fake, out = FakeMoonq(), tmp_path / "answers.jsonl"
     assert run(fake, docs, out) == ExitCode.OK
     written = results(out)
-    assert {r["path"] for r in written} == {d.name for d in load(find_files([docs]))}
+    assert {r["path"] for r in written} == {d.name for d in load(named_files([docs]))}
     for entry in written:
         assert entry["status"] == "completed" and entry["error"] is None
         assert entry["content"].startswith(PROMPT)  # the answer, from the fake's echo
@@ -176,7 +216,7 @@ def test_failed_documents_exit_8_and_only_they_are_retried(
     docs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "answers.jsonl"
-    ids = {d.name: d.custom_id for d in load(find_files([docs]))}
+    ids = {d.name: d.custom_id for d in load(named_files([docs]))}
     fake = FakeMoonq(fail={ids["b/beta.md"]})
     assert run(fake, docs, out) == ExitCode.SOME_FAILED
     failed = [r for r in results(out) if r["status"] != "completed"]
@@ -194,7 +234,7 @@ def test_a_batch_left_running_is_picked_up_not_sent_again(
 ) -> None:
     """An earlier run was stopped after it created its batch and wrote two answers."""
     fake, out = FakeMoonq(), tmp_path / "answers.jsonl"
-    documents = load(find_files([docs]))
+    documents = load(named_files([docs]))
     request = Request("kimi-k2.5", PROMPT)
     text = "\n".join(batch_line(d.custom_id, request, d.text or "") for d in documents)
     running = fake.new_batch(text)
@@ -263,6 +303,73 @@ def test_a_results_file_cut_mid_line_is_resumed(docs: Path, tmp_path: Path) -> N
     assert run(fake, docs, out) == ExitCode.OK
     assert len(fake.lines["batch_2"]) == 1  # only the document whose line was torn
     assert sum(1 for line in out.read_text().splitlines() if line.endswith("}")) == 5
+
+
+def test_answers_with_unicode_line_separators_are_recognised_as_done(
+    tmp_path: Path,
+) -> None:
+    """json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085 unescaped in a line."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for number, separator in enumerate(["\u2028", "\u2029", "\x85"]):
+        (folder / f"doc{number}.txt").write_text(f"before{separator}after")
+    fake, out = FakeMoonq(), tmp_path / "answers.jsonl"
+    assert run(fake, folder, out) == ExitCode.OK
+    assert run(fake, folder, out) == ExitCode.OK
+    assert fake.calls("POST", "/v1/batches") == 1  # nothing sent again
+    written = results(out)
+    assert len(written) == 3 and all(r["status"] == "completed" for r in written)
+    assert "before\u2028after" in written[0]["content"]
+
+
+def refusing(fake: FakeMoonq, status: int, message: str) -> httpx.MockTransport:
+    """The fake, except that file-extract uploads named bad.* are refused with `status`."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path == "/v1/files":
+            name, _ = multipart(request)["file"]
+            if name and name.startswith("bad."):
+                return httpx.Response(status, json={"error": {"message": message}})
+        return fake.handle(request)
+
+    return httpx.MockTransport(handle)
+
+
+@pytest.mark.parametrize("status", [404, 413, 415, 422])
+def test_a_document_the_server_cannot_extract_fails_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], status: int
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "bad.pdf").write_bytes(b"%PDF-broken")
+    (folder / "good.pdf").write_bytes(b"%PDF-1.7 fine")
+    (folder / "note.txt").write_text("a note")
+    fake, out = FakeMoonq(), tmp_path / "answers.jsonl"
+    message = f"The upstream refused the file: unsupported ({status} test)"
+    argv = ["run", str(folder), "--prompt", PROMPT, "--model", "moonshot-v1-8k", "--out", str(out)]
+
+    code = batch_cli.main(
+        [*argv, "--dry-run", "--url", URL], transport=refusing(fake, status, message)
+    )
+    assert code == ExitCode.OK
+    shown = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line for line in shown.splitlines() if "│" in line}
+    assert "cannot extract: The upstream refused" in rows["bad.pdf"]
+    assert "yes" in rows["good.pdf"] and "yes" in rows["note.txt"]
+    assert "total (2 to send)" in shown
+
+    code = batch_cli.main([*argv, "--url", URL], transport=refusing(fake, status, message))
+    assert code == ExitCode.SOME_FAILED
+    by_path = {r["path"]: r for r in results(out)}
+    assert by_path["good.pdf"]["status"] == by_path["note.txt"]["status"] == "completed"
+    assert (
+        by_path["bad.pdf"]["status"] == "failed"
+        and message in by_path["bad.pdf"]["error"]["message"]
+    )
+    assert [line.custom_id.split("#")[0] for line in fake.lines["batch_1"]] == [
+        "good.pdf",
+        "note.txt",
+    ]
 
 
 def test_other_formats_are_extracted_by_the_server_and_the_upload_deleted(
@@ -375,6 +482,51 @@ def test_a_refused_batch_file_prints_its_bad_lines(
     assert "line 2: bad line" in captured.err and "line 3: bad line" in captured.err
 
 
+@pytest.mark.parametrize("answer", [["not", "an", "object"], {"data": 7}, "just a string"])
+def test_dry_run_falls_back_to_the_local_estimate_on_a_misshapen_answer(
+    docs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], answer: Any
+) -> None:
+    fake = FakeMoonq()
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/tokenizers/estimate-token-count":
+            return httpx.Response(200, json=answer)
+        return fake.handle(request)
+
+    args = [
+        "run",
+        str(docs),
+        "--prompt",
+        PROMPT,
+        "--model",
+        "kimi-k2.5",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert (
+        batch_cli.main([*args, "--dry-run", "--url", URL], transport=httpx.MockTransport(handle))
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert "characters/3" in captured.out and "total (5 to send)" in captured.out
+    assert captured.err == ""
+
+
+def test_an_unforeseen_error_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("something nobody planned for")
+
+    code = batch_cli.main(
+        ["status", "batch_1", "--url", URL], transport=httpx.MockTransport(broken)
+    )
+    assert code == ExitCode.ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("moonq: ") and "something nobody planned for" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("fake", "argv", "code", "message"),
     [
@@ -451,7 +603,8 @@ def run_answers_every_document_and_resends_nothing(
     assert batch_cli.main(argv) == ExitCode.OK
     request = Request("moonshot-v1-8k", PROMPT)
     expected = {
-        d.custom_id: expected_content(body(request, d.text or "")) for d in load(find_files([docs]))
+        d.custom_id: expected_content(body(request, d.text or ""))
+        for d in load(named_files([docs]))
     }
     written = results(out)
     assert {r["custom_id"]: r["content"] for r in written} == expected
