@@ -3,19 +3,21 @@ is paused for balance (`GET /v1/account`); and prompt token counts for dry runs.
 
 The token count is the one route that calls the upstream from the API: it asks Moonshot's
 `tokenizers/estimate-token-count` (the Moonshot key stays server-side) and falls back to
-moonq's local estimate where the upstream has no such endpoint.
+moonq's local estimate where the upstream has no such endpoint, or past a tenant's bound of
+upstream calls (`api.estimates`).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel
 
 from api.auth import Tenant
+from api.estimates import EstimateGuard, estimate_key
 from api.services import services
 from moonq.account import read_in_use, read_pause
 from moonq.limits import local_prompt_tokens
@@ -29,6 +31,7 @@ async def _upstream(app: FastAPI) -> AsyncIterator[None]:
     without the endpoint and stops asking); closed at shutdown."""
     client = MoonshotClient.from_settings(app.state.services.settings)
     app.state.upstream = client
+    app.state.estimates = EstimateGuard()
     try:
         yield
     finally:
@@ -109,11 +112,26 @@ async def estimate_token_count(
 ) -> TokenEstimate:
     """A chat request's prompt tokens: the upstream's exact count where it has the endpoint
     (`source: upstream`), else moonq's cautious local estimate (`source: local`). What a job
-    counts against MOONQ_UPSTREAM_TPM adds its `max_tokens` (`moonq.limits.estimate_tokens`)."""
+    counts against MOONQ_UPSTREAM_TPM adds its `max_tokens` (`moonq.limits.estimate_tokens`).
+    The upstream's answers are cached, and a tenant past `UPSTREAM_PER_SECOND` upstream calls
+    a second gets the local estimate."""
     request_body = body.upstream_body()
-    client: MoonshotClient = request.app.state.upstream
-    counted = await client.estimate_prompt_tokens(request_body)
+    counted = await _upstream_count(request, tenant, request_body)
     if counted is None:
         local = local_prompt_tokens(request_body)
         return TokenEstimate(data=TokenCount(total_tokens=local), source="local")
     return TokenEstimate(data=TokenCount(total_tokens=counted), source="upstream")
+
+
+async def _upstream_count(request: Request, tenant: str, body: dict[str, Any]) -> int | None:
+    """The upstream's count: cached, else asked if the tenant is within its bound."""
+    guard: EstimateGuard = request.app.state.estimates
+    key = estimate_key(body)
+    counted = guard.cached(key)
+    if counted is not None or not guard.allow(tenant):
+        return counted
+    client: MoonshotClient = request.app.state.upstream
+    counted = await client.estimate_prompt_tokens(body)
+    if counted is not None:
+        guard.remember(key, counted)
+    return counted

@@ -14,6 +14,7 @@ from api import account, batches, errors, files, routes
 from api.files import MULTIPART_OVERHEAD
 from api.limits import BodyLimit
 from api.services import Services
+from moonq.file_quota import Quota
 from moonq.files import FileStore
 from moonq.redis import connect, ping
 from moonq.settings import Settings
@@ -32,7 +33,11 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
         client = redis or connect(settings.redis_url, settings.redis_max_connections)
         store = JobStore.from_settings(client, settings)
         file_store = FileStore(
-            client, store.keys, max_bytes=settings.max_file_bytes, ttl=settings.file_ttl
+            client,
+            store.keys,
+            max_bytes=settings.max_file_bytes,
+            ttl=settings.file_ttl,
+            quota=Quota(settings.tenant_max_files, settings.tenant_max_file_bytes),
         )
         hub = EventHub(client)
         app.state.services = Services(settings, client, store, hub, tenants, file_store)

@@ -84,7 +84,7 @@ async def create_batch(payload: BatchCreate, request: Request, tenant: Tenant) -
         return await batch_store(request).create(
             tenant,
             found.id,
-            lambda: svc.files.lines(found.id),
+            lambda: svc.files.lines(found.id, max_line=limits.max_line_bytes),
             window=payload.completion_window,
             metadata=payload.metadata,
             limits=limits,

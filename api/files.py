@@ -16,6 +16,7 @@ from api import extract
 from api.auth import Tenant
 from api.errors import APIError
 from api.services import services
+from moonq.file_quota import OverQuota
 from moonq.files import PIECE, FileObject, FileTooLarge, UnknownCursor
 
 router = APIRouter(tags=["files"])
@@ -80,6 +81,16 @@ def _too_large(max_bytes: int) -> APIError:
     )
 
 
+def _over_quota(exc: OverQuota) -> APIError:
+    what = "files" if exc.setting == "MOONQ_TENANT_MAX_FILES" else "bytes of files"
+    return APIError(
+        409,
+        f"You keep as many {what} as you may ({exc.limit}, {exc.setting}); "
+        "delete some files first.",
+        param="file",
+    )
+
+
 def _purpose(form: FormData) -> str:
     purpose = form.get("purpose")
     allowed = ", ".join(map(repr, PURPOSES))
@@ -131,9 +142,12 @@ async def upload_file(request: Request, tenant: Tenant) -> Any:
         files = services(request).files
         if (file.size or 0) > files.max_bytes:
             raise _too_large(files.max_bytes)
+        await files.check_room(tenant, file.size or 0)
         return await files.create(tenant, purpose, filename, _pieces(file))
     except FileTooLarge as exc:
         raise _too_large(exc.max_bytes) from exc
+    except OverQuota as exc:
+        raise _over_quota(exc) from exc
     finally:
         await form.close()
 

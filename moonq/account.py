@@ -6,11 +6,14 @@ worker to see it pauses the account (a hash in Redis); while paused, no worker t
 upstream permit (the limiter asks `Account.opening`, one HMGET per ask) and jobs stay queued.
 One worker at a time (a SET NX PX lock) checks the balance with exponential backoff and
 resumes the account when it is positive; an upstream without the balance endpoint is probed
-instead, by letting one request through.
+instead, by letting one request through. A refusal while the balance reads positive fails only
+its job, unless another came within REPEAT_WINDOW: then the balance is evidently not usable
+(e.g. lag after a top-up), and the account pauses until a probe request gets through.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -26,20 +29,27 @@ from moonq.settings import Settings
 log = logging.getLogger("moonq.account")
 
 OUT_OF_BALANCE = "exceeded_current_quota_error: the upstream account is out of balance"
+UNUSABLE_BALANCE = (
+    "exceeded_current_quota_error: the upstream refuses for quota although the balance reads "
+    "positive"
+)
 WAITING_REASON = "the upstream account is out of balance; moonq resumes when it is topped up"
 OPEN = Opening()
 MAX_NAP = 1.0  # a waiter re-reads the pause at least this often, so a resume is seen at once
 CHECK_NAP = 0.2  # a waiter that lost the check to another worker reads again this soon
 CHECK_LOCK_MS = 30_000  # longer than a balance request may take
+BALANCE_TTL = 2.0  # a worker's refusals this close together share one balance read
+REPEAT_WINDOW = 60.0  # a second quota refusal within this pauses, whatever the balance says
 
-# KEYS: 1 the account hash. ARGV: reason, paused since (Unix s), first check (Unix s).
-# Returns 1 when this call paused the account, 0 when it already was paused (its backoff is
-# kept: concurrent refusals must not reset it). One write, after every read: cannot fail
-# halfway.
+# KEYS: 1 the account hash. ARGV: reason, paused since (Unix s), first check (Unix s), '1' when
+# only a probe request can resume it (its balance reads positive) else '0'.
+# Returns 1 when this call paused the account, 0 when it already was paused (its backoff and
+# mode are kept: concurrent refusals must not reset them). One write, after every read: cannot
+# fail halfway.
 PAUSE = """
 if redis.call('HEXISTS', KEYS[1], 'paused') == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'paused', ARGV[1], 'paused_since', ARGV[2], 'next_check', ARGV[3],
-  'checks', 0)
+  'checks', 0, 'probe', ARGV[4])
 return 1
 """
 
@@ -130,11 +140,14 @@ class Account:
         *,
         check_min: float = 5.0,
         check_max: float = 300.0,
+        repeat_window: float = REPEAT_WINDOW,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis, self.keys, self.balance = redis, keys, balance
         self.check_min, self.check_max = check_min, max(check_min, check_max)
-        self.clock = clock
+        self.repeat_window, self.clock = repeat_window, clock
+        self._balance_lock = asyncio.Lock()
+        self._balance_read: tuple[float, float | None] | None = None  # (when, balance)
         self._pause = redis.register_script(PAUSE)
         self._reschedule = redis.register_script(RESCHEDULE)
         self._token = uuid.uuid4().hex
@@ -153,23 +166,56 @@ class Account:
 
     async def refused_for_quota(self) -> bool:
         """A request was refused as out of balance: True when the account is (now) paused.
-        False when its balance is plainly positive: the refusal is the request's own."""
+        False when its balance is plainly positive and no other refusal came within the
+        repeat window: the refusal is the request's own."""
         if await paused_reason(self.redis, self.keys) is not None:
             return True
-        balance = await self.balance()
-        if balance is not None and balance > 0:
-            log.warning("a request was refused for quota, yet the balance is %g", balance)
-            return False
-        await self.pause(OUT_OF_BALANCE)
-        return True
+        repeated = await self._refused_recently()
+        balance = await self._recent_balance()
+        if balance is None or balance <= 0:
+            await self.pause(OUT_OF_BALANCE)
+            return True
+        if repeated:
+            await self.pause(UNUSABLE_BALANCE, probe=True)
+            return True
+        log.warning("a request was refused for quota, yet the balance is %g", balance)
+        return False
 
-    async def pause(self, reason: str) -> None:
+    async def _refused_recently(self) -> bool:
+        """Notes this refusal (for every worker); True when another came within the window."""
+        window_ms = max(1, int(self.repeat_window * 1000))
+        before = await self.redis.set(self.keys.account_refused(), "1", px=window_ms, get=True)
+        return before is not None
+
+    async def _recent_balance(self) -> float | None:
+        """The balance, read at most once per BALANCE_TTL: a burst of refusals of this
+        worker's jobs shares one request."""
+        async with self._balance_lock:
+            read = self._balance_read
+            if read is None or self.clock() - read[0] >= BALANCE_TTL:
+                return await self._read_balance()
+            return read[1]
+
+    async def _read_balance(self) -> float | None:
+        """The balance now, kept for `_recent_balance` (a check's read is the newest)."""
+        balance = await self.balance()
+        self._balance_read = (self.clock(), balance)
+        return balance
+
+    async def pause(self, reason: str, *, probe: bool = False) -> None:
+        """Pause every worker. A `probe` pause (the balance reads positive, yet is refused)
+        lets its first probe through at once; the balance check waits `check_min`."""
         now = self.clock()
-        args = [reason, repr(now), repr(now + self.check_min)]
+        first = now if probe else now + self.check_min
+        args = [reason, repr(now), repr(first), "1" if probe else "0"]
         if int(await self._pause(keys=[self.keys.account()], args=args)):
             log.warning("upstream account paused (%s); jobs wait until it is topped up", reason)
 
-    async def resume(self, why: str) -> None:
+    async def resume(self, why: str, *, probed: bool = False) -> None:
+        """Resume every worker. `probed`: a request got through, so the refusals before it
+        were their requests' own, and the repeat window starts afresh."""
+        if probed:
+            await self.redis.delete(self.keys.account_refused())
         if await self.redis.delete(self.keys.account()):
             log.warning("upstream account resumed (%s); jobs run again", why)
 
@@ -177,7 +223,8 @@ class Account:
         """The limiter's gate: open unless paused; when a check is due, the waiter that takes
         the check lock checks the balance (or goes as the probe)."""
         key = self.keys.account()
-        paused, due = await self.redis.hmget(key, ["paused", "next_check"])  # type: ignore[misc]
+        fields = ["paused", "next_check", "probe"]
+        paused, due, probe = await self.redis.hmget(key, fields)  # type: ignore[misc]
         if paused is None:
             return OPEN
         wait = (_number(due.decode()) if due else None) or 0.0
@@ -188,21 +235,24 @@ class Account:
         if not await self.redis.set(lock, self._token, nx=True, px=CHECK_LOCK_MS):
             return Opening(CHECK_NAP)
         try:
-            return await self._check()
+            return await self._check(probe_only=probe == b"1")
         finally:
             await self.redis.delete(lock)
 
-    async def _check(self) -> Opening:
-        balance = await self.balance()
-        if balance is not None and balance > 0:
+    async def _check(self, *, probe_only: bool) -> Opening:
+        """A due check: resume on a positive balance, unless that balance was refused already
+        (`probe_only`); else back off, letting one request go as a probe where the balance
+        cannot tell."""
+        balance = await self._read_balance()
+        if balance is not None and balance > 0 and not probe_only:
             await self.resume(f"available balance {balance:g}")
             return OPEN
         args = [repr(self.clock()), repr(self.check_min), repr(self.check_max)]
         delay = float(await self._reschedule(keys=[self.keys.account()], args=args))
         if delay < 0:  # resumed meanwhile
             return OPEN
-        if balance is None:
-            log.info("the upstream's balance cannot be read; one request goes as a probe")
+        if balance is None or balance > 0:
+            log.info("the upstream's balance cannot tell; one request goes as a probe")
             return Opening(probe=True)
         log.info("upstream balance %g; next check in %.1fs", balance, delay)
         return Opening(min(delay, MAX_NAP))

@@ -10,11 +10,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from moonq.file_lines import LongLine
 from moonq.limits import estimate_tokens
 from moonq.models import ChatRequest, json_problem
 
 ENDPOINT = "/v1/chat/completions"
 MAX_CUSTOM_ID = 512
+# The input file's lines, as `FileStore.lines(max_line=)` yields them.
+RawLines = AsyncIterator[tuple[int, bytes | LongLine]]
 
 
 @dataclass(frozen=True)
@@ -60,14 +63,14 @@ class TooManyLines(Exception):
     """The file holds more requests than MOONQ_BATCH_MAX_LINES."""
 
 
-def parse_line(number: int, raw: bytes, limits: Limits) -> Line | LineError:
+def parse_line(number: int, raw: bytes | LongLine, limits: Limits) -> Line | LineError:
     """One line of the input file: a request, or what is wrong with it."""
-    if len(raw) > limits.max_line_bytes:
+    size = raw.size if isinstance(raw, LongLine) else len(raw)
+    if isinstance(raw, LongLine) or size > limits.max_line_bytes:
         return LineError(
             number,
             "line_too_large",
-            f"the line is {len(raw)} bytes, more than MOONQ_MAX_BODY_BYTES "
-            f"({limits.max_line_bytes})",
+            f"the line is {size} bytes, more than MOONQ_MAX_BODY_BYTES ({limits.max_line_bytes})",
         )
     try:
         data = json.loads(raw)
@@ -123,11 +126,15 @@ def _body_error(exc: ValidationError) -> str:
     return f"body.{where}: {_short(first['msg'])}"
 
 
+def _blank(raw: bytes | LongLine) -> bool:
+    return not isinstance(raw, LongLine) and not raw.strip()
+
+
 def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-async def check(lines: AsyncIterator[tuple[int, bytes]], limits: Limits) -> Report:
+async def check(lines: RawLines, limits: Limits) -> Report:
     """A first pass over the whole file, keeping only custom_ids and errors (not requests).
 
     Raises `TooManyLines` as soon as the count passes the limit.
@@ -135,7 +142,7 @@ async def check(lines: AsyncIterator[tuple[int, bytes]], limits: Limits) -> Repo
     report = Report()
     seen: dict[str, int] = {}
     async for number, raw in lines:
-        if not raw.strip():
+        if _blank(raw):
             continue  # blank lines are not requests
         report.lines += 1
         if report.lines > limits.max_lines:
@@ -154,10 +161,10 @@ async def check(lines: AsyncIterator[tuple[int, bytes]], limits: Limits) -> Repo
     return report
 
 
-async def requests(lines: AsyncIterator[tuple[int, bytes]], limits: Limits) -> AsyncIterator[Line]:
+async def requests(lines: RawLines, limits: Limits) -> AsyncIterator[Line]:
     """The second pass, once `check` found nothing wrong: each request, in order."""
     async for number, raw in lines:
-        if raw.strip():
+        if not _blank(raw):
             parsed = parse_line(number, raw, limits)
             if isinstance(parsed, Line):
                 yield parsed

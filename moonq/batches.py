@@ -95,7 +95,7 @@ class BatchStore:
         self,
         tenant: str,
         input_file_id: str,
-        lines: Callable[[], AsyncIterator[tuple[int, bytes]]],
+        lines: Callable[[], batch_input.RawLines],
         *,
         window: str,
         metadata: dict[str, str] | None,

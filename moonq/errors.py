@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -47,7 +48,8 @@ class UpstreamRejected(UpstreamError):
 
 
 class UpstreamQuotaExceeded(UpstreamRejected):
-    """429 `exceeded_current_quota_error`: the account is out of balance; retrying cannot help."""
+    """429 `exceeded_current_quota_error` (or a 403 that says so): the account is out of
+    balance; retrying cannot help."""
 
 
 class UpstreamInvalidAnswer(UpstreamError):
@@ -105,8 +107,21 @@ def _by_status(status: int) -> tuple[type[UpstreamError], str]:
     return UpstreamRejected, "invalid_request_error"
 
 
-def classify(kind: str | None, status: int | None) -> tuple[type[UpstreamError], str]:
-    """The class for an upstream error: by Moonshot's type when known, else by HTTP status."""
+# Some of Moonshot's docs answer an account out of balance with a 403: known by its words.
+_QUOTA_WORDS = re.compile(r"balance|quota|insufficient|suspended", re.IGNORECASE)
+
+
+def _says_quota(kind: str | None, message: str | None) -> bool:
+    return any(_QUOTA_WORDS.search(text) for text in (kind, message) if text)
+
+
+def classify(
+    kind: str | None, status: int | None, message: str | None = None
+) -> tuple[type[UpstreamError], str]:
+    """The class for an upstream error: by Moonshot's type when known, else by HTTP status; a
+    403 whose type or message speaks of balance or quota is the account's, like the 429."""
+    if status == 403 and _says_quota(kind, message):
+        return UpstreamQuotaExceeded, kind or "exceeded_current_quota_error"
     if kind in _BY_TYPE:
         return _BY_TYPE[kind], kind
     if status is None:
@@ -156,7 +171,7 @@ def from_response(status: int, text: str, headers: httpx.Headers) -> UpstreamErr
     retry_after = parse_retry_after(headers.get("retry-after"))
     if status >= 500 and kind in _BY_TYPE and not _BY_TYPE[kind].retryable:
         kind = None  # a 5xx is the server's fault, whatever its body says
-    cls, kind = classify(kind, status)
+    cls, kind = classify(kind, status, message)
     return cls(message, type=kind, status_code=status, retry_after=retry_after)
 
 

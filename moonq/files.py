@@ -18,6 +18,9 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from moonq import file_quota
+from moonq.file_lines import LineCutter, LongLine
+from moonq.file_quota import Quota
 from moonq.keys import Keys
 
 # Bytes written to or read from Redis at a time.
@@ -28,6 +31,8 @@ PENDING_TTL = 3600
 # The most index entries read at a time while listing.
 _LIST_BATCH = 1000
 _FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
+# Moonshot's own limits per account: 1,000 files, 10 GiB in all.
+DEFAULT_QUOTA = Quota(max_files=1000, max_bytes=10 * 1024**3)
 
 
 class FileObject(BaseModel):
@@ -61,10 +66,6 @@ def new_file_id() -> str:
     return f"file-{secrets.token_hex(12)}"
 
 
-def _without_cr(line: bytes | bytearray) -> bytes:
-    return bytes(line[:-1] if line.endswith(b"\r") else line)
-
-
 class FileStore:
     """A tenant's files: create, read, list, delete; `read` and `lines` serve the batch code."""
 
@@ -76,15 +77,20 @@ class FileStore:
         max_bytes: int,
         clock: Callable[[], float] = time.time,
         ttl: int = 0,
+        quota: Quota = DEFAULT_QUOTA,
     ) -> None:
         self.redis, self.keys, self.max_bytes, self.clock = redis, keys, max_bytes, clock
         self.ttl = ttl  # seconds a file is kept; 0 keeps it until deleted, as OpenAI does
+        self.quota = quota
+        self._check = redis.register_script(file_quota.CHECK)
+        self._publish_script = redis.register_script(file_quota.PUBLISH)
 
     async def create(
         self, tenant: str, purpose: str, filename: str, source: AsyncIterator[bytes]
     ) -> FileObject:
-        """Store the bytes, then make them visible as a file in one transaction; an upload
-        that fails or is too large (`FileTooLarge`) leaves nothing behind."""
+        """Store the bytes, then make them visible as a file in one step, if the tenant's quota
+        has room (else `OverQuota`); an upload that fails or is too large (`FileTooLarge`)
+        leaves nothing behind."""
         file_id = new_file_id()
         data = self.keys.file_data(file_id)
         try:
@@ -128,21 +134,33 @@ class FileStore:
             purpose=purpose,
             expires_at=expires,
         )
-        record, data, index = (
-            self.keys.file(file_id),
-            self.keys.file_data(file_id),
-            self.keys.tenant_files(tenant),
+        answer = await self._publish_script(
+            keys=[*self._quota_keys(tenant), self.keys.file(file_id), self.keys.file_data(file_id)],
+            args=[
+                *self._quota_args(created, size),
+                file_id,
+                tenant,
+                found.model_dump_json(),
+            ],
         )
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(record, mapping={"tenant": tenant, "object": found.model_dump_json()})
-        pipe.zadd(index, {file_id: created})
-        if self.ttl:
-            for key in (record, data, index):  # the index lives as long as its newest file
-                pipe.expire(key, self.ttl)
-        else:
-            pipe.persist(data)
-        await pipe.execute()
+        if (refused := file_quota.over(int(answer), self.quota)) is not None:
+            raise refused
         return found
+
+    async def check_room(self, tenant: str, size: int) -> None:
+        """Raise `OverQuota` if the tenant has no room for a file of `size` bytes: asked before
+        an upload's bytes are stored (its publication asks again, atomically)."""
+        answer = await self._check(
+            keys=self._quota_keys(tenant), args=self._quota_args(self.clock(), size)
+        )
+        if (refused := file_quota.over(int(answer), self.quota)) is not None:
+            raise refused
+
+    def _quota_keys(self, tenant: str) -> list[str]:
+        return [self.keys.tenant_files(tenant), self.keys.tenant_file_sizes(tenant)]
+
+    def _quota_args(self, now: float, size: int) -> list[str | int]:
+        return [repr(now), self.ttl, size, self.quota.max_files, self.quota.max_bytes]
 
     async def get(self, tenant: str, file_id: str) -> FileObject | None:
         """The tenant's file; another tenant's is None, exactly like a missing one."""
@@ -196,8 +214,11 @@ class FileStore:
             ids = [m.decode() for m in await read(index, start, start + batch - 1)]
             files = await self._read_many(tenant, ids)
             gone = [file_id for file_id, item in zip(ids, files, strict=True) if item is None]
-            if gone:
-                await self.redis.zrem(index, *gone)
+            if gone:  # expired: out of the index and the quota
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.zrem(index, *gone)
+                pipe.hdel(self.keys.tenant_file_sizes(tenant), *gone)
+                await pipe.execute()
             for item in files:
                 if item is not None and item.id not in seen:
                     seen.add(item.id)
@@ -215,6 +236,7 @@ class FileStore:
         pipe.delete(self.keys.file(file_id))
         pipe.unlink(self.keys.file_data(file_id))  # freed off Redis's main thread
         pipe.zrem(self.keys.tenant_files(tenant), file_id)
+        pipe.hdel(self.keys.tenant_file_sizes(tenant), file_id)
         removed, *_ = await pipe.execute()
         return bool(removed)  # a concurrent delete got there first
 
@@ -229,18 +251,16 @@ class FileStore:
             yield piece
             offset += len(piece)
 
-    async def lines(self, file_id: str) -> AsyncIterator[tuple[int, bytes]]:
+    async def lines(
+        self, file_id: str, max_line: int | None = None
+    ) -> AsyncIterator[tuple[int, bytes | LongLine]]:
         """(1-based number, line without `\\n` or `\\r\\n`), streaming; a last line without a
-        newline counts, empty lines are yielded too. Only the line being read is held whole."""
-        number, buffer = 0, bytearray()
+        newline counts, empty lines are yielded too. Only the line being read is held whole,
+        and not even that past `max_line` bytes: such a line is a `LongLine`, its size only."""
+        number, cut = 0, LineCutter(max_line)
         async for piece in self.read(file_id):
-            scan_from = len(buffer)  # the buffer holds no newline yet: search only the new piece
-            buffer += piece
-            start = 0
-            while (end := buffer.find(b"\n", scan_from)) != -1:
+            for line in cut.feed(piece):
                 number += 1
-                yield number, _without_cr(buffer[start:end])
-                start = scan_from = end + 1
-            del buffer[:start]
-        if buffer:
-            yield number + 1, _without_cr(buffer)
+                yield number, line
+        if (last := cut.rest()) is not None:
+            yield number + 1, last

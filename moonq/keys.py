@@ -60,6 +60,10 @@ class Keys:
         """Sorted set of a tenant's file ids, scored by creation time."""
         return f"{self.prefix}:tenant:{tenant}:files"
 
+    def tenant_file_sizes(self, tenant: str) -> str:
+        """Hash: a tenant's file ids -> their bytes (its quota: MOONQ_TENANT_MAX_FILE*)."""
+        return f"{self.prefix}:tenant:{tenant}:file-sizes"
+
     def extract_owner(self, upstream_id: str) -> str:
         """String: the tenant that uploaded an upstream `file-extract` file (proxied)."""
         return f"{self.prefix}:extract:{upstream_id}"
@@ -150,8 +154,14 @@ class Keys:
 
     def account(self) -> str:
         """Hash: the upstream account's pause (out of balance): `paused` (the reason),
-        `paused_since`, `next_check` (Unix s), `checks`; absent while it is not paused."""
+        `paused_since`, `next_check` (Unix s), `checks`, `probe` ('1': its balance reads
+        positive, so only a probe request can tell); absent while it is not paused."""
         return f"{self.prefix}:account"
+
+    def account_refused(self) -> str:
+        """String: set (SET PX GET) by each quota refusal; one that finds it set is a repeat
+        within the window, which pauses the account even if its balance reads positive."""
+        return f"{self.prefix}:account:refused"
 
     def account_check(self) -> str:
         """String: held (SET NX PX) by the one worker checking a paused account's balance."""

@@ -210,20 +210,30 @@ return {#ids, handed, running}
 """
 )
 
-# KEYS: job. ARGV: status index base, attempt, reason, failure budget (0 = this is no failure
-# of the job's). Hands a live attempt's job back to the queue. Returns 1, 0 when the failure
-# budget is spent (the caller fails the job), or -1 if the attempt is no longer the job's
-# live one. Checked first, its writes (HINCRBY of an integer field, HSET, the index move)
-# cannot fail.
+# KEYS: job. ARGV: status index base, attempt, reason, failure budget, the record's counter of
+# this hand-back: 'failures' (a failure of the job's, spent against the budget, which must be
+# > 0), 'pauses' (the account was paused: neither the job's failure nor an interruption), or
+# '' (an interruption: counted by `attempts` alone). Hands a live attempt's job back to the
+# queue. Returns 1, 0 when the failure budget is spent (the caller fails the job), or -1 if the
+# attempt is no longer the job's live one; an error reply, before any write, on a bad ARGV or a
+# counter that is not an integer. Checked first, its writes (HINCRBY of an integer field, HSET,
+# the index move) cannot fail.
 REQUEUE = (
     MOVE_STATUS
     + """
-local state = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'failures')
+local budget, counter = tonumber(ARGV[4]), ARGV[5]
+local known = counter == '' or counter == 'pauses' or counter == 'failures'
+if not budget or not known or (counter == 'failures' and budget <= 0) then
+  return redis.error_reply('ERR moonq: bad REQUEUE ARGV')
+end
+local state = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'failures', 'pauses')
 if state[1] ~= 'in_progress' or state[2] ~= ARGV[2] then return -1 end
 local index = status_index(KEYS[1])
-if not index or not string.match(state[3] or '0', '^%d+$') then return malformed(KEYS[1]) end
-if tonumber(ARGV[4]) > 0 then
-  if redis.call('HINCRBY', KEYS[1], 'failures', 1) >= tonumber(ARGV[4]) then return 0 end
+local count = (counter == 'pauses' and state[4]) or state[3]
+if not index or not string.match(count or '0', '^%d+$') then return malformed(KEYS[1]) end
+if counter ~= '' then
+  local n = redis.call('HINCRBY', KEYS[1], counter, 1)
+  if counter == 'failures' and n >= budget then return 0 end
 end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'last_error', ARGV[3])
 move_status(index, 'in_progress', 'queued')

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
         200 * 1024 * 1024, ge=1, le=512 * 1024 * 1024, alias="MOONQ_MAX_FILE_BYTES"
     )
     file_ttl: int = Field(0, ge=0, alias="MOONQ_FILE_TTL")
+    # Moonshot's own per-account file limits: 1,000 files, 10 GiB in all.
+    tenant_max_files: int = Field(1000, ge=1, alias="MOONQ_TENANT_MAX_FILES")
+    tenant_max_file_bytes: int = Field(10 * 1024**3, ge=1, alias="MOONQ_TENANT_MAX_FILE_BYTES")
     batch_max_lines: int = Field(50_000, ge=1, alias="MOONQ_BATCH_MAX_LINES")
     retry_base_delay: float = Field(1.0, ge=0, alias="MOONQ_RETRY_BASE_DELAY")
     retry_max_delay: float = Field(60.0, ge=0, alias="MOONQ_RETRY_MAX_DELAY")

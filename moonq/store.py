@@ -225,13 +225,24 @@ class JobStore:
         )
         return int(result)
 
-    async def requeue(self, job_id: str, attempt: int, reason: str, budget: int = 0) -> int:
+    async def requeue(
+        self, job_id: str, attempt: int, reason: str, budget: int = 0, *, paused: bool = False
+    ) -> int:
         """Hand a live attempt's job back to the queue.
 
         With a `budget`, this is a failure of the job's and counts against it: 0 means the
-        budget is spent (fail the job instead). 1 = requeued, -1 = the attempt lost the job.
+        budget is spent (fail the job instead). `paused`: the account is paused, which counts
+        (in `pauses`) neither as a failure nor as an interruption. Otherwise an interruption,
+        counted by `attempts` alone. 1 = requeued, -1 = the attempt lost the job.
         """
-        args: list[str | int] = [self.keys.tenant_status_base(), str(attempt), reason, budget]
+        counter = "failures" if budget > 0 else "pauses" if paused else ""
+        args: list[str | int] = [
+            self.keys.tenant_status_base(),
+            str(attempt),
+            reason,
+            budget,
+            counter,
+        ]
         return int(await self._requeue(keys=[self.keys.job(job_id)], args=args))
 
     async def finish(

@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from api.estimates import EstimateGuard
+from moonq.account import UNUSABLE_BALANCE, Account, read_pause
 from moonq.fake_account import ACCOUNT_KEY, FakeAccount
 from moonq.fake_moonshot import FakeConfig, FakeServer, expected_usage, start_fake
 from moonq.keys import Keys
@@ -125,8 +127,9 @@ async def test_the_api_counts_with_the_upstream_or_falls_back(
         "source": "upstream",
     }
     await steer(fake, account_endpoints=False)  # an OpenAI-style upstream
-    local = (await client.post("/v1/tokenizers/estimate-token-count", json=body)).json()
-    assert local == {"data": {"total_tokens": local_prompt_tokens(body)}, "source": "local"}
+    other = chat("and how many is this")["body"]  # (the first one's count is cached)
+    local = (await client.post("/v1/tokenizers/estimate-token-count", json=other)).json()
+    assert local == {"data": {"total_tokens": local_prompt_tokens(other)}, "source": "local"}
     bad = await client.post("/v1/tokenizers/estimate-token-count", json={"model": "m"})
     assert bad.status_code == 422 and bad.json()["error"]["type"] == "invalid_request_error"
 
@@ -304,3 +307,129 @@ async def test_the_fakes_account_endpoints_check_the_key() -> None:
     assert (
         right.json()["data"]["total_tokens"] == expected_usage(chat("x")["body"])["prompt_tokens"]
     )
+
+
+async def test_a_job_waiting_on_a_paused_account_is_never_taken_for_lost(
+    real_stack: Any, fake: FakeServer
+) -> None:
+    """Each probe that finds the account still dry hands the job back: a pause, neither a
+    failure nor an interruption, however often it happens (past MAX_INTERRUPTIONS here)."""
+    checks = {"MOONQ_BALANCE_CHECK_MIN": 0.02, "MOONQ_BALANCE_CHECK_MAX": 0.02}
+    stack, client = await real_stack(MOONQ_UPSTREAM_CONCURRENCY=1, **checks)
+    await steer(fake, available_balance=0, account_endpoints=False)
+    job_id = await submit(client, chat("patient"))
+    worker = asyncio.create_task(stack.run_worker())
+
+    async def probed_often_or_over() -> bool:
+        job = (await _jobs(client, [job_id]))[0]
+        return job["attempts"] > 30 or job["status"] not in ("queued", "in_progress")
+
+    try:
+        await eventually(probed_often_or_over, timeout=15)
+        job = (await _jobs(client, [job_id]))[0]
+        assert job["status"] in ("queued", "in_progress"), job["error"]
+        assert await _paused(client)
+        await steer(fake, available_balance=5)
+        await asyncio.wait_for(worker, 15)
+    finally:
+        worker.cancel()
+    job = (await _jobs(client, [job_id]))[0]
+    assert job["status"] == "completed" and job["attempts"] > 30
+    assert not await _paused(client)
+
+
+def _balance_reads(values: list[float | None]) -> tuple[Any, list[int]]:
+    """A balance check answering `values` in turn (the last one from then on), counting calls;
+    each call takes a moment, as a request does."""
+    calls = [0]
+
+    async def balance() -> float | None:
+        calls[0] += 1
+        await asyncio.sleep(0.02)
+        return values[min(calls[0], len(values)) - 1]
+
+    return balance, calls
+
+
+async def test_refusals_at_once_share_one_balance_read_and_a_repeat_pauses(
+    real_redis: Any, prefix: str
+) -> None:
+    """The balance reads positive, yet chat keeps answering quota: the first refusal is its
+    request's own, the others pause the account, which only a probe request resumes."""
+    keys = Keys(prefix)
+    balance, calls = _balance_reads([10.0])
+    account = Account(real_redis, keys, balance, check_min=5.0, check_max=5.0)
+    refused = await asyncio.gather(*(account.refused_for_quota() for _ in range(4)))
+    assert sorted(refused) == [False, True, True, True]
+    assert calls[0] == 1  # one balance read for the four
+    pause = await read_pause(real_redis, keys)
+    assert pause is not None and pause.reason == UNUSABLE_BALANCE
+
+    opening = await account.opening()  # checked at once; the positive balance does not resume
+    assert opening.probe and await read_pause(real_redis, keys) is not None
+    assert not (await account.opening()).probe  # one probe, then the backoff
+    await account.resume("a probe request succeeded", probed=True)
+    assert await account.refused_for_quota() is False  # the repeat window starts afresh
+    assert await read_pause(real_redis, keys) is None
+
+
+async def test_a_refusal_soon_after_a_top_up_pauses_again(real_redis: Any, prefix: str) -> None:
+    """Lag after a top-up: the balance reads positive and resumes the account, but chat still
+    answers quota; that refusal pauses it again instead of failing its job."""
+    keys, now = Keys(prefix), [1000.0]
+    balance, _ = _balance_reads([0.0, 25.0])
+    account = Account(real_redis, keys, balance, check_min=1.0, clock=lambda: now[0])
+    assert await account.refused_for_quota() is True
+    now[0] += 1.5
+    assert (await account.opening()).wait == 0 and await read_pause(real_redis, keys) is None
+    assert await account.refused_for_quota() is True
+    pause = await read_pause(real_redis, keys)
+    assert pause is not None and pause.reason == UNUSABLE_BALANCE
+
+
+async def test_refusals_further_apart_than_the_window_each_fail_their_job(
+    real_redis: Any, prefix: str
+) -> None:
+    balance, calls = _balance_reads([10.0])
+    account = Account(real_redis, Keys(prefix), balance, repeat_window=0.05)
+    assert await account.refused_for_quota() is False
+    await asyncio.sleep(0.1)
+    assert await account.refused_for_quota() is False
+    assert calls[0] == 1  # within BALANCE_TTL: the first read is reused
+    assert await read_pause(real_redis, Keys(prefix)) is None
+
+
+# --- the token-count route's bound -----------------------------------------------------------
+
+
+def test_the_estimate_guard_bounds_each_tenant_per_second() -> None:
+    now = [0.0]
+    guard = EstimateGuard(per_second=2, size=2, clock=lambda: now[0])
+    assert [guard.allow("a"), guard.allow("a"), guard.allow("a")] == [True, True, False]
+    assert guard.allow("b")  # another tenant's bound is its own
+    now[0] += 1.0
+    assert guard.allow("a")
+    for n, key in enumerate("xyz"):
+        guard.remember(key, n)
+    assert (guard.cached("x"), guard.cached("y"), guard.cached("z")) == (None, 1, 2)
+
+
+async def test_the_api_caches_token_counts_and_bounds_each_tenants_upstream_calls(
+    real_stack: Any, fake: FakeServer
+) -> None:
+    stack, client = await real_stack(MOONQ_API_KEYS="ka=alpha,kb=beta")
+    stack.app.state.estimates = EstimateGuard(per_second=2, clock=lambda: 0.0)  # one second
+    route = "/v1/tokenizers/estimate-token-count"
+
+    async def count(text: str, key: str = "ka") -> Any:
+        body = chat(text)["body"]
+        answer = await client.post(route, json=body, headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == 200
+        return answer.json()["source"], answer.json()["data"]["total_tokens"], body
+
+    sources = [(await count(text))[0] for text in ("one", "one", "two", "three", "one")]
+    assert sources == ["upstream", "upstream", "upstream", "local", "upstream"]  # cached twice
+    assert account_of(fake).token_estimates == 2
+    source, counted, body = await count("three", key="kb")  # beta's bound is its own
+    assert (source, counted) == ("upstream", expected_usage(body)["prompt_tokens"])
+    assert account_of(fake).token_estimates == 3

@@ -3,7 +3,9 @@ apart, limits, listing pages, `FileStore.lines`, and the official OpenAI SDK aga
 
 from __future__ import annotations
 
+import json
 import os
+import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,6 +15,8 @@ import pytest
 from arq.connections import ArqRedis
 
 from moonq import files as files_module
+from moonq.file_lines import LongLine
+from moonq.file_quota import OverQuota, Quota
 from moonq.files import FileStore, FileTooLarge
 from moonq.keys import Keys
 
@@ -218,6 +222,52 @@ async def test_with_a_ttl_files_expire(real_redis: ArqRedis, prefix: str) -> Non
     await real_redis.delete(keys.file(found.id))  # as if it expired
     assert await store.page("t") == ([], False)
     assert await real_redis.zcard(keys.tenant_files("t")) == 0  # the index forgot it
+    assert await real_redis.hlen(keys.tenant_file_sizes("t")) == 0  # and so did the quota
+
+
+async def test_a_tenant_at_its_file_limit_gets_a_409(real_stack: Any, prefix: str) -> None:
+    stack, client = await real_stack(
+        MOONQ_API_KEYS="ka=team-a,kb=team-b",
+        MOONQ_TENANT_MAX_FILES=2,
+        MOONQ_TENANT_MAX_FILE_BYTES=100,
+    )
+    a, b = {"Authorization": "Bearer ka"}, {"Authorization": "Bearer kb"}
+    kept = [(await _upload(client, b"1\n", **a)).json()["id"] for _ in range(2)]
+    refused = await _upload(client, b"3\n", **a)
+    assert refused.status_code == 409, refused.text
+    assert "MOONQ_TENANT_MAX_FILES" in refused.json()["error"]["message"]
+    assert len(await _file_keys(stack.redis, prefix)) == 4  # nothing of the third was kept
+    assert (await _upload(client, b"x" * 60, **b)).status_code == 200  # another tenant's room
+    too_many_bytes = await _upload(client, b"y" * 41, **b)
+    assert too_many_bytes.status_code == 409
+    assert "MOONQ_TENANT_MAX_FILE_BYTES" in too_many_bytes.json()["error"]["message"]
+    assert (await client.delete(f"/v1/files/{kept[0]}", headers=a)).status_code == 200
+    assert (await _upload(client, b"3\n", **a)).status_code == 200  # deleting made room
+    assert (await _upload(client, b"4\n", **a)).status_code == 409
+
+
+async def test_the_quota_holds_when_the_bytes_are_published(
+    real_redis: ArqRedis, prefix: str
+) -> None:
+    now = [1000.0]
+    store = FileStore(
+        real_redis, Keys(prefix), max_bytes=100, clock=lambda: now[0], ttl=60, quota=Quota(2, 10)
+    )
+    first = await store.create("t", "batch", "a", _one(b"x\n"))
+    await store.check_room("t", 2)  # room for one more file...
+    second = await store.create("t", "batch", "b", _one(b"y\n"))  # ...which this one takes
+    with pytest.raises(OverQuota) as refused:  # so publishing the checked upload is refused
+        await store.create("t", "batch", "c", _one(b"z\n"))
+    assert refused.value.setting == "MOONQ_TENANT_MAX_FILES"
+    assert {f.id for f in (await store.page("t"))[0]} == {first.id, second.id}
+    assert len(await real_redis.keys(f"{prefix}:file:*")) == 4  # the refused bytes are gone
+    now[0] += 60  # the files' TTL is over: they no longer count
+    await store.create("t", "batch", "c", _one(b"z" * 10))
+    with pytest.raises(OverQuota) as refused:
+        await store.check_room("t", 1)
+    assert refused.value.setting == "MOONQ_TENANT_MAX_FILE_BYTES"
+    with pytest.raises(OverQuota):
+        await store.check_room("someone", 11)
 
 
 async def test_lines_number_every_line_and_strip_crlf(
@@ -239,6 +289,42 @@ async def test_lines_number_every_line_and_strip_crlf(
         assert [x async for x in store.lines(found.id)] == expected
     ended = await store.create("t", "batch", "b", _one(b"one\r\ntwo\n"))
     assert [x async for x in store.lines(ended.id)] == [(1, b"one"), (2, b"two")]
+
+
+async def test_lines_past_max_line_keep_only_their_size(
+    real_redis: ArqRedis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileStore(real_redis, Keys(prefix), max_bytes=MiB)
+    text = b"ok\r\n" + b"x" * 10 + b"\r\n" + b"y" * 11 + b"\n" + b"z" * 9 + b"\r\nlast-one-long"
+    found = await store.create("t", "batch", "a", _one(text))
+    expected = [(1, b"ok"), (2, b"x" * 10), (3, LongLine(11)), (4, b"z" * 9), (5, LongLine(13))]
+    for piece in (MiB, 7, 3, 1):  # pieces that split lines, and split "\r" from "\n"
+        monkeypatch.setattr(files_module, "PIECE", piece)
+        assert [x async for x in store.lines(found.id, max_line=10)] == expected
+
+
+async def test_a_huge_line_fails_its_batch_without_being_held(real_stack: Any) -> None:
+    _, client = await real_stack(MOONQ_MAX_BODY_BYTES=64 * 1024)
+    size = 16 * MiB  # one line, 256 times MOONQ_MAX_BODY_BYTES
+    body = {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "hi"}]}
+    first = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    data = json.dumps(first).encode() + b"\n" + b"x" * size + b"\n"
+    file_id = (await _upload(client, data)).json()["id"]
+    tracemalloc.start()
+    try:
+        answer = await client.post(
+            "/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/chat/completions"}
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert answer.status_code == 200, answer.text
+    batch = answer.json()
+    assert batch["status"] == "failed"
+    errors = batch["errors"]["data"]
+    assert [(e["line"], e["code"]) for e in errors] == [(2, "line_too_large")]
+    assert f"the line is {size} bytes" in errors[0]["message"]
+    assert peak < size // 4, f"{peak} bytes at peak for a {size}-byte line"
 
 
 async def test_the_openai_sdk_speaks_to_it(real_stack: Any) -> None:

@@ -105,6 +105,30 @@ async def test_http_failures_map_to_one_class(
     assert error.retry_after is None and error.__cause__ is None
 
 
+FORBIDDEN = [  # 403s: some of Moonshot's docs answer one for an account out of balance
+    ({"type": "permission_denied_error", "message": "Your account balance is insufficient"}, True),
+    ({"message": "QUOTA exceeded for this account"}, True),
+    ({"type": "account_suspended", "message": "no"}, True),
+    ({"type": "permission_denied_error", "message": "this key may not use kimi-k2.6"}, False),
+    ({"message": "forbidden"}, False),
+    (None, False),
+]
+
+
+@pytest.mark.parametrize(("error", "quota"), FORBIDDEN)
+async def test_a_403_that_speaks_of_balance_is_the_accounts_quota(
+    error: dict[str, str] | None, quota: bool
+) -> None:
+    body = {"error": error} if error else {}
+    async with mocked(lambda request: httpx.Response(403, json=body)) as client:
+        failed = await failure(client, chat(), [])
+    assert type(failed) is (UpstreamQuotaExceeded if quota else UpstreamRejected)
+    assert failed.status_code == 403 and not failed.retryable
+    assert failed.type == (error or {}).get(
+        "type", "exceeded_current_quota_error" if quota else "invalid_request_error"
+    )
+
+
 TRANSPORT_FAILURES = [
     ({"error": "drop", "drop_after": 3}, UpstreamConnectionError, "connection_error", 3),
     ({"error": "hang"}, UpstreamTimeout, "timeout", 0),

@@ -205,7 +205,10 @@ class Runner:
         return estimate_tokens(body, prompt)
 
     async def _guarded(self, attempt: Attempt) -> str:
-        interruptions = attempt.number - 1 - int(attempt.record.get("failures", "0"))
+        # Hand-backs while the account was paused are neither failures nor interruptions.
+        record = attempt.record
+        handed_back = int(record.get("failures", "0")) + int(record.get("pauses", "0"))
+        interruptions = attempt.number - 1 - handed_back
         if interruptions > MAX_INTERRUPTIONS:
             error = errors.UpstreamError(
                 f"the job was interrupted {interruptions} times (worker crashes or shutdowns)",
@@ -264,7 +267,7 @@ class Runner:
                 attempt.permit.used = 0
             return await self._upstream_failed(attempt, error)
         if attempt.permit.probe:  # the account's probe got through: it works again
-            await self.account.resume("a probe request succeeded")
+            await self.account.resume("a probe request succeeded", probed=True)
         return await self._complete(attempt, assembler.result())
 
     @staticmethod
@@ -342,9 +345,10 @@ class Runner:
 
     async def _hand_back_paused(self, attempt: Attempt) -> str:
         """The account is out of balance (and now paused): the job goes back to the queue,
-        not counted against it, and waits there until the account is topped up."""
+        counted in its `pauses` (neither a failure nor an interruption), and waits there until
+        the account is topped up."""
         reason = "the upstream account is out of balance"
-        if await self.store.requeue(attempt.job_id, attempt.number, reason) < 0:
+        if await self.store.requeue(attempt.job_id, attempt.number, reason, paused=True) < 0:
             return LOST
         raise Retry(defer=self.settings.balance_check_min)
 
