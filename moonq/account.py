@@ -7,8 +7,8 @@ upstream permit (the limiter asks `Account.opening`, one HMGET per ask) and jobs
 One worker at a time (a SET NX PX lock) checks the balance with exponential backoff and
 resumes the account when it is positive; an upstream without the balance endpoint is probed
 instead, by letting one request through. A refusal while the balance reads positive fails only
-its job, unless another came within REPEAT_WINDOW: then the balance is evidently not usable
-(e.g. lag after a top-up), and the account pauses until a probe request gets through.
+its job: an account-wide pause on a balance that reads positive could stop every tenant for
+minutes on one request's refusal (seen in the fault suite).
 """
 
 from __future__ import annotations
@@ -29,17 +29,12 @@ from moonq.settings import Settings
 log = logging.getLogger("moonq.account")
 
 OUT_OF_BALANCE = "exceeded_current_quota_error: the upstream account is out of balance"
-UNUSABLE_BALANCE = (
-    "exceeded_current_quota_error: the upstream refuses for quota although the balance reads "
-    "positive"
-)
 WAITING_REASON = "the upstream account is out of balance; moonq resumes when it is topped up"
 OPEN = Opening()
 MAX_NAP = 1.0  # a waiter re-reads the pause at least this often, so a resume is seen at once
 CHECK_NAP = 0.2  # a waiter that lost the check to another worker reads again this soon
 CHECK_LOCK_MS = 30_000  # longer than a balance request may take
 BALANCE_TTL = 2.0  # a worker's refusals this close together share one balance read
-REPEAT_WINDOW = 60.0  # a second quota refusal within this pauses, whatever the balance says
 
 # KEYS: 1 the account hash. ARGV: reason, paused since (Unix s), first check (Unix s), '1' when
 # only a probe request can resume it (its balance reads positive) else '0'.
@@ -140,12 +135,11 @@ class Account:
         *,
         check_min: float = 5.0,
         check_max: float = 300.0,
-        repeat_window: float = REPEAT_WINDOW,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis, self.keys, self.balance = redis, keys, balance
         self.check_min, self.check_max = check_min, max(check_min, check_max)
-        self.repeat_window, self.clock = repeat_window, clock
+        self.clock = clock
         self._balance_lock = asyncio.Lock()
         self._balance_read: tuple[float, float | None] | None = None  # (when, balance)
         self._pause = redis.register_script(PAUSE)
@@ -166,26 +160,15 @@ class Account:
 
     async def refused_for_quota(self) -> bool:
         """A request was refused as out of balance: True when the account is (now) paused.
-        False when its balance is plainly positive and no other refusal came within the
-        repeat window: the refusal is the request's own."""
+        False when its balance is plainly positive: the refusal is the request's own."""
         if await paused_reason(self.redis, self.keys) is not None:
             return True
-        repeated = await self._refused_recently()
         balance = await self._recent_balance()
         if balance is None or balance <= 0:
             await self.pause(OUT_OF_BALANCE)
             return True
-        if repeated:
-            await self.pause(UNUSABLE_BALANCE, probe=True)
-            return True
         log.warning("a request was refused for quota, yet the balance is %g", balance)
         return False
-
-    async def _refused_recently(self) -> bool:
-        """Notes this refusal (for every worker); True when another came within the window."""
-        window_ms = max(1, int(self.repeat_window * 1000))
-        before = await self.redis.set(self.keys.account_refused(), "1", px=window_ms, get=True)
-        return before is not None
 
     async def _recent_balance(self) -> float | None:
         """The balance, read at most once per BALANCE_TTL: a burst of refusals of this
@@ -202,20 +185,15 @@ class Account:
         self._balance_read = (self.clock(), balance)
         return balance
 
-    async def pause(self, reason: str, *, probe: bool = False) -> None:
-        """Pause every worker. A `probe` pause (the balance reads positive, yet is refused)
-        lets its first probe through at once; the balance check waits `check_min`."""
+    async def pause(self, reason: str) -> None:
+        """Pause every worker; the first balance check comes after `check_min`."""
         now = self.clock()
-        first = now if probe else now + self.check_min
-        args = [reason, repr(now), repr(first), "1" if probe else "0"]
+        args = [reason, repr(now), repr(now + self.check_min), "0"]
         if int(await self._pause(keys=[self.keys.account()], args=args)):
             log.warning("upstream account paused (%s); jobs wait until it is topped up", reason)
 
     async def resume(self, why: str, *, probed: bool = False) -> None:
-        """Resume every worker. `probed`: a request got through, so the refusals before it
-        were their requests' own, and the repeat window starts afresh."""
-        if probed:
-            await self.redis.delete(self.keys.account_refused())
+        """Resume every worker (`probed`: because a probe request got through)."""
         if await self.redis.delete(self.keys.account()):
             log.warning("upstream account resumed (%s); jobs run again", why)
 
@@ -223,8 +201,8 @@ class Account:
         """The limiter's gate: open unless paused; when a check is due, the waiter that takes
         the check lock checks the balance (or goes as the probe)."""
         key = self.keys.account()
-        fields = ["paused", "next_check", "probe"]
-        paused, due, probe = await self.redis.hmget(key, fields)  # type: ignore[misc]
+        fields = ["paused", "next_check"]
+        paused, due = await self.redis.hmget(key, fields)  # type: ignore[misc]
         if paused is None:
             return OPEN
         wait = (_number(due.decode()) if due else None) or 0.0
@@ -235,23 +213,22 @@ class Account:
         if not await self.redis.set(lock, self._token, nx=True, px=CHECK_LOCK_MS):
             return Opening(CHECK_NAP)
         try:
-            return await self._check(probe_only=probe == b"1")
+            return await self._check()
         finally:
             await self.redis.delete(lock)
 
-    async def _check(self, *, probe_only: bool) -> Opening:
-        """A due check: resume on a positive balance, unless that balance was refused already
-        (`probe_only`); else back off, letting one request go as a probe where the balance
-        cannot tell."""
+    async def _check(self) -> Opening:
+        """A due check: resume on a positive balance; else back off, letting one request go
+        as a probe where the balance cannot tell."""
         balance = await self._read_balance()
-        if balance is not None and balance > 0 and not probe_only:
+        if balance is not None and balance > 0:
             await self.resume(f"available balance {balance:g}")
             return OPEN
         args = [repr(self.clock()), repr(self.check_min), repr(self.check_max)]
         delay = float(await self._reschedule(keys=[self.keys.account()], args=args))
         if delay < 0:  # resumed meanwhile
             return OPEN
-        if balance is None or balance > 0:
+        if balance is None:
             log.info("the upstream's balance cannot tell; one request goes as a probe")
             return Opening(probe=True)
         log.info("upstream balance %g; next check in %.1fs", balance, delay)

@@ -158,11 +158,6 @@ class Keys:
         positive, so only a probe request can tell); absent while it is not paused."""
         return f"{self.prefix}:account"
 
-    def account_refused(self) -> str:
-        """String: set (SET PX GET) by each quota refusal; one that finds it set is a repeat
-        within the window, which pauses the account even if its balance reads positive."""
-        return f"{self.prefix}:account:refused"
-
     def account_check(self) -> str:
         """String: held (SET NX PX) by the one worker checking a paused account's balance."""
         return f"{self.prefix}:account:check"
