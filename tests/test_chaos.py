@@ -13,6 +13,7 @@ from tests.chaos import Config, run
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.slow  # half a minute; `make chaos` runs it, and the full 500-job suite
 @pytest.mark.timeout(150)  # `timeout` below, plus starting and checking
 def test_small_chaos_run(real_redis_url: str, tmp_path: Path) -> None:
     config = Config(

@@ -109,6 +109,7 @@ def test_sigterm_sends_permit_waiters_back_at_once(cluster_factory: Any) -> None
         assert "retry" not in [e["event"] for e in events_of(cluster, job_id)]
 
 
+@pytest.mark.slow  # over 20 s of a hung Redis; `make chaos` runs it
 def test_a_redis_that_hangs_is_503_in_bounded_time_and_recovers(
     cluster_factory: Any, own_redis: RedisServer
 ) -> None:
