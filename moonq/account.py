@@ -36,15 +36,14 @@ CHECK_NAP = 0.2  # a waiter that lost the check to another worker reads again th
 CHECK_LOCK_MS = 30_000  # longer than a balance request may take
 BALANCE_TTL = 2.0  # a worker's refusals this close together share one balance read
 
-# KEYS: 1 the account hash. ARGV: reason, paused since (Unix s), first check (Unix s), '1' when
-# only a probe request can resume it (its balance reads positive) else '0'.
-# Returns 1 when this call paused the account, 0 when it already was paused (its backoff and
-# mode are kept: concurrent refusals must not reset them). One write, after every read: cannot
-# fail halfway.
+# KEYS: 1 the account hash. ARGV: reason, paused since (Unix s), first check (Unix s).
+# Returns 1 when this call paused the account, 0 when it already was paused (its backoff is
+# kept: concurrent refusals must not reset it). One write, after every read: cannot fail
+# halfway.
 PAUSE = """
 if redis.call('HEXISTS', KEYS[1], 'paused') == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'paused', ARGV[1], 'paused_since', ARGV[2], 'next_check', ARGV[3],
-  'checks', 0, 'probe', ARGV[4])
+  'checks', 0)
 return 1
 """
 
@@ -188,7 +187,7 @@ class Account:
     async def pause(self, reason: str) -> None:
         """Pause every worker; the first balance check comes after `check_min`."""
         now = self.clock()
-        args = [reason, repr(now), repr(now + self.check_min), "0"]
+        args = [reason, repr(now), repr(now + self.check_min)]
         if int(await self._pause(keys=[self.keys.account()], args=args)):
             log.warning("upstream account paused (%s); jobs wait until it is topped up", reason)
 

@@ -123,7 +123,7 @@ return seq
 # (else an error reply, nothing written); and the XADD, the one write that could still fail
 # (an id out of order), comes before all the others.
 # FINISH's body is one function over KEYS and ARGV made locals (its helpers' upvalues too), so
-# that FINISH_MANY can run it for many jobs in one call by pointing them at each job's.
+# that END_LINES can run it for many jobs in one call by pointing them at each job's.
 _FINISH_FUNCTION = (
     "local KEYS, ARGV = KEYS, ARGV\n"
     + TERMINAL_CHECK
