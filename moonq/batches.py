@@ -30,7 +30,7 @@ from moonq.batch_models import (
 from moonq.keys import Keys
 from moonq.models import Status
 from moonq.serde import dumps
-from moonq.store import AlreadyFinished, JobStore, new_job_id
+from moonq.store import AlreadyFinished, JobStore, new_job_id, new_record
 
 # Lines written to Redis per round trip while a batch is created.
 WRITE_CHUNK = 500
@@ -393,17 +393,6 @@ class BatchStore:
 def _line_record(
     job_id: str, tenant: str, batch_id: str, line: batch_input.Line, now: float
 ) -> dict[str, str]:
-    return {
-        "id": job_id,
-        "tenant": tenant,
-        "status": Status.QUEUED.value,
-        "created_at": repr(now),
-        "attempts": "0",
-        "seq": "0",
-        "model": line.model,
-        "request": dumps(line.body),
-        "custom_id": line.custom_id,
-        "batch_id": batch_id,
-        "estimate": str(line.estimate),
-        "line": str(line.number),
-    }
+    record = new_record(job_id, tenant, line.model, line.body, now)
+    record |= {"custom_id": line.custom_id, "batch_id": batch_id}
+    return record | {"estimate": str(line.estimate), "line": str(line.number)}

@@ -66,6 +66,22 @@ def arq_payload(job_id: str, enqueued_ms: int) -> bytes:
     return serialize_job(JOB_FUNCTION, (job_id,), {}, None, enqueued_ms, serializer=arq_serialize)
 
 
+def new_record(
+    job_id: str, tenant: str, model: str, request: dict[str, Any], now: float
+) -> dict[str, str]:
+    """A queued job's record, as every way of creating a job writes it."""
+    return {
+        "id": job_id,
+        "tenant": tenant,
+        "status": Status.QUEUED.value,
+        "created_at": repr(now),
+        "attempts": "0",
+        "seq": "0",
+        "model": model,
+        "request": dumps(request),
+    }
+
+
 def new_job_id() -> str:
     """128 random bits: a job id is the only thing guarding another client's results."""
     return "job_" + secrets.token_hex(16)
@@ -150,16 +166,7 @@ class JobStore:
     def _new_record(
         self, job_id: str, tenant: str, request: JobCreate, now: float
     ) -> dict[str, str]:
-        fields: dict[str, str] = {
-            "id": job_id,
-            "tenant": tenant,
-            "status": Status.QUEUED.value,
-            "created_at": repr(now),
-            "attempts": "0",
-            "seq": "0",
-            "model": request.body.model,
-            "request": dumps(request.body.upstream_body()),
-        }
+        fields = new_record(job_id, tenant, request.body.model, request.body.upstream_body(), now)
         if request.custom_id is not None:
             fields["custom_id"] = request.custom_id
         if request.metadata is not None:

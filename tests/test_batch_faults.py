@@ -1,9 +1,10 @@
-"""A batch's counts stay true when workers are killed under it (real processes)."""
+"""A batch's counts stay true when workers are killed or frozen under it (real processes)."""
 
 from __future__ import annotations
 
 import json
 import signal
+import time
 from typing import Any
 
 import httpx
@@ -12,6 +13,8 @@ import pytest
 from tests.conftest import record_of, until
 
 pytestmark = pytest.mark.e2e
+
+LOCK_TIMEOUT = 2  # s: a killed or frozen worker's lines run again after this
 
 
 def _rows(n: int) -> bytes:
@@ -32,7 +35,7 @@ def test_counts_stay_true_when_workers_are_killed(cluster_factory: Any) -> None:
     under the batch, retrieve, list, the output file; then a second batch cancelled."""
     import openai
 
-    cluster = cluster_factory(workers=2, limit=8, MOONQ_LOCK_TIMEOUT="2")
+    cluster = cluster_factory(workers=2, limit=8, MOONQ_LOCK_TIMEOUT=str(LOCK_TIMEOUT))
     http = httpx.Client(base_url=cluster.api_url, timeout=30)
     sdk = openai.OpenAI(base_url=f"{cluster.api_url}/v1", api_key="unused", max_retries=0)
     uploaded = sdk.files.create(file=("in.jsonl", _rows(40)), purpose="batch")
@@ -62,6 +65,13 @@ def test_counts_stay_true_when_workers_are_killed(cluster_factory: Any) -> None:
         cluster.workers.remove(victim)
         victim.popen.send_signal(signal.SIGKILL)  # mid-stream: it holds several lines
         cluster.add_worker()
+    # A stall, not a kill: a worker holding lines freezes past the lock timeout (others take
+    # its lines over), then wakes up and must not count any line twice.
+    until(lambda: found.append(holder(28)) or found[-1], 30)
+    frozen = next(w for w in cluster.workers if cluster.worker_id(w) == found[-1])
+    frozen.popen.send_signal(signal.SIGSTOP)
+    time.sleep(LOCK_TIMEOUT + 2)
+    frozen.popen.send_signal(signal.SIGCONT)
     until(lambda: sdk.batches.retrieve(created.id).status == "completed", 60)
     final = http.get(f"/v1/batches/{batch['id']}").json()
     assert [b.id for b in sdk.batches.list().data] == [created.id]
@@ -78,7 +88,7 @@ def test_counts_stay_true_when_workers_are_killed(cluster_factory: Any) -> None:
         for job in [http.get(f"/v1/jobs/{row['response']['request_id']}").json()]
     ]
     retried = sum(job["attempts"] > 1 for job in jobs)
-    print(f"\n{retried} of 40 lines ran again after a kill; counts exact")
+    print(f"\n{retried} of 40 lines ran again after a kill or the stall; counts exact")
     assert retried >= 1  # the kills did land mid-line
     with http.stream("GET", f"/v1/batches/{batch['id']}/events") as events:
         kinds = [json.loads(x[5:])["event"] for x in events.iter_lines() if x.startswith("data:")]
