@@ -13,7 +13,8 @@ from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.auth import Tenant
-from api.errors import APIError
+from api.errors import APIError, shown
+from api.errors import last_event_id as parse_last_event_id
 from api.services import services
 from moonq.batch_input import ENDPOINT, Limits, TooManyLines
 from moonq.batch_models import BadWindow, Batch, BatchList, NotCancellable
@@ -25,7 +26,6 @@ from moonq.stream import follow_record
 router = APIRouter(tags=["batches"])
 
 _OUTPUT_FILE = re.compile(r"^file-(batch_[0-9a-f]{24})-(output|errors)$")
-_SEQ = re.compile(r"^[0-9]{1,15}$")
 
 
 class BatchCreate(BaseModel):
@@ -51,14 +51,10 @@ def batch_store(request: Request) -> BatchStore:
     return found
 
 
-def _shown(value: str, limit: int = 64) -> str:
-    return repr(value if len(value) <= limit else value[:limit] + "…")
-
-
 async def _own_batch(request: Request, batch_id: str, tenant: str) -> Batch:
     batch = await batch_store(request).get(batch_id, tenant)
     if batch is None:
-        raise APIError(404, f"No batch with id {_shown(batch_id)}.")
+        raise APIError(404, f"No batch with id {shown(batch_id)}.")
     return batch
 
 
@@ -72,7 +68,7 @@ async def create_batch(payload: BatchCreate, request: Request, tenant: Tenant) -
     found = await svc.files.get(tenant, payload.input_file_id)
     if found is None:
         raise APIError(
-            404, f"No file with id {_shown(payload.input_file_id)}.", param="input_file_id"
+            404, f"No file with id {shown(payload.input_file_id)}.", param="input_file_id"
         )
     if found.purpose != "batch":
         raise APIError(
@@ -117,7 +113,7 @@ async def list_batches(
         return await batch_store(request).page(tenant, after=after, limit=limit)
     except LookupError as exc:
         raise APIError(
-            400, f"`after` is not one of your batches: {_shown(after or '')}.", param="after"
+            400, f"`after` is not one of your batches: {shown(after or '')}.", param="after"
         ) from exc
 
 
@@ -128,9 +124,9 @@ async def cancel_batch(batch_id: str, request: Request, tenant: Tenant) -> Batch
     try:
         batch = await batch_store(request).cancel(batch_id, tenant)
     except NotCancellable as exc:
-        raise APIError(409, f"Batch {_shown(batch_id)} has already ended.") from exc
+        raise APIError(409, f"Batch {shown(batch_id)} has already ended.") from exc
     if batch is None:
-        raise APIError(404, f"No batch with id {_shown(batch_id)}.")
+        raise APIError(404, f"No batch with id {shown(batch_id)}.")
     return batch
 
 
@@ -149,11 +145,7 @@ async def batch_events(
     job id, outcome and the counts so far), then `done` with the final batch object. Replays
     from the start, or after `Last-Event-ID`."""
     batch = await _own_batch(request, batch_id, tenant)
-    after = 0
-    if last_event_id and last_event_id.strip():
-        if not _SEQ.fullmatch(last_event_id.strip()):
-            raise APIError(422, "Last-Event-ID must be a whole number.", param="Last-Event-ID")
-        after = int(last_event_id)
+    after = parse_last_event_id(last_event_id)
     return EventSourceResponse(_progress(request, batch, tenant, after), ping=15)
 
 

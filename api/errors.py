@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -30,6 +31,29 @@ _TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+
+_SEQ = re.compile(r"^[0-9]{1,15}$")
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """A client's value, quoted for a message and cut short."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")
+
+
+def last_event_id(value: str | None) -> int:
+    """The seq a `Last-Event-ID` header resumes after (0 without one); 422 for anything but a
+    whole number."""
+    if not value or not value.strip():
+        return 0
+    if not _SEQ.fullmatch(value.strip()):
+        raise APIError(
+            422,
+            f"Last-Event-ID must be the `id:` of an event received: a whole number from 0 "
+            f"(got {shown(value, 20)}).",
+            param="Last-Event-ID",
+        )
+    return int(value)
 
 
 class APIError(HTTPException):

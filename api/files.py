@@ -14,7 +14,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from api import extract
 from api.auth import Tenant
-from api.errors import APIError
+from api.errors import APIError, shown
 from api.services import services
 from moonq.file_quota import OverQuota
 from moonq.files import PIECE, FileObject, FileTooLarge, UnknownCursor
@@ -71,10 +71,6 @@ async def virtual_file(
     return await output_file(request, tenant, file_id)
 
 
-def _shown(value: str, limit: int = 64) -> str:
-    return repr(value if len(value) <= limit else value[:limit] + "…")
-
-
 def _too_large(max_bytes: int) -> APIError:
     return APIError(
         413, f"The file is larger than {max_bytes} bytes (MOONQ_MAX_FILE_BYTES).", param="file"
@@ -98,7 +94,7 @@ def _purpose(form: FormData) -> str:
         raise APIError(400, f"`purpose` is required: one of {allowed}.", param="purpose")
     if purpose.strip() not in PURPOSES:
         raise APIError(
-            400, f"`purpose` must be one of {allowed} (got {_shown(purpose)}).", param="purpose"
+            400, f"`purpose` must be one of {allowed} (got {shown(purpose)}).", param="purpose"
         )
     return purpose.strip()
 
@@ -167,7 +163,7 @@ async def list_files(
             tenant, purpose=purpose, after=after, limit=limit, order=order
         )
     except UnknownCursor as exc:
-        message = f"`after` is not one of your files (it may be deleted): {_shown(after or '')}."
+        message = f"`after` is not one of your files (it may be deleted): {shown(after or '')}."
         raise APIError(400, message, param="after") from exc
     first, last = (data[0].id, data[-1].id) if data else (None, None)
     return FileList(data=data, has_more=more, first_id=first, last_id=last)

@@ -13,7 +13,8 @@ from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.auth import Tenant
-from api.errors import APIError
+from api.errors import APIError, shown
+from api.errors import last_event_id as parse_last_event_id
 from api.services import services
 from moonq.account import WAITING_REASON, paused_reason
 from moonq.limits import estimate_tokens
@@ -25,16 +26,10 @@ from moonq.stream import RawEvent, follow
 router = APIRouter()
 
 _JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
-_SEQ = re.compile(r"^[0-9]{1,15}$")
 # A long-poll reads the job again at least this often, in case pub/sub missed its end; the
 # terminal event itself wakes it at once.
 REREAD_EVERY = 1.0
 _LIST_PARAMS = frozenset({"limit", "after", "status", "custom_id", "batch_id"})
-
-
-def _shown(value: str, limit: int = 64) -> str:
-    """A client's value, quoted for a message and cut short."""
-    return repr(value if len(value) <= limit else value[:limit] + "…")
 
 
 async def _own_job(request: Request, job_id: str, tenant: str) -> Job:
@@ -43,7 +38,7 @@ async def _own_job(request: Request, job_id: str, tenant: str) -> Job:
     if _JOB_ID.match(job_id):
         job = await services(request).store.get(job_id, tenant)
     if job is None:
-        raise APIError(404, f"No job with id {_shown(job_id)}.")
+        raise APIError(404, f"No job with id {shown(job_id)}.")
     return job
 
 
@@ -98,16 +93,16 @@ async def cancel_job(job_id: str, request: Request, tenant: Tenant) -> Job:
         if _JOB_ID.match(job_id):
             job = await services(request).store.cancel(job_id, tenant)
     except AlreadyFinished as exc:
-        raise APIError(409, f"Job {_shown(job_id)} has already ended.") from exc
+        raise APIError(409, f"Job {shown(job_id)} has already ended.") from exc
     if job is None:
-        raise APIError(404, f"No job with id {_shown(job_id)}.")
+        raise APIError(404, f"No job with id {shown(job_id)}.")
     return job
 
 
 def _known_params(request: Request) -> None:
     unknown = sorted(set(request.query_params) - _LIST_PARAMS)
     if unknown:
-        names = ", ".join(_shown(name) for name in unknown)
+        names = ", ".join(shown(name) for name in unknown)
         allowed = ", ".join(sorted(_LIST_PARAMS))
         raise APIError(
             400, f"Unknown query parameter(s): {names}; known: {allowed}.", param=unknown[0][:64]
@@ -132,7 +127,7 @@ async def list_jobs(
             tenant, limit=limit, after=after, status=status, custom_id=custom_id, batch_id=batch_id
         )
     except UnknownCursor as exc:
-        message = f"`after` is not one of your jobs (it may have expired): {_shown(after or '')}."
+        message = f"`after` is not one of your jobs (it may have expired): {shown(after or '')}."
         raise APIError(400, message, param="after") from exc
     return JobList(data=jobs, has_more=more)
 
@@ -205,7 +200,7 @@ async def job_events(
     A `Last-Event-ID` at the end of a job that has ended is answered 204 No Content, which
     tells an EventSource to stop reconnecting; one past the job's last event is a 400."""
     job = await _own_job(request, job_id, tenant)
-    after = _last_event_id(last_event_id)
+    after = parse_last_event_id(last_event_id)
     if after:
         last, ended = await _position(request, job.id)
         if after > last:
@@ -226,19 +221,6 @@ async def _position(request: Request, job_id: str) -> tuple[int, bool]:
     svc = services(request)
     status, seq = await svc.redis.hmget(svc.keys.job(job_id), ["status", "seq"])  # type: ignore[misc]
     return int(seq or 0), status is not None and Status(status.decode()).terminal
-
-
-def _last_event_id(value: str | None) -> int:
-    if not value or not value.strip():
-        return 0
-    if not _SEQ.fullmatch(value.strip()):
-        raise APIError(
-            422,
-            f"Last-Event-ID must be the `id:` of an event received: a whole number from 0 "
-            f"(got {_shown(value, 20)}).",
-            param="Last-Event-ID",
-        )
-    return int(value)
 
 
 async def _sse(request: Request, job: Job, after: int) -> AsyncIterator[ServerSentEvent]:

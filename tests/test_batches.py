@@ -383,3 +383,27 @@ async def test_batches_run_on_the_embedded_redis_of_moonq_dev(stack_factory: Any
     other = await create(client, [line(f"c{i}") for i in range(5)])
     cancelled = (await client.post(f"/v1/batches/{other['id']}/cancel")).json()
     assert cancelled["status"] == "cancelled" and cancelled["request_counts"]["cancelled"] == 5
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status"),
+    [
+        ("GET", "/v1/batches/batch_nope", {}, 404),
+        ("GET", "/v1/batches/" + "x" * 3000, {}, 404),
+        ("POST", "/v1/batches/batch_" + "0" * 24 + "/cancel", {}, 404),
+        ("GET", "/v1/batches?after=batch_unknown", {}, 400),
+        ("GET", "/v1/batches?limit=0", {}, 422),
+        ("GET", "/v1/files/file-batch_" + "0" * 24 + "-output/content", {}, 404),
+        ("GET", "{batch}/events", {"Last-Event-ID": "soon"}, 422),
+        ("GET", "{batch}/events", {"Last-Event-ID": "9" * 40}, 422),
+    ],
+)
+async def test_bad_reads_of_batches_are_clear_4xx(
+    real_stack: Any, method: str, path: str, headers: dict[str, str], status: int
+) -> None:
+    _stack, client = await real_stack()
+    batch = await create(client, [line("a")])
+    url = path.replace("{batch}", f"/v1/batches/{batch['id']}")
+    response = await client.request(method, url, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["message"]
