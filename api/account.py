@@ -16,8 +16,10 @@ from typing import Any, Literal
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel
 
+from api import openapi as doc
 from api.auth import Tenant
 from api.estimates import EstimateGuard, estimate_key
+from api.openapi import answer, errors, request_example
 from api.services import services
 from moonq.account import read_in_use, read_pause
 from moonq.limits import local_prompt_tokens
@@ -77,7 +79,11 @@ class TokenEstimate(BaseModel):
     source: Literal["upstream", "local"]
 
 
-@router.get("/v1/account", response_model=AccountView)
+@router.get(
+    "/v1/account",
+    response_model=AccountView,
+    responses={**answer(doc.ACCOUNT), **errors(401, 503)},
+)
 async def get_account(request: Request, tenant: Tenant) -> AccountView:
     """The account's limits (from `MOONQ_MOONSHOT_TIER` and the overrides), what every worker
     uses of them now, and whether it is paused because the upstream says it is out of balance
@@ -106,7 +112,12 @@ async def get_account(request: Request, tenant: Tenant) -> AccountView:
     )
 
 
-@router.post("/v1/tokenizers/estimate-token-count", response_model=TokenEstimate)
+@router.post(
+    "/v1/tokenizers/estimate-token-count",
+    response_model=TokenEstimate,
+    responses={**answer(doc.TOKEN_ESTIMATE), **errors(401, 413, 422, 503)},
+    openapi_extra=request_example(chat=doc.CHAT_REQUEST),
+)
 async def estimate_token_count(
     body: ChatRequest, request: Request, tenant: Tenant
 ) -> TokenEstimate:

@@ -10,16 +10,19 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from api import account, batches, errors, files, routes
+from api import account, batches, chat, errors, files, openapi, routes, usage
 from api.files import MULTIPART_OVERHEAD
 from api.limits import BodyLimit
+from api.metrics import router as metrics_router
 from api.services import Services
+from moonq.budgets import Budgets
 from moonq.file_quota import Quota
 from moonq.files import FileStore
-from moonq.redis import connect, ping
+from moonq.redis import from_settings, ping
 from moonq.settings import Settings
 from moonq.store import JobStore
 from moonq.stream import EventHub
+from moonq.usage import UsageLedger
 
 log = logging.getLogger("moonq.api")
 
@@ -30,7 +33,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = redis or connect(settings.redis_url, settings.redis_max_connections)
+        client = redis or from_settings(settings)
         store = JobStore.from_settings(client, settings)
         file_store = FileStore(
             client,
@@ -40,7 +43,11 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
             quota=Quota(settings.tenant_max_files, settings.tenant_max_file_bytes),
         )
         hub = EventHub(client)
-        app.state.services = Services(settings, client, store, hub, tenants, file_store)
+        ledger = UsageLedger(client, store.keys, settings.prices, settings.price_currency)
+        budgets = Budgets(client, store.keys, settings.budgets, ledger)
+        app.state.services = Services(
+            settings, client, store, hub, tenants, file_store, ledger, budgets
+        )
         if not tenants:
             log.warning("MOONQ_API_KEYS is empty: the API is open to anyone who can reach it")
         if not await ping(client):
@@ -59,11 +66,15 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    openapi.install(app)  # every route's error answers, in their real shape
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, paths=_upload_limits(settings))
     app.include_router(routes.router)
+    app.include_router(chat.router)
     app.include_router(files.router)
     app.include_router(batches.router)
     app.include_router(account.router)
+    app.include_router(metrics_router)
+    app.include_router(usage.router)
     return app
 
 

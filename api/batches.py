@@ -12,9 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from api import openapi as doc
 from api.auth import Tenant
+from api.budgets import batch_admission
 from api.errors import APIError, shown
 from api.errors import last_event_id as parse_last_event_id
+from api.openapi import answer, errors, request_example
 from api.services import services
 from moonq.batch_input import ENDPOINT, Limits, TooManyLines
 from moonq.batch_models import BadWindow, Batch, BatchList, NotCancellable
@@ -44,10 +47,11 @@ class BatchCreate(BaseModel):
 
 
 def batch_store(request: Request) -> BatchStore:
-    state = request.app.state
-    if getattr(state, "batches", None) is None:
-        state.batches = BatchStore(services(request).store)
-    found: BatchStore = state.batches
+    """One per lifespan: an app started again (tests do) must not keep the closed client."""
+    state, store = request.app.state, services(request).store
+    found: BatchStore | None = getattr(state, "batches", None)
+    if found is None or found.jobs is not store:
+        found = state.batches = BatchStore(store)
     return found
 
 
@@ -58,7 +62,12 @@ async def _own_batch(request: Request, batch_id: str, tenant: str) -> Batch:
     return batch
 
 
-@router.post("/v1/batches", response_model=Batch)
+@router.post(
+    "/v1/batches",
+    response_model=Batch,
+    responses={**answer(doc.BATCH), **errors(400, 401, 404, 413, 422, 429, 503)},
+    openapi_extra=request_example(batch=doc.BATCH_CREATE),
+)
 async def create_batch(payload: BatchCreate, request: Request, tenant: Tenant) -> Batch:
     """Validate the input file and run every line as a job. A file with bad lines makes a
     `failed` batch whose `errors.data` lists each one by line number; nothing runs."""
@@ -84,6 +93,7 @@ async def create_batch(payload: BatchCreate, request: Request, tenant: Tenant) -
             window=payload.completion_window,
             metadata=payload.metadata,
             limits=limits,
+            admit=batch_admission(request, tenant),
         )
     except BadWindow as exc:
         raise APIError(400, str(exc), param="completion_window") from exc
@@ -95,13 +105,21 @@ async def create_batch(payload: BatchCreate, request: Request, tenant: Tenant) -
         ) from exc
 
 
-@router.get("/v1/batches/{batch_id}", response_model=Batch)
+@router.get(
+    "/v1/batches/{batch_id}",
+    response_model=Batch,
+    responses={**answer(doc.BATCH), **errors(401, 404, 503)},
+)
 async def retrieve_batch(batch_id: str, request: Request, tenant: Tenant) -> Batch:
     """The batch, with its counts and usage as of now."""
     return await _own_batch(request, batch_id, tenant)
 
 
-@router.get("/v1/batches", response_model=BatchList)
+@router.get(
+    "/v1/batches",
+    response_model=BatchList,
+    responses={**answer(doc.BATCH_LIST), **errors(400, 401, 422, 503)},
+)
 async def list_batches(
     request: Request,
     tenant: Tenant,
@@ -117,7 +135,11 @@ async def list_batches(
         ) from exc
 
 
-@router.post("/v1/batches/{batch_id}/cancel", response_model=Batch)
+@router.post(
+    "/v1/batches/{batch_id}/cancel",
+    response_model=Batch,
+    responses={**answer(doc.BATCH_CANCELLING), **errors(401, 404, 409, 503)},
+)
 async def cancel_batch(batch_id: str, request: Request, tenant: Tenant) -> Batch:
     """Lines not started never run, running ones stop; the batch ends `cancelled` with true
     counts once its last line has. A batch that already ended is a 409."""
@@ -133,7 +155,10 @@ async def cancel_batch(batch_id: str, request: Request, tenant: Tenant) -> Batch
 @router.get(
     "/v1/batches/{batch_id}/events",
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        **answer(doc.BATCH_EVENTS, media_type="text/event-stream"),
+        **errors(401, 404, 422, 503),
+    },
 )
 async def batch_events(
     batch_id: str,

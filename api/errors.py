@@ -1,4 +1,5 @@
-"""Every error leaves the API as `{"error": {"type", "message"}}`, never as a stack trace."""
+"""Every error leaves the API in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`,
+with the status the OpenAI SDK maps to its own exception classes; never as a stack trace."""
 
 from __future__ import annotations
 
@@ -80,6 +81,13 @@ class _ErrorJSON(JSONResponse):
         return json.dumps(content, separators=(",", ":"), default=str).encode()
 
 
+def error_body(message: str, type: str, **extra: Any) -> dict[str, Any]:
+    """OpenAI's error object: `message`, `type`, `param` and `code` always (null when there is
+    none, as OpenAI sends them), then moonq's extras (`errors`, `job_id`, ...)."""
+    param, code = extra.pop("param", None), extra.pop("code", None)
+    return {"message": message, "type": type, "param": param, "code": code, **extra}
+
+
 def error_response(
     status: int,
     message: str,
@@ -87,7 +95,7 @@ def error_response(
     headers: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> JSONResponse:
-    body = {"type": type or _TYPES.get(status, "api_error"), "message": message, **extra}
+    body = error_body(message, type or _TYPES.get(status, "api_error"), **extra)
     return _ErrorJSON({"error": body}, status_code=status, headers=dict(headers or {}))
 
 
@@ -103,6 +111,13 @@ _NOT_AN_OBJECT = (
     'like {"body": {"model": ..., "messages": [...]}}'
 )
 _NO_OBJECT = frozenset({"model_attributes_type", "missing"})
+# Routes whose body is not a job submission: what they expect instead.
+_SHAPES = {
+    "/v1/chat/completions": (
+        "The request must be a JSON object: a chat completion request, "
+        'like {"model": ..., "messages": [...]}'
+    ),
+}
 
 
 def _whole_body_message(request: Request, exc: RequestValidationError) -> str | None:
@@ -116,11 +131,12 @@ def _whole_body_message(request: Request, exc: RequestValidationError) -> str | 
         )
     if not any(e.get("loc") == ("body",) and e.get("type") in _NO_OBJECT for e in errors):
         return None
+    expected = _SHAPES.get(request.url.path, _NOT_AN_OBJECT)
     content_type = request.headers.get("content-type", "")
     if "json" not in content_type.lower():
         shown = repr(content_type) if content_type else "none"
-        return f"{_NOT_AN_OBJECT}, sent with Content-Type: application/json (got {shown})."
-    return _NOT_AN_OBJECT + "."
+        return f"{expected}, sent with Content-Type: application/json (got {shown})."
+    return expected + "."
 
 
 def _malformed(exc: RequestValidationError, error: dict[str, Any]) -> JSONResponse:

@@ -13,8 +13,10 @@ from redis.exceptions import RedisError
 from starlette.datastructures import FormData, UploadFile
 
 from api import extract
+from api import openapi as doc
 from api.auth import Tenant
 from api.errors import APIError, shown
+from api.openapi import answer, errors
 from api.services import services
 from moonq.file_quota import OverQuota
 from moonq.files import PIECE, FileObject, FileTooLarge, UnknownCursor
@@ -27,6 +29,8 @@ PURPOSES = ("batch", extract.PURPOSE)
 MULTIPART_OVERHEAD = 64 * 1024
 MAX_FILENAME = 255
 _BINARY = "application/octet-stream"
+# What routes that may proxy a `file-extract` file can answer: the upstream's refusals too.
+_PROXIED = (400, 401, 404, 413, 415, 422, 429, 502, 503)
 
 # The form is read by hand (to answer 400s of our own), so OpenAPI is told its shape.
 _UPLOAD_DOC: dict[str, Any] = {
@@ -121,7 +125,12 @@ async def _pieces(file: UploadFile) -> AsyncIterator[bytes]:
         yield piece
 
 
-@router.post("/v1/files", response_model=FileObject, openapi_extra=_UPLOAD_DOC)
+@router.post(
+    "/v1/files",
+    response_model=FileObject,
+    openapi_extra=_UPLOAD_DOC,
+    responses={**answer(doc.FILE), **errors(400, 401, 409, 413, 415, 422, 429, 502, 503)},
+)
 async def upload_file(request: Request, tenant: Tenant) -> Any:
     """Upload a file (multipart `file`, `purpose`): `batch` input files are kept by moonq,
     `file-extract` documents go to the upstream, which extracts their text."""
@@ -148,7 +157,11 @@ async def upload_file(request: Request, tenant: Tenant) -> Any:
         await form.close()
 
 
-@router.get("/v1/files", response_model=FileList)
+@router.get(
+    "/v1/files",
+    response_model=FileList,
+    responses={**answer(doc.FILE_LIST), **errors(400, 401, 422, 503)},
+)
 async def list_files(
     request: Request,
     tenant: Tenant,
@@ -174,7 +187,11 @@ async def _close(stream: AsyncIterator[bytes]) -> None:
         await stream.aclose()
 
 
-@router.get("/v1/files/{file_id}", response_model=FileObject)
+@router.get(
+    "/v1/files/{file_id}",
+    response_model=FileObject,
+    responses={**answer(doc.FILE), **errors(*_PROXIED)},
+)
 async def retrieve_file(file_id: str, request: Request, tenant: Tenant) -> Any:
     """The caller's file (or the upstream's object of its own `file-extract` upload)."""
     virtual = await virtual_file(request, tenant, file_id)
@@ -200,7 +217,7 @@ async def _guarded(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 @router.get(
     "/v1/files/{file_id}/content",
     response_class=StreamingResponse,
-    responses={200: {"content": {_BINARY: {}}}},
+    responses={**answer(doc.FILE_CONTENT, media_type=_BINARY), **errors(*_PROXIED)},
 )
 async def file_content(file_id: str, request: Request, tenant: Tenant) -> Response:
     """The file's bytes, streamed from Redis (for `file-extract`: the extracted text, as JSON)."""
@@ -215,7 +232,11 @@ async def file_content(file_id: str, request: Request, tenant: Tenant) -> Respon
     return StreamingResponse(_guarded(files.read(found.id)), media_type=_BINARY, headers=headers)
 
 
-@router.delete("/v1/files/{file_id}", response_model=FileDeleted)
+@router.delete(
+    "/v1/files/{file_id}",
+    response_model=FileDeleted,
+    responses={**answer(doc.FILE_DELETED), **errors(*_PROXIED)},
+)
 async def delete_file(file_id: str, request: Request, tenant: Tenant) -> Any:
     """Delete the caller's file (an extracted one upstream too)."""
     if await services(request).files.delete(tenant, file_id):

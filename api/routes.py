@@ -12,15 +12,17 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from api import openapi as doc
+from api.admission import admit
 from api.auth import Tenant
 from api.errors import APIError, shown
 from api.errors import last_event_id as parse_last_event_id
+from api.openapi import answer, errors, request_example
 from api.services import services
 from moonq.account import WAITING_REASON, paused_reason
-from moonq.limits import estimate_tokens
 from moonq.listing import JobLister, UnknownCursor
 from moonq.models import Job, JobCreate, JobList, Status
-from moonq.store import AlreadyFinished, IdempotencyConflict
+from moonq.store import AlreadyFinished
 from moonq.stream import RawEvent, follow
 
 router = APIRouter()
@@ -42,22 +44,14 @@ async def _own_job(request: Request, job_id: str, tenant: str) -> Job:
     return job
 
 
-def _check_tokens(request: Request, payload: JobCreate) -> None:
-    """A request larger than the account's whole TPM budget could never be given a permit."""
-    tpm = services(request).settings.upstream_tpm
-    tokens = estimate_tokens(payload.body.upstream_body())
-    if tpm > 0 and tokens > tpm:
-        estimate = str(tokens) if tokens < 10**15 else "more than 10^15"  # a 4000-digit max_tokens
-        raise APIError(
-            400,
-            f"This request is estimated at {estimate} tokens (prompt characters / 3 + "
-            f"max_tokens), more than MOONQ_UPSTREAM_TPM ({tpm} tokens per minute) allows: "
-            "it could never run.",
-            param="body",
-        )
-
-
-@router.post("/v1/jobs", status_code=202, response_model=Job, tags=["jobs"])
+@router.post(
+    "/v1/jobs",
+    status_code=202,
+    response_model=Job,
+    tags=["jobs"],
+    responses={**answer(doc.JOB_QUEUED, 202), **errors(400, 401, 413, 422, 429, 503)},
+    openapi_extra=request_example(job=doc.JOB_CREATE),
+)
 async def create_job(
     payload: JobCreate,
     request: Request,
@@ -69,22 +63,18 @@ async def create_job(
     ] = None,
 ) -> Job:
     """Queue a chat completion. The job streams from the upstream as soon as a worker is free."""
-    _check_tokens(request, payload)
-    try:
-        job, replayed = await services(request).store.create(tenant, payload, idempotency_key)
-    except IdempotencyConflict as exc:
-        raise APIError(
-            422,
-            "This Idempotency-Key was used for a different request within 24 h.",
-            type="idempotency_error",
-            param="Idempotency-Key",
-        ) from exc
+    job, replayed = await admit(request, tenant, payload, idempotency_key)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return job
 
 
-@router.post("/v1/jobs/{job_id}/cancel", response_model=Job, tags=["jobs"])
+@router.post(
+    "/v1/jobs/{job_id}/cancel",
+    response_model=Job,
+    tags=["jobs"],
+    responses={**answer(doc.JOB_CANCELLED), **errors(401, 404, 409, 503)},
+)
 async def cancel_job(job_id: str, request: Request, tenant: Tenant) -> Job:
     """Cancel a queued or running job. A running job stops within a second, keeping the
     content it had streamed as a partial result. A job that already ended is a 409."""
@@ -109,7 +99,12 @@ def _known_params(request: Request) -> None:
         )
 
 
-@router.get("/v1/jobs", response_model=JobList, tags=["jobs"])
+@router.get(
+    "/v1/jobs",
+    response_model=JobList,
+    tags=["jobs"],
+    responses={**answer(doc.JOB_LIST), **errors(400, 401, 422, 503)},
+)
 async def list_jobs(
     request: Request,
     tenant: Tenant,
@@ -132,7 +127,12 @@ async def list_jobs(
     return JobList(data=jobs, has_more=more)
 
 
-@router.get("/v1/jobs/{job_id}", response_model=Job, tags=["jobs"])
+@router.get(
+    "/v1/jobs/{job_id}",
+    response_model=Job,
+    tags=["jobs"],
+    responses={**answer(doc.JOB_COMPLETED), **errors(401, 404, 422, 503)},
+)
 async def get_job(
     job_id: str,
     request: Request,
@@ -185,7 +185,11 @@ async def _until_terminal_event(queue: asyncio.Queue[bytes], timeout: float) -> 
     "/v1/jobs/{job_id}/events",
     tags=["jobs"],
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        **answer(doc.JOB_EVENTS, media_type="text/event-stream"),
+        204: {"description": "The job had ended at `Last-Event-ID`: nothing more will come."},
+        **errors(400, 401, 404, 422, 503),
+    },
 )
 async def job_events(
     job_id: str,
@@ -237,13 +241,23 @@ async def _sse(request: Request, job: Job, after: int) -> AsyncIterator[ServerSe
         )
 
 
-@router.get("/healthz", tags=["health"])
+@router.get("/healthz", tags=["health"], responses=answer({"status": "ok"}))
 async def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"])
+@router.get(
+    "/readyz",
+    tags=["health"],
+    responses={
+        **answer(doc.READY),
+        503: {
+            "description": "Redis is not reachable.",
+            "content": {"application/json": {"example": doc.NOT_READY}},
+        },
+    },
+)
 async def readyz(request: Request) -> JSONResponse:
     """Ready when Redis answers. An account paused for balance is still ready (the API takes
     jobs, which wait): `account` says so, for a monitor to alert on."""

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from fastapi import Request
 from redis.asyncio import Redis
 
+from moonq.budgets import Budgets
 from moonq.files import FileStore
 from moonq.keys import Keys
 from moonq.settings import Settings
 from moonq.store import JobStore
 from moonq.stream import EventHub
+from moonq.usage import UsageLedger
 
 
 @dataclass
@@ -22,6 +24,8 @@ class Services:
     hub: EventHub
     tenants: dict[str, str]
     files: FileStore
+    ledger: UsageLedger
+    budgets: Budgets
 
     @property
     def keys(self) -> Keys:

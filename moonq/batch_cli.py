@@ -7,7 +7,9 @@ a traceback; the server is found through --url / --api-key, or MOONQ_URL / MOONQ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -21,15 +23,20 @@ from moonq.batch_client import DEFAULT_URL, Client, CliError, ExitCode
 from moonq.batch_dryrun import dry_run
 from moonq.batch_results import Results
 from moonq.batch_run import RunOptions, collect, refused, run, validation_details
+from moonq.client_errors import one_line, printable
 from moonq.documents import Request
+from moonq.job_view import Terminal
 
 JSON = dict[str, Any]
 Command = Callable[[argparse.Namespace, Client, Console], ExitCode]
 
-EXIT_CODES = """exit codes: 0 done (run: every document completed), 1 other error, 2 bad arguments,
-3 server unreachable, 4 API key refused (401), 5 unknown batch or file (404), 6 refused as
-invalid (the bad lines are printed), 7 no documents found, 8 some documents not completed,
-130 interrupted (Ctrl-C; a batch keeps running on the server)"""
+EXIT_CODES = """exit codes: 0 done (run: every document completed), 1 other error, 2 bad arguments
+(or an API key that cannot be sent), 3 server unreachable (or it redirects elsewhere), 4 API key
+refused (401), 5 unknown batch or file (404), 6 refused as invalid (the bad lines are printed),
+7 no documents found, 8 some documents not completed, 130 interrupted (Ctrl-C; a batch keeps
+running on the server), 141 stdout closed early (as by `| head`)"""
+# What a program killed by SIGPIPE ends with (128 + 13): its reader stopped reading.
+PIPE_CLOSED = 141
 
 
 def _metadata(value: str) -> tuple[str, str]:
@@ -47,7 +54,8 @@ def _positive(value: str) -> int:
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
+    """ASCII-escaped: it can be written to any stdout, whatever its encoding."""
+    print(json.dumps(value, indent=2))
 
 
 def _when(stamp: Any) -> str:
@@ -102,7 +110,7 @@ def _status(args: argparse.Namespace, client: Client, console: Console) -> ExitC
     if args.json:
         _print_json(batch)
     else:
-        print("\n".join(_describe(batch)))
+        print("\n".join(printable(line) for line in _describe(batch)))
     return ExitCode.OK
 
 
@@ -128,17 +136,39 @@ def _results(args: argparse.Namespace, client: Client, console: Console) -> Exit
 
 def _cancel(args: argparse.Namespace, client: Client, console: Console) -> ExitCode:
     batch = client.cancel(args.id)
-    print(f"{batch['id']}: {batch.get('status')}")
+    print(printable(f"{batch['id']}: {batch.get('status')}"))
     return ExitCode.OK
 
 
-def _connection() -> argparse.ArgumentParser:
+def connection_options() -> argparse.ArgumentParser:
+    """`--url` and `--api-key`, for every command that talks to a server (`moonq batch`, jobs)."""
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument(
         "--url", help=f"the moonq server (default: $MOONQ_URL, else {DEFAULT_URL})"
     )
     options.add_argument("--api-key", help="its API key (default: $MOONQ_API_KEY)")
     return options
+
+
+def hidden(text: str, args: argparse.Namespace) -> str:
+    """`text` (an unforeseen error's) on one line, without the API key or the URL's password,
+    should it quote either."""
+    key = getattr(args, "api_key", None) or os.environ.get("MOONQ_API_KEY")
+    url = getattr(args, "url", None) or os.environ.get("MOONQ_URL") or ""
+    password = url.partition("://")[2].partition("/")[0].rpartition("@")[0].partition(":")[2]
+    for secret in (key, password):
+        if secret:
+            text = text.replace(secret, "***")
+    return one_line(text)
+
+
+def stdout_closed() -> int:
+    """Python's own advice for a reader that stopped reading (`| head`): send what is left
+    of stdout to /dev/null, so the flush at exit cannot fail again, and end quietly with
+    PIPE_CLOSED, as a program killed by SIGPIPE would."""
+    with contextlib.suppress(OSError, ValueError):  # a stdout with no file behind it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return PIPE_CLOSED
 
 
 def _add_run(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -207,36 +237,40 @@ def configure(batch: argparse.ArgumentParser) -> None:
     """Add the batch commands to `batch` (the `moonq batch` parser, or a parser of its own)."""
     batch.epilog = EXIT_CODES
     sub = batch.add_subparsers(dest="batch_command", required=True, metavar="COMMAND")
-    common = _connection()
+    common = connection_options()
     _add_run(sub, common)
     _add_commands(sub, common)
 
 
 def execute(args: argparse.Namespace, transport: httpx.BaseTransport | None = None) -> int:
     """Run the parsed command; its exit code. Every failure is one line on stderr."""
-    console = Console(markup=False, highlight=False, soft_wrap=True)
+    console = Terminal(markup=False, highlight=False, soft_wrap=True)
     try:
         with Client(args.url, args.api_key, transport) as client:
-            return int(args.batch_run(args, client, console))
+            code = int(args.batch_run(args, client, console))
+        sys.stdout.flush()  # here, where a reader that has gone is caught, not at exit
+        return code
     except CliError as exc:
-        print(f"moonq: {exc}", *exc.details, sep="\n", file=sys.stderr)
+        lines = (printable(line) for line in (f"moonq: {exc}", *exc.details))
+        print(*lines, sep="\n", file=sys.stderr)
         return int(exc.code)
     except KeyboardInterrupt:
         print("moonq: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
+    except BrokenPipeError:
+        return stdout_closed()
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"moonq: {where}{exc.strerror or exc}", file=sys.stderr)
         return int(ExitCode.ERROR)
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
         # An answer not shaped as the contract says: still one line, naming what was off.
-        print(
-            f"moonq: unexpected answer from the server ({type(exc).__name__}: {exc})",
-            file=sys.stderr,
-        )
+        said = hidden(f"{type(exc).__name__}: {exc}", args)
+        print(f"moonq: unexpected answer from the server ({said})", file=sys.stderr)
         return int(ExitCode.ERROR)
     except Exception as exc:  # a bug or a case not foreseen: still one line, never a traceback
-        print(f"moonq: unexpected error ({type(exc).__name__}: {exc})", file=sys.stderr)
+        said = hidden(f"{type(exc).__name__}: {exc}", args)
+        print(f"moonq: unexpected error ({said})", file=sys.stderr)
         return int(ExitCode.ERROR)
 
 

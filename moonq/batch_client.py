@@ -1,22 +1,38 @@
-"""The moonq server as `moonq batch` sees it: files, batches, jobs, the token estimate.
+"""The moonq server as `moonq batch` sees it: files, batches, jobs, the token estimate, through
+`moonq.client.Client`, which knows each call and maps every HTTP failure to its exception tree.
 
-Every HTTP failure is mapped here, once, to a `CliError` carrying the exit code the command
-ends with, so no command shows a traceback and each kind of failure has its own code.
+Those exceptions are mapped here, once, to a `CliError` carrying the exit code the command ends
+with, so no command shows a traceback and each kind of failure has its own code.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import IntEnum
 from typing import Any
 
 import httpx
-from httpx_sse import SSEError, connect_sse
 
-DEFAULT_URL = "http://localhost:8000"
+from moonq import client_calls as calls
+from moonq.client import Client as ApiClient
+from moonq.client_calls import DEFAULT_URL, Call
+from moonq.client_errors import (
+    APIError,
+    AuthenticationError,
+    ConfigurationError,
+    ConnectionError,
+    InvalidResponse,
+    MoonqError,
+    NotFound,
+    Redirected,
+    RouteNotFound,
+)
+from moonq.client_errors import StreamDropped as ApiStreamDropped
+
+__all__ = ["DEFAULT_URL", "CliError", "Client", "ExitCode", "StreamDropped", "Unextractable"]
+
 JSON = dict[str, Any]
 # No tokenizer on this server (or none upstream): the caller estimates locally instead.
 NO_ESTIMATE = frozenset({404, 405, 501, 502, 503, 504})
@@ -60,35 +76,55 @@ class StreamDropped(Exception):
     """The event stream broke off before its last event; the caller resumes or polls."""
 
 
-def error_message(response: httpx.Response) -> str:
-    """The server's `{"error": {"message"}}`, or the start of whatever else it said."""
-    try:
-        error = response.json().get("error")
-    except (ValueError, AttributeError):
-        error = None
-    if isinstance(error, dict) and error.get("message"):
-        return str(error["message"])
-    return response.text[:200] or response.reason_phrase
-
-
-def check(response: httpx.Response, missing: str = "not found") -> None:
-    """Raise the `CliError` an unsuccessful answer stands for."""
-    status = response.status_code
-    if status < 400:
-        return
-    if status == 401:
-        raise CliError(
-            "the server refused the API key (401): set MOONQ_API_KEY or pass --api-key",
-            ExitCode.AUTH,
+def explain(exc: MoonqError, missing: str = "not found") -> str:
+    """The one line a command prints for a client error (never the API key)."""
+    if isinstance(exc, ApiStreamDropped | Redirected | ConfigurationError):
+        return str(exc)
+    if isinstance(exc, ConnectionError):
+        return f"{exc}: is it running (`moonq dev`)? Set MOONQ_URL or pass --url"
+    if isinstance(exc, AuthenticationError):
+        return "the server refused the API key (401): set MOONQ_API_KEY or pass --api-key"
+    if isinstance(exc, RouteNotFound):
+        return (
+            f"the server has no route {exc.url} (404 {exc.message}): is MOONQ_URL (or --url)"
+            " a moonq server's address? (an older moonq lacks the newer routes)"
         )
-    if status == 404:
-        raise CliError(missing, ExitCode.NOT_FOUND)
-    code = ExitCode.INVALID if status in (400, 409, 413, 422) else ExitCode.ERROR
-    raise CliError(f"the server answered {status}: {error_message(response)}", code)
+    if isinstance(exc, NotFound):
+        return missing
+    if isinstance(exc, APIError):
+        return f"the server answered {exc.status}: {exc.message}"
+    return f"unexpected answer from the server ({exc})"
+
+
+def cli_error(exc: MoonqError, missing: str = "not found") -> CliError:
+    """The `CliError` (and so the exit code) of `moonq batch` for a client error."""
+    code = ExitCode.ERROR
+    if isinstance(exc, ConnectionError | Redirected):
+        code = ExitCode.UNREACHABLE
+    elif isinstance(exc, ConfigurationError):
+        code = ExitCode.USAGE
+    elif isinstance(exc, AuthenticationError):
+        code = ExitCode.AUTH
+    elif isinstance(exc, NotFound):
+        code = ExitCode.NOT_FOUND
+    elif isinstance(exc, APIError) and exc.status in (400, 409, 413, 422):
+        code = ExitCode.INVALID
+    return CliError(explain(exc, missing), code)
+
+
+@contextmanager
+def cli_errors(missing: str = "not found") -> Iterator[None]:
+    """Client errors inside become the `CliError` they stand for."""
+    try:
+        yield
+    except MoonqError as exc:
+        raise cli_error(exc, missing) from exc
 
 
 class Client:
-    """A synchronous client; `transport` is injected by tests (httpx.MockTransport)."""
+    """The batch commands' view of the server, over `moonq.client.Client`: answers as JSON
+    objects (the commands read them leniently), failures as `CliError`s. `transport` is
+    injected by tests (httpx.MockTransport)."""
 
     def __init__(
         self,
@@ -97,37 +133,20 @@ class Client:
         transport: httpx.BaseTransport | None = None,
         timeout: float = 60.0,
     ) -> None:
-        self.url = (url or os.environ.get("MOONQ_URL") or DEFAULT_URL).rstrip("/")
-        key = api_key or os.environ.get("MOONQ_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.Client(
-            base_url=self.url,
-            headers=headers,
-            transport=transport,
-            timeout=httpx.Timeout(timeout, connect=5.0),
-        )
+        with cli_errors():
+            # Streams are resumed by batch_watch, which falls back to polling.
+            self.api = ApiClient(url, api_key, transport=transport, timeout=timeout, reconnects=0)
+        self.url = self.api.url
 
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.http.close()
-
-    def unreachable(self, exc: httpx.TransportError) -> CliError:
-        reason = str(exc) or type(exc).__name__
-        return CliError(
-            f"cannot reach the moonq server at {self.url} ({reason}): is it running"
-            " (`moonq dev`)? Set MOONQ_URL or pass --url",
-            ExitCode.UNREACHABLE,
-        )
+        self.api.close()
 
     def request(self, method: str, path: str, missing: str = "", **kwargs: Any) -> httpx.Response:
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise self.unreachable(exc) from exc
-        check(response, missing or f"not found on the server: {path}")
-        return response
+        with cli_errors(missing or f"not found on the server: {path}"):
+            return self.api.request(method, path, **kwargs)
 
     def json(self, method: str, path: str, missing: str = "", **kwargs: Any) -> JSON:
         answer = self.request(method, path, missing, **kwargs).json()
@@ -135,40 +154,38 @@ class Client:
             raise CliError(f"the server answered {path} with something other than an object")
         return answer
 
+    def send(self, call: Call[Any], missing: str = "") -> JSON:
+        """One of the client's calls, its answer as a JSON object."""
+        return self.json(call.method, call.path, missing, **call.options(self.api.timeout))
+
     # Files
 
     def refused_document(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """A file-extract request: a refusal is `Unextractable`, with the server's message."""
         try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise self.unreachable(exc) from exc
-        if response.status_code in DOCUMENT_REFUSED:
-            raise Unextractable(f"{error_message(response)} ({response.status_code})")
-        check(response)
-        return response
+            return self.api.request(method, path, **kwargs)
+        except APIError as exc:
+            if exc.status in DOCUMENT_REFUSED:
+                raise Unextractable(f"{exc.message} ({exc.status})") from exc
+            raise cli_error(exc) from exc
+        except MoonqError as exc:
+            raise cli_error(exc) from exc
 
     def upload(self, name: str, content: bytes, purpose: str) -> JSON:
-        files = {"file": (name, content)}
-        return self.json("POST", "/v1/files", files=files, data={"purpose": purpose})
+        return self.send(calls.upload_file(content, purpose, name))
 
     def file_bytes(self, file_id: str) -> bytes:
-        return self.request("GET", f"/v1/files/{file_id}/content", f"no file {file_id}").content
+        return self.request("GET", calls.file_content_path(file_id), f"no file {file_id}").content
 
     @contextmanager
     def file_stream(self, file_id: str) -> Iterator[Iterator[bytes]]:
         """The file's content as it arrives, for output files too big to hold."""
-        try:
-            with self.http.stream("GET", f"/v1/files/{file_id}/content") as response:
-                if response.status_code >= 400:
-                    response.read()
-                check(response, f"no file {file_id}")
-                yield response.iter_bytes()
-        except httpx.TransportError as exc:
-            raise self.unreachable(exc) from exc
+        with cli_errors(f"no file {file_id}"), self.api.stream_file_content(file_id) as pieces:
+            yield pieces
 
     def delete_file(self, file_id: str) -> None:
-        self.request("DELETE", f"/v1/files/{file_id}", f"no file {file_id}")
+        with cli_errors(f"no file {file_id}"):
+            self.api.delete_file(file_id)
 
     def forget(self, file_id: str) -> None:
         """Delete a file that may already be gone (Moonshot keeps at most 1,000)."""
@@ -180,13 +197,13 @@ class Client:
 
     def extract(self, name: str, content: bytes) -> str:
         """A document's text through Moonshot's file-extract; the upload is deleted after."""
-        files = {"file": (name, content)}
-        data = {"purpose": "file-extract"}
-        uploaded = self.refused_document("POST", "/v1/files", files=files, data=data).json()
+        upload = calls.upload_file(content, "file-extract", name)
+        options = upload.options(self.api.timeout)
+        uploaded = self.refused_document(upload.method, upload.path, **options).json()
         if not isinstance(uploaded, dict) or not isinstance(uploaded.get("id"), str):
             raise CliError("the server answered /v1/files with no file id")
         try:
-            content_path = f"/v1/files/{uploaded['id']}/content"
+            content_path = calls.file_content_path(uploaded["id"])
             extracted = json.loads(self.refused_document("GET", content_path).content)
         except ValueError as exc:
             raise Unextractable(f"the server's extraction of {name} is not JSON") from exc
@@ -200,34 +217,27 @@ class Client:
     # Batches and jobs
 
     def create_batch(self, input_file_id: str, window: str, metadata: dict[str, str]) -> JSON:
-        body = {
-            "input_file_id": input_file_id,
-            "endpoint": "/v1/chat/completions",
-            "completion_window": window,
-            "metadata": metadata,
-        }
-        return self.json("POST", "/v1/batches", json=body)
+        return self.send(calls.create_batch(input_file_id, window, metadata))
 
     def batch(self, batch_id: str) -> JSON:
-        return self.json("GET", f"/v1/batches/{batch_id}", f"no batch {batch_id} on this server")
+        return self.send(calls.get_batch(batch_id), f"no batch {batch_id} on this server")
 
     def cancel(self, batch_id: str) -> JSON:
-        missing = f"no batch {batch_id} on this server"
-        return self.json("POST", f"/v1/batches/{batch_id}/cancel", missing)
+        return self.send(calls.cancel_batch(batch_id), f"no batch {batch_id} on this server")
 
     def job(self, job_id: str) -> JSON:
-        return self.json("GET", f"/v1/jobs/{job_id}", f"no job {job_id} on this server")
+        return self.send(calls.get_job(job_id), f"no job {job_id} on this server")
 
     def estimate(self, chat: JSON) -> int | None:
         """Prompt tokens as the server counts them; None when it cannot count."""
-        path = "/v1/tokenizers/estimate-token-count"
         try:
-            response = self.http.post(path, json=chat)
-        except httpx.TransportError as exc:
-            raise self.unreachable(exc) from exc
-        if response.status_code in NO_ESTIMATE:
-            return None
-        check(response)
+            response = self.api.request("POST", "/v1/tokenizers/estimate-token-count", json=chat)
+        except APIError as exc:
+            if exc.status in NO_ESTIMATE:
+                return None
+            raise cli_error(exc) from exc
+        except MoonqError as exc:
+            raise cli_error(exc) from exc
         try:
             answer = response.json()
         except ValueError:
@@ -239,18 +249,10 @@ class Client:
     def events(self, batch_id: str, after: int = 0) -> Iterator[JSON]:
         """The batch's progress events after seq `after`; `StreamDropped` when the stream
         breaks off, and a `CliError` (NOT_FOUND) when the server has no event stream."""
-        headers = {"Last-Event-ID": str(after)} if after else {}
-        path = f"/v1/batches/{batch_id}/events"
-        timeout = httpx.Timeout(60.0, connect=5.0)
         try:
-            with connect_sse(self.http, "GET", path, headers=headers, timeout=timeout) as source:
-                if source.response.status_code >= 400:
-                    source.response.read()
-                check(source.response, f"no event stream for batch {batch_id}")
-                for sse in source.iter_sse():
-                    if sse.event == "stream_error":  # the server lost its store: resume later
-                        raise StreamDropped(sse.data)
-                    if sse.data:
-                        yield json.loads(sse.data)
-        except (httpx.TransportError, SSEError, ValueError) as exc:
+            for event in self.api.batch_events(batch_id, after=after):
+                yield {"seq": event.seq, "event": event.event, "data": event.data}
+        except (ConnectionError, InvalidResponse) as exc:
             raise StreamDropped(str(exc)) from exc
+        except MoonqError as exc:
+            raise cli_error(exc, f"no event stream for batch {batch_id}") from exc

@@ -10,8 +10,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from moonq.budgets import budget_completion
 from moonq.file_lines import LongLine
-from moonq.limits import estimate_tokens
+from moonq.limits import completion_budget, estimate_tokens
 from moonq.models import ChatRequest, json_problem
 
 ENDPOINT = "/v1/chat/completions"
@@ -57,6 +58,17 @@ class Report:
 
     lines: int = 0
     errors: list[LineError] = field(default_factory=list)
+    # Estimated (prompt, completion budget) tokens by model, for budgets (moonq/budgets.py).
+    demand: dict[str, list[int]] = field(default_factory=dict)
+
+    def add_demand(self, line: Line) -> None:
+        counts = self.demand.setdefault(line.model[:256], [0, 0])
+        counts[0] += line.estimate - completion_budget(line.body)
+        counts[1] += budget_completion(line.body)
+
+    @property
+    def tokens(self) -> int:
+        return sum(prompt + completion for prompt, completion in self.demand.values())
 
 
 class TooManyLines(Exception):
@@ -156,6 +168,7 @@ async def check(lines: RawLines, limits: Limits) -> Report:
             report.errors.append(LineError(number, "duplicate_custom_id", message, "custom_id"))
         else:
             seen[parsed.custom_id] = number
+            report.add_demand(parsed)
     if report.lines == 0:
         report.errors.append(LineError(0, "empty_file", "the file holds no requests"))
     return report

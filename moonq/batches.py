@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -80,6 +80,10 @@ return 1
 """
 
 
+# What a batch line's record holds against its tenant's budgets (moonq/budgets.py).
+LineHold = Callable[[batch_input.Line], str]
+
+
 class BatchStore:
     def __init__(self, store: JobStore, *, clock: Callable[[], float] = time.time) -> None:
         self.jobs = store
@@ -100,6 +104,7 @@ class BatchStore:
         window: str,
         metadata: dict[str, str] | None,
         limits: Limits,
+        admit: Callable[[batch_input.Report], Awaitable[LineHold | None]] | None = None,
     ) -> Batch:
         """Validate every line, then write each as a job and make the batch runnable.
 
@@ -112,6 +117,9 @@ class BatchStore:
         now = self.clock()
         batch_id = new_batch_id()
         report = await batch_input.check(lines(), limits)
+        hold = None
+        if admit is not None and not report.errors:
+            hold = await admit(report)  # raises (a budget) before anything is written
         record = self._record(batch_id, tenant, input_file_id, window, metadata, now)
         record["expires_at"] = str(int(now) + seconds)
         record["total"] = str(report.lines)
@@ -123,7 +131,7 @@ class BatchStore:
         await self._write_record(batch_id, tenant, record, now)
         try:
             written = await self._write_lines(
-                batch_id, tenant, batch_input.requests(lines(), limits), now
+                batch_id, tenant, batch_input.requests(lines(), limits), now, hold
             )
         except BaseException:
             await asyncio.shield(self._fail(batch_id, tenant, _INTERRUPTED))
@@ -206,7 +214,12 @@ class BatchStore:
             await pipe.execute()
 
     async def _write_lines(
-        self, batch_id: str, tenant: str, requests: AsyncIterator[batch_input.Line], now: float
+        self,
+        batch_id: str,
+        tenant: str,
+        requests: AsyncIterator[batch_input.Line],
+        now: float,
+        hold: LineHold | None = None,
     ) -> int:
         """Write the lines, a chunk per round trip; how many there were."""
         chunk: list[batch_input.Line] = []
@@ -214,14 +227,19 @@ class BatchStore:
         async for line in requests:
             chunk.append(line)
             if len(chunk) == WRITE_CHUNK:
-                await self._write_chunk(batch_id, tenant, chunk, now + written * LINE_STEP)
+                await self._write_chunk(batch_id, tenant, chunk, now + written * LINE_STEP, hold)
                 written, chunk = written + len(chunk), []
         if chunk:
-            await self._write_chunk(batch_id, tenant, chunk, now + written * LINE_STEP)
+            await self._write_chunk(batch_id, tenant, chunk, now + written * LINE_STEP, hold)
         return written + len(chunk)
 
     async def _write_chunk(
-        self, batch_id: str, tenant: str, lines: list[batch_input.Line], now: float
+        self,
+        batch_id: str,
+        tenant: str,
+        lines: list[batch_input.Line],
+        now: float,
+        hold: LineHold | None,
     ) -> None:
         """Each line's job record and index entries (not arq's queue: the scheduler feeds it).
 
@@ -235,6 +253,8 @@ class BatchStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id, line in zip(ids, lines, strict=True):
                 record = _line_record(job_id, tenant, batch_id, line, created[job_id])
+                if hold is not None:  # given back as the line ends (FINISH)
+                    record["hold"] = hold(line)
                 pipe.hset(k.job(job_id), mapping=record)
             for index in (
                 k.tenant_jobs(tenant),

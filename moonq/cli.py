@@ -13,14 +13,12 @@ import logging.config
 import socket
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from moonq import batch_cli
+from moonq import batch_cli, job_cli, logs
 from moonq.settings import Settings, get_settings, is_loopback, redis_database
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
 def _api(args: argparse.Namespace) -> None:
@@ -29,18 +27,45 @@ def _api(args: argparse.Namespace) -> None:
     from api.app import create_app
 
     settings = _settings()
+    workers = args.workers or settings.api_workers
     _refuse_open_api(settings, args.host)
     _check_redis(settings)
     sock = _listen(args.host, args.port)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="info"))
+    logging.config.dictConfig(logs.config(settings))
+    if workers > 1:
+        _api_processes(sock, workers)
+        return
+    config = uvicorn.Config(create_app(settings), log_level="info", **_server_logging(settings))
+    server = uvicorn.Server(config)
     announce(sock)
     server.run(sockets=[sock])
 
 
-def _worker(args: argparse.Namespace) -> None:
-    from arq.logs import default_log_config
+def _api_processes(sock: socket.socket, workers: int) -> None:
+    """uvicorn's supervisor: `workers` processes accept on the one socket, each building its
+    own app (its own Redis pool and pub/sub fan-out) from the same environment; one that dies
+    is replaced."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
+    config = uvicorn.Config(
+        "api.app:app_from_env",
+        factory=True,
+        workers=workers,
+        log_level="info",
+        **_server_logging(_settings()),
+    )
+    announce(sock)
+    Multiprocess(config, sockets=[sock]).run()
+
+
+def _server_logging(settings: Settings) -> dict[str, Any]:
+    """uvicorn's logging: moonq's (MOONQ_LOG_FORMAT), applied in each API process too; its
+    access lines only with MOONQ_ACCESS_LOG."""
+    return {"log_config": logs.config(settings), "access_log": settings.access_log}
+
+
+def _worker(args: argparse.Namespace) -> None:
     from worker.main import HEARTBEAT_EVERY, create_worker, worker_is_alive
 
     if args.check:
@@ -53,10 +78,7 @@ def _worker(args: argparse.Namespace) -> None:
     settings = _settings()
     _require_upstream_key(settings)
     _check_redis(settings)
-    config = default_log_config(args.verbose)
-    level = "DEBUG" if args.verbose else "INFO"
-    config["loggers"]["moonq"] = {"level": level, "handlers": ["arq.standard"]}
-    logging.config.dictConfig(config)
+    logging.config.dictConfig(logs.config(settings, verbose=args.verbose))
     create_worker(settings, burst=args.burst).run()
 
 
@@ -146,7 +168,9 @@ def _check_redis(settings: Settings) -> None:
     """
     import redis
 
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
+    from moonq.redis import sync_client
+
+    client = sync_client(settings)
     try:
         client.ping()
     except redis.AuthenticationError:
@@ -166,6 +190,12 @@ def _check_redis(settings: Settings) -> None:
         client.close()
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text!r})")
+    return int(text)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="moonq", description=__doc__.split("\n")[0])
     sub = top.add_subparsers(dest="command", required=True)
@@ -173,6 +203,12 @@ def parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="run the HTTP API (uvicorn)")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
+    api.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        help="API processes on the one port (default: MOONQ_API_WORKERS, 1)",
+    )
     api.set_defaults(run=_api)
 
     worker = sub.add_parser("worker", help="run an arq worker")
@@ -210,6 +246,7 @@ def parser() -> argparse.ArgumentParser:
     batch = sub.add_parser("batch", help="documents and batch files through a moonq server")
     batch_cli.configure(batch)
     batch.set_defaults(run=batch_cli.entry)
+    job_cli.configure(top, sub)  # --version, submit, watch, status, cancel, jobs, usage
     return top
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import logging.config
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ import uvicorn
 from pydantic import SecretStr
 
 from api.app import create_app
+from moonq import logs
 from moonq import redis as moonq_redis
 from moonq.cli import announce
 from moonq.fake_moonshot import start_fake
@@ -34,7 +36,7 @@ def _shout(*lines: str) -> None:
 
 
 async def _redis_or_embedded(settings: Settings) -> moonq_redis.ArqRedis:
-    client = moonq_redis.connect(settings.redis_url, settings.redis_max_connections)
+    client = moonq_redis.from_settings(settings)
     if await moonq_redis.ping(client):
         print(f"moonq dev: using Redis at {_safe_url(settings.redis_url)}", flush=True)
         return client
@@ -120,7 +122,9 @@ async def serve(settings: Settings, sock: socket.socket) -> None:
         if fake is not None:
             await fake.close()
 
-    server = _Server(uvicorn.Config(app, log_level="info"), cleanup)
+    # moonq's logging (MOONQ_LOG_FORMAT), set up by `run`; access lines with MOONQ_ACCESS_LOG
+    config = uvicorn.Config(app, log_level="info", log_config=None, access_log=settings.access_log)
+    server = _Server(config, cleanup)
     worker_task.add_done_callback(lambda task: _worker_ended(task, server))
     try:
         announce(sock)
@@ -130,6 +134,6 @@ async def serve(settings: Settings, sock: socket.socket) -> None:
 
 
 def run(settings: Settings, sock: socket.socket) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.config.dictConfig(logs.config(settings))
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: the cleanup ran already
         asyncio.run(serve(settings, sock))

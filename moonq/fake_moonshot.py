@@ -115,6 +115,7 @@ class _Answer:
     pieces: list[str]
     calls: list[_Call]
     usage: JSON
+    reasoning: tuple[str, ...] = ()  # a thinking model's `reasoning_content`, streamed first
 
     @property
     def finish_reason(self) -> str:
@@ -224,7 +225,29 @@ def _usage(body: JSON, completion_tokens: int) -> JSON:
 
 def _answer(body: JSON, ctl: _Control) -> _Answer:
     answer = _render(body, ctl.chunks, ctl.parallel_tools)
-    return answer if ctl.usage is None else _Answer(answer.pieces, answer.calls, ctl.usage)
+    reasoning = tuple(_split(_reasoning(body, ctl.chunks), ctl.chunks)) if _thinks(body) else ()
+    usage = answer.usage
+    if reasoning:  # thinking is billed as completion tokens
+        usage = _usage(body, usage["completion_tokens"] + len(reasoning))
+    return _Answer(
+        answer.pieces, answer.calls, usage if ctl.usage is None else ctl.usage, reasoning
+    )
+
+
+def _thinks(body: JSON) -> bool:
+    """Moonshot's thinking models: kimi-k2-thinking* always; kimi-k2.5 and kimi-k2.6 unless
+    the request says `"thinking": {"type": "disabled"}`."""
+    model = str(body.get("model"))
+    if model.startswith("kimi-k2-thinking"):
+        return True
+    thinking = body.get("thinking")
+    disabled = isinstance(thinking, dict) and thinking.get("type") == "disabled"
+    return model.startswith(("kimi-k2.5", "kimi-k2.6")) and not disabled
+
+
+def _reasoning(body: JSON, chunks: int) -> str:
+    text = f"Thinking about: {_last_user_text(body['messages'])}"
+    return text + " ." * max(0, chunks - len(text))
 
 
 def _render(body: JSON, chunks: int, parallel: bool) -> _Answer:
@@ -268,13 +291,23 @@ def _call_json(call: _Call, arguments: str, header: bool = True) -> JSON:
 
 def _message(answer: _Answer) -> JSON:
     message: JSON = {"role": "assistant", "content": "".join(answer.pieces)}
+    if answer.reasoning:
+        message["reasoning_content"] = "".join(answer.reasoning)
     if answer.calls:
         message["tool_calls"] = [_call_json(c, "".join(c.fragments)) for c in answer.calls]
     return message
 
 
 def _deltas(answer: _Answer) -> list[JSON]:
-    """Content deltas in wire order; a second parallel call interleaves with the first."""
+    """Deltas in wire order: a thinking model's reasoning first, then the content or the tool
+    calls, a second parallel call interleaving with the first."""
+    thoughts: list[JSON] = [{"reasoning_content": p} for p in answer.reasoning]
+    if thoughts:
+        thoughts[0]["role"] = "assistant"
+    return [*thoughts, *_answer_deltas(answer)]
+
+
+def _answer_deltas(answer: _Answer) -> list[JSON]:
     if not answer.calls:
         return [{"role": "assistant", "content": ""}] + [{"content": p} for p in answer.pieces]
     first, *rest = answer.calls
@@ -459,9 +492,10 @@ def create_app(config: FakeConfig | None = None) -> web.Application:
     app[FAILS_KEY] = {}
     app.router.add_post("/v1/chat/completions", chat_completions)
     fake_account.install(app, app[CONFIG_KEY])
-    from moonq import fake_files  # it imports this module
+    from moonq import fake_files, fake_models  # they import this module
 
     fake_files.install(app)
+    fake_models.install(app)
     app.router.add_get("/_fake/stats", get_stats)
     app.router.add_post("/_fake/reset", reset)
     return app

@@ -68,9 +68,32 @@ class Keys:
         """String: the tenant that uploaded an upstream `file-extract` file (proxied)."""
         return f"{self.prefix}:extract:{upstream_id}"
 
-    def usage(self, tenant: str) -> str:
-        """Hash: a tenant's token totals, added once per completed job."""
-        return f"{self.prefix}:usage:{tenant}"
+    def upstream_models(self) -> str:
+        """String: the upstream's model list (JSON, with when it was fetched), shared by every
+        API process; kept stale while the upstream is unreachable."""
+        return f"{self.prefix}:upstream:models"
+
+    def upstream_models_refresh(self) -> str:
+        """String: held (SET NX PX) by the one API process refreshing the model list."""
+        return f"{self.prefix}:upstream:models:refresh"
+
+    def usage(self, tenant: str, day: str) -> str:
+        """Hash: a tenant's usage on one UTC day (YYYY-MM-DD), `model|count` -> amount, added
+        once per completed job; kept MOONQ_USAGE_RETENTION_DAYS, beyond the jobs themselves."""
+        return f"{self.prefix}:usage:{tenant}:{day}"
+
+    def budget_hold_base(self) -> str:
+        """What FINISH builds a tenant's holds' names from (+ tenant + `:hold:` + period)."""
+        return f"{self.prefix}:budget:"
+
+    def budget_hold(self, tenant: str, period: str) -> str:
+        """Hash: `tokens` and `nanos` (cost) a tenant's accepted, unfinished work holds against
+        its budgets of a day (YYYY-MM-DD) or a month (YYYY-MM); moonq/budgets.py."""
+        return f"{self.budget_hold_base()}{tenant}:hold:{period}"
+
+    def budget_requests(self, tenant: str, minute: int) -> str:
+        """String: a tenant's requests in one clock minute (a budget's request rate)."""
+        return f"{self.prefix}:budget:{tenant}:rpm:{minute}"
 
     def batch_base(self) -> str:
         """What scripts build a batch's key names from (+ batch id [+ suffix])."""
@@ -157,6 +180,19 @@ class Keys:
         `paused_since`, `next_check` (Unix s), `checks`, `probe` ('1': its balance reads
         positive, so only a probe request can tell); absent while it is not paused."""
         return f"{self.prefix}:account"
+
+    def metrics(self) -> str:
+        """Hash: the workers' counters and histogram buckets (`moonq.metrics`), one field per
+        sample, added to in one transaction per flush; read by every API's `/metrics`."""
+        return f"{self.prefix}:metrics"
+
+    def metrics_models(self) -> str:
+        """Set: the models metrics are recorded by (capped; the rest are "other")."""
+        return f"{self.prefix}:metrics:models"
+
+    def metrics_workers(self) -> str:
+        """Hash: each live worker's jobs in flight and when it said so ("n unix-s")."""
+        return f"{self.prefix}:metrics:workers"
 
     def account_check(self) -> str:
         """String: held (SET NX PX) by the one worker checking a paused account's balance."""

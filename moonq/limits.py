@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import random
@@ -385,7 +386,10 @@ class UpstreamLimiter:
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.create_task(self._renew_forever(), name="moonq-lease-renewer")
+            # A fresh context: the renewer serves every job, not the one that started it.
+            self._renewer = asyncio.create_task(
+                self._renew_forever(), name="moonq-lease-renewer", context=contextvars.Context()
+            )
 
     async def _renew_forever(self) -> None:
         """Renew every lease_ttl/3, counted from the start of the last renewal, so a slow

@@ -2,36 +2,111 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import fakeredis
-from arq.connections import ArqRedis
+import redis as sync_redis
+import redis.sentinel as sync_sentinel
+from arq.connections import ArqRedis, RedisSettings
 from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import ConnectionPool, parse_url
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from moonq.serde import arq_deserialize, arq_serialize
+from moonq.settings import Settings
+
+_POOL = {"timeout": 10}
+_SOCKETS = {"socket_connect_timeout": 3, "socket_timeout": 10, "health_check_interval": 30}
+_SENTINEL_SOCKETS = {"socket_connect_timeout": 3, "socket_timeout": 3}
 
 
-def connect(url: str, max_connections: int = 64, **kwargs: Any) -> ArqRedis:
+def connect(
+    url: str,
+    max_connections: int = 64,
+    *,
+    sentinels: Sequence[tuple[str, int]] = (),
+    sentinel_master: str = "mymaster",
+    **kwargs: Any,
+) -> ArqRedis:
     """A client whose pool waits for a free connection instead of opening one per command.
 
     redis-py's default pool opens a new connection for every concurrent command; thousands of
     streams must share a bounded pool. Timeouts keep a request from hanging on a Redis that
-    stopped answering: it fails (a 503 at the API) and the next one reconnects.
+    stopped answering: it fails (a 503 at the API) and the next one reconnects. With
+    `sentinels`, every new connection asks them for the master, so a failover is followed
+    (`url` then gives only the database and credentials).
     """
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=10,
-        socket_connect_timeout=3,
-        socket_timeout=10,
-        health_check_interval=30,
-        **kwargs,
-    )
+    options = {**_POOL, **_SOCKETS, "max_connections": max_connections, **kwargs}
+    pool: ConnectionPool
+    if sentinels:
+        sentinel, master = _sentinel(sentinels), _master_args(url)
+        pool = _SentinelPool(sentinel_master, sentinel, **master, **options)  # type: ignore[no-untyped-call]
+    else:
+        pool = BlockingConnectionPool.from_url(url, **options)
     client = ArqRedis(pool, job_serializer=arq_serialize, job_deserializer=arq_deserialize)
     client.auto_close_connection_pool = True  # the pool is this client's alone
     return client
+
+
+def from_settings(settings: Settings) -> ArqRedis:
+    """The process's client: REDIS_URL, or the master its sentinels name."""
+    return connect(
+        settings.redis_url,
+        settings.redis_max_connections,
+        sentinels=settings.sentinels,
+        sentinel_master=settings.redis_sentinel_master,
+    )
+
+
+class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's pool (connections to whichever node is master now), bounded and waiting
+    like `BlockingConnectionPool`: redis-py's own opens one per concurrent command."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        """Also the connections to the sentinels, which redis-py never closes."""
+        await super().disconnect(inuse_connections)
+        if inuse_connections:
+            for sentinel in self.sentinel_manager.sentinels:
+                await sentinel.aclose()
+
+
+def _sentinel(addresses: Sequence[tuple[str, int]]) -> Sentinel:
+    return Sentinel(list(addresses), sentinel_kwargs=dict(_SENTINEL_SOCKETS))  # type: ignore[no-untyped-call]
+
+
+def _master_args(url: str) -> dict[str, Any]:
+    """What of REDIS_URL holds under Sentinel: database, credentials, TLS; not the address."""
+    args: dict[str, Any] = dict(parse_url(url))
+    for key in ("host", "port", "path", "connection_class"):
+        args.pop(key, None)
+    if url.startswith("rediss:"):
+        args["ssl"] = True
+    return args
+
+
+def arq_settings(settings: Settings) -> RedisSettings:
+    """arq's view of the same connection, for arq's own tools (`arq --check`)."""
+    found = RedisSettings.from_dsn(settings.redis_url)
+    if not settings.sentinels:
+        return found
+    master = settings.redis_sentinel_master
+    return replace(found, host=settings.sentinels, sentinel=True, sentinel_master=master)
+
+
+def sync_client(settings: Settings, timeout: float = 3) -> sync_redis.Redis:
+    """A blocking client to the same Redis, for checks at start."""
+    sockets = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
+    if not settings.sentinels:
+        return sync_redis.Redis.from_url(settings.redis_url, **sockets)
+    sentinel = sync_sentinel.Sentinel(settings.sentinels, sentinel_kwargs=sockets)  # type: ignore[no-untyped-call]
+    master: sync_redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        settings.redis_sentinel_master, **_master_args(settings.redis_url), **sockets
+    )
+    return master
 
 
 class _EmbeddedPipeline(Pipeline):
@@ -91,4 +166,14 @@ async def ping(client: Redis) -> bool:
         return False
 
 
-__all__ = ["ArqRedis", "Redis", "connect", "embedded", "ping", "transient"]
+__all__ = [
+    "ArqRedis",
+    "Redis",
+    "arq_settings",
+    "connect",
+    "embedded",
+    "from_settings",
+    "ping",
+    "sync_client",
+    "transient",
+]

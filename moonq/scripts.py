@@ -107,15 +107,40 @@ end
 return seq
 """
 
-# KEYS: job, log, channel, tenant usage, then the scheduler's in-flight set, virtual times and
-# active tenants (see batch_lua.BATCH_HOOK). ARGV: status index base, attempt ('' = any),
-# status, ttl, maxlen, event body, expected seq ('' = any), index horizon (s), batch key base,
-# the line's outcome for its batch ('' = the status), number of field pairs N, N field/value
+# The budget holds (`{base}{tenant}:hold:{day|month}`) a job's `hold` field ("tokens nanos day
+# month") names that still exist and hold integers: FINISH gives them back. Reads only.
+HELD_BACK = """
+local function held_back(job, base)
+  local found = {}
+  local hold, tenant = unpack(redis.call('HMGET', job, 'hold', 'tenant'))
+  if not hold or not tenant or base == '' then return found end
+  local tokens, nanos, day, month = string.match(hold, '^(%d+) (%d+) (%S+) (%S+)$')
+  if not tokens or #tokens > 15 or #nanos > 15 then return found end
+  found.tokens, found.nanos = tokens, nanos
+  for _, period in ipairs({day, month}) do
+    local key = base .. tenant .. ':hold:' .. period
+    local v = redis.call('HMGET', key, 'tokens', 'nanos')
+    if v[1] and string.match(v[1], '^%-?%d+$') and string.match(v[2] or '0', '^%-?%d+$') then
+      found[#found + 1] = key
+    end
+  end
+  return found
+end
+"""
+
+# KEYS: job, log, channel, the tenant's usage of the day, then the scheduler's in-flight set,
+# virtual times and active tenants (see batch_lua.BATCH_HOOK), then the metrics hash (every
+# ending counted by status, whoever ends the job: a worker, a cancel, a batch's end).
+# ARGV: 1 status index base, 2 attempt ('' = any), 3 status, 4 ttl, 5 maxlen, 6 event body,
+# 7 expected seq ('' = any), 8 index horizon (s), 9 batch key base, 10 the line's outcome for
+# its batch ('' = the status), 11 number of field pairs N, 12 the usage hash's ttl (s), 13 the
+# model the usage is counted under ('' = the record's), 14 the budget holds' base (the job's
+# `hold`, moonq/budgets.py, is given back: its real usage now counts instead), N field/value
 # pairs, then usage name/amount pairs.
 # Moves a live job to a terminal status with its terminal event, and adds its usage to the
-# tenant's totals, in one step: a job ends once, so its usage counts once. A batch line is
-# counted into its batch in the same step (and the batch ends with its last line). The job
-# and its log then expire after ttl. Returns the event's seq; -1 if the job is already over
+# tenant's day (as `model|name`), in one step: a job ends once, so its usage counts once. A
+# batch line is counted into its batch in the same step (and the batch ends with its last line).
+# The job and its log then expire after ttl. Returns the event's seq; -1 if the job is already over
 # (or the attempt is stale), -2 if it is missing, -3 if its log moved past the expected seq.
 # Redis does not undo a script's writes when a later command fails, so everything that could
 # fail is checked first: every usage amount is a non-negative integer and no total can
@@ -126,6 +151,7 @@ return seq
 # that END_LINES can run it for many jobs in one call by pointing them at each job's.
 _FINISH_FUNCTION = (
     "local KEYS, ARGV = KEYS, ARGV\n"
+    + HELD_BACK
     + TERMINAL_CHECK
     + MOVE_STATUS
     + BATCH_HOOK
@@ -136,28 +162,45 @@ if not state[1] then return -2 end
 if terminal(state[1]) then return -1 end
 if ARGV[2] ~= '' and state[2] ~= ARGV[2] then return -1 end
 if ARGV[7] ~= '' and state[3] ~= ARGV[7] then return -3 end
-local last_field = 11 + 2 * tonumber(ARGV[11])
+local last_field = 14 + 2 * tonumber(ARGV[11])
+local model = ARGV[13] ~= '' and ARGV[13] or redis.call('HGET', KEYS[1], 'model') or '?'
 local usage = {}
 for i = last_field + 1, #ARGV, 2 do
   local amount = string.match(ARGV[i + 1], '^%d+$') and #ARGV[i + 1] <= 16 and ARGV[i + 1]
-  local total = string.match(redis.call('HGET', KEYS[4], ARGV[i]) or '0', '^%d+$')
+  local total = string.match(redis.call('HGET', KEYS[4], model .. '|' .. ARGV[i]) or '0', '^%d+$')
   if not amount or not total or #total > 18 or tonumber(total) + tonumber(amount) >= 9e18 then
     return redis.error_reply('ERR moonq: usage ' .. ARGV[i] .. ' is not a countable amount')
   end
   if ARGV[i] ~= 'jobs' then usage[ARGV[i]] = tonumber(amount) end
 end
+if not tonumber(ARGV[12]) then return redis.error_reply('ERR moonq: bad usage ttl') end
+local holds = held_back(KEYS[1], ARGV[14])
 local index = status_index(KEYS[1])
 if not index then return malformed(KEYS[1]) end
 local line = batch_line(KEYS[1], ARGV[3])
 if line and line.err then return redis.error_reply(line.err) end
+for name, amount in pairs(line and usage or {}) do  -- the batch's totals cannot overflow either
+  local total = string.match(redis.call('HGET', line.key, name) or '0', '^%d+$')
+  if not total or #total > 18 or tonumber(total) + amount >= 9e18 then
+    return redis.error_reply('ERR moonq: the batch usage ' .. name .. ' is not a countable amount')
+  end
+end
 local seq = (tonumber(state[3]) or 0) + 1
 local event = '{"seq":' .. seq .. ',' .. string.sub(ARGV[6], 2)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '0-' .. seq, 'e', event)
 redis.call('HSET', KEYS[1], 'seq', seq, 'status', ARGV[3])
-for i = 12, last_field, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-for i = last_field + 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
+for i = 15, last_field, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for _, key in ipairs(holds) do
+  redis.call('HINCRBY', key, 'tokens', -holds.tokens)
+  redis.call('HINCRBY', key, 'nanos', -holds.nanos)
+end
+for i = last_field + 1, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[4], model .. '|' .. ARGV[i], ARGV[i + 1])
+end
+if last_field < #ARGV then redis.call('EXPIRE', KEYS[4], ARGV[12]) end
 redis.call('ZREMRANGEBYSCORE', move_status(index, state[1], ARGV[3]), '-inf', ARGV[8])
 redis.call('PUBLISH', KEYS[3], event)
+redis.call('HINCRBY', KEYS[8], '["moonq_jobs_finished_total",{"status":"' .. ARGV[3] .. '"}]', 1)
 local now = tonumber(redis.call('TIME')[1])
 local keep = ARGV[4]
 if line then
@@ -174,29 +217,29 @@ end
 FINISH = _FINISH_FUNCTION + "return finish()\n"
 
 # ARGV: 1 job key base, 2 log base, 3 channel base, 4 the tenant's usage, 5 the scheduler's
-# in-flight set, 6 virtual times, 7 active tenants, 8 a batch's list of lines, 9 the first
-# line (0-based), 10 how many, 11 '1' to leave running the lines handed to a worker, 12 the
-# number T of FINISH's ARGV, 13..12+T FINISH's ARGV (one set for every job).
+# in-flight set, 6 virtual times, 7 active tenants, 8 the metrics hash, 9 a batch's list of
+# lines, 10 the first line (0-based), 11 how many, 12 '1' to leave running the lines handed to
+# a worker, 13 the number T of FINISH's ARGV, 14..13+T FINISH's ARGV (one set for every job).
 # Ends a slice of a batch's lines that have not started, each by FINISH's own step (a
 # cancelled or expired batch's lines); returns {lines read, ids of those ended that a worker
-# had been handed, ids running (none with ARGV[11])}: the caller takes the first out of arq
+# had been handed, ids running (none with ARGV[12])}: the caller takes the first out of arq
 # and cancels the others. Each FINISH checks before it writes; an error reply stops the loop
 # before the next job's writes.
 END_LINES = (
     _FINISH_FUNCTION
     + """
 local batch, template = ARGV, {}
-for i = 13, 12 + tonumber(batch[12]) do template[#template + 1] = batch[i] end
-local first = tonumber(batch[9])
-local ids = redis.call('LRANGE', batch[8], first, first + tonumber(batch[10]) - 1)
-local keep, handed, running = batch[11] == '1', {}, {}
+for i = 14, 13 + tonumber(batch[13]) do template[#template + 1] = batch[i] end
+local first = tonumber(batch[10])
+local ids = redis.call('LRANGE', batch[9], first, first + tonumber(batch[11]) - 1)
+local keep, handed, running = batch[12] == '1', {}, {}
 for _, id in ipairs(ids) do
   local status = redis.call('HGET', batch[1] .. id, 'status')
   if status == 'queued' then
     local out = redis.call('ZSCORE', batch[5], id)
     if not (keep and out) then
       KEYS = {batch[1] .. id, batch[2] .. id, batch[3] .. id, batch[4], batch[5], batch[6],
-        batch[7]}
+        batch[7], batch[8]}
       ARGV = template
       local answer = finish()
       if type(answer) == 'table' then return answer end

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from functools import lru_cache
-from typing import Self
+from typing import Annotated, Any, Self
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from moonq.budgets import Budget
+from moonq.prices import Price
 
 DEFAULT_MOONSHOT_BASE_URL = "https://api.moonshot.cn/v1"
 
@@ -71,7 +75,33 @@ class Settings(BaseSettings):
     connect_timeout: float = Field(10.0, gt=0, alias="MOONQ_CONNECT_TIMEOUT")
     read_timeout: float = Field(120.0, gt=0, alias="MOONQ_READ_TIMEOUT")
     redis_max_connections: int = Field(64, ge=2, alias="MOONQ_REDIS_MAX_CONNECTIONS")
+    # Sentinel: REDIS_URL then gives only the database and credentials; the master's address
+    # is asked of these, so every process follows a failover.
+    redis_sentinels: str | None = Field(None, alias="MOONQ_REDIS_SENTINELS")
+    redis_sentinel_master: str = Field(
+        "mymaster", min_length=1, max_length=256, alias="MOONQ_REDIS_SENTINEL_MASTER"
+    )
+    api_workers: int = Field(1, ge=1, le=256, alias="MOONQ_API_WORKERS")
     max_wait: float = Field(60.0, ge=0, alias="MOONQ_MAX_WAIT")
+    log_format: str = Field("text", pattern="^(text|json)$", alias="MOONQ_LOG_FORMAT")
+    access_log: bool = Field(False, alias="MOONQ_ACCESS_LOG")
+    metrics_key: SecretStr | None = Field(None, alias="MOONQ_METRICS_KEY")
+    usage_retention_days: int = Field(400, ge=1, alias="MOONQ_USAGE_RETENTION_DAYS")
+    # NoDecode: the validator below parses the JSON, so a mistake is named, not a traceback.
+    prices: Annotated[dict[str, Price], NoDecode] = Field({}, alias="MOONQ_PRICES")
+    price_currency: str = Field("USD", min_length=1, max_length=8, alias="MOONQ_PRICE_CURRENCY")
+    budgets: Annotated[dict[str, Budget], NoDecode] = Field({}, alias="MOONQ_BUDGETS")
+
+    @field_validator("prices", "budgets", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        """A JSON object, from the environment or given as text (`Settings(MOONQ_BUDGETS=...)`)."""
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"must be a JSON object: {exc.msg} at char {exc.pos}") from exc
+        return value
 
     @field_validator("moonshot_tier")
     @classmethod
@@ -115,6 +145,17 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, value: str) -> str:
         redis_database(value)
         return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _check_sentinels(cls, value: str | None) -> str | None:
+        sentinel_addresses(value or "")
+        return value
+
+    @property
+    def sentinels(self) -> list[tuple[str, int]]:
+        """`MOONQ_REDIS_SENTINELS` as (host, port) pairs; empty: connect to REDIS_URL itself."""
+        return sentinel_addresses(self.redis_sentinels or "")
 
     @property
     def upstream_is_local(self) -> bool:
@@ -165,6 +206,20 @@ def redis_database(url: str) -> int:
     if not database.isdigit():
         raise ValueError("the database must be a number >= 0, as in redis://localhost:6379/0")
     return int(database)
+
+
+def sentinel_addresses(raw: str) -> list[tuple[str, int]]:
+    """Parse `host:port,host:port` (`[::1]:26379` for IPv6); the port is required."""
+    addresses = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        host, sep, port = item.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"must list sentinels as host:port,host:port (entry {item[:64]!r} is not)"
+            )
+        addresses.append((host, int(port)))
+    return addresses
 
 
 def _valid_port(parts: SplitResult) -> bool:

@@ -29,7 +29,7 @@ JOB_FUNCTION = "run_completion"
 # (unless one waited in the queue for a month).
 INDEX_SLACK = 30 * 24 * 3600
 IDEMPOTENCY_TTL = 24 * 3600
-USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")
 # Larger than any real count, small enough for a JSON number and Redis's 64-bit totals.
 MAX_USAGE = 2**53 - 1
 _JSON_FIELDS = ("metadata", "result", "usage", "error")
@@ -52,13 +52,27 @@ def usage_counts(usage: Any) -> dict[str, int]:
         raise InvalidUsage(f"usage is a {type(usage).__name__}, not an object")
     counts = {}
     for name in USAGE_FIELDS:
-        value = usage.get(name)
+        value = usage.get(name) if name != "cached_tokens" else cached_tokens(usage)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_USAGE:
             raise InvalidUsage(f"usage.{name} is not a token count: {str(value)[:40]}")
         counts[name] = value
     return counts
+
+
+def cached_tokens(usage: dict[str, Any]) -> Any:
+    """Prompt tokens served from the upstream's cache: Moonshot says `cached_tokens`, OpenAI
+    `prompt_tokens_details.cached_tokens`; None when the upstream does not say."""
+    if usage.get("cached_tokens") is not None:
+        return usage["cached_tokens"]
+    details = usage.get("prompt_tokens_details")
+    return details.get("cached_tokens") if isinstance(details, dict) else None
+
+
+def utc_day(timestamp: float) -> str:
+    """The UTC day (YYYY-MM-DD) usage is counted under."""
+    return time.strftime("%Y-%m-%d", time.gmtime(timestamp))
 
 
 def arq_payload(job_id: str, enqueued_ms: int) -> bytes:
@@ -96,9 +110,11 @@ class JobStore:
         queue_name: str,
         result_ttl: int,
         max_events: int,
+        usage_ttl: int = 400 * 24 * 3600,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
+        self.usage_ttl = usage_ttl
         self.keys = keys
         self.queue_name = queue_name
         self.result_ttl = result_ttl
@@ -119,10 +135,15 @@ class JobStore:
             queue_name=settings.queue_name,
             result_ttl=settings.result_ttl,
             max_events=settings.max_events,
+            usage_ttl=settings.usage_retention_days * 24 * 3600,
         )
 
     async def create(
-        self, tenant: str, request: JobCreate, idempotency_key: str | None = None
+        self,
+        tenant: str,
+        request: JobCreate,
+        idempotency_key: str | None = None,
+        hold: str | None = None,
     ) -> tuple[Job, bool]:
         """Write the record and arq's queue entry atomically, so a failure leaves neither.
 
@@ -132,6 +153,8 @@ class JobStore:
         """
         job_id, now = new_job_id(), self.clock()
         fields = self._new_record(job_id, tenant, request, now)
+        if hold is not None:  # what it holds against its tenant's budgets (moonq/budgets.py)
+            fields["hold"] = hold
         now_ms = int(now * 1000)
         arq_job = arq_payload(job_id, now_ms)
         fingerprint = hashlib.sha256(request.model_dump_json().encode()).hexdigest()[:32]
@@ -176,6 +199,14 @@ class JobStore:
     def _horizon(self, now: float) -> float:
         """Index entries created before this have long expired."""
         return now - self.result_ttl - INDEX_SLACK
+
+    async def replayed_job(self, tenant: str, idempotency_key: str) -> str | None:
+        """The live job an Idempotency-Key already made, if any: its replay is no new work."""
+        first = await self.redis.get(self.keys.idempotency(tenant, digest(idempotency_key)))
+        if first is None:
+            return None
+        job_id = first.decode().partition(" ")[0]
+        return job_id if await self.redis.exists(self.keys.job(job_id)) else None
 
     async def raw(self, job_id: str) -> dict[str, str] | None:
         """The whole record, the request included: for the worker."""
@@ -318,12 +349,13 @@ class JobStore:
         args: list[Any] = [self.keys.tenant_status_base(), "" if attempt is None else str(attempt)]
         args += [status.value, self.result_ttl, self.max_events, dumps(event)]
         args += ["" if expected_seq is None else expected_seq, repr(self._horizon(now))]
-        args += [self.keys.batch_base(), outcome, len(pairs) // 2, *pairs]
+        args += [self.keys.batch_base(), outcome, len(pairs) // 2, self.usage_ttl]
+        args += [_reported_model(fields.get("result")), self.keys.budget_hold_base(), *pairs]
         if status == Status.COMPLETED:
             args += ["jobs", 1, *(x for pair in counts.items() for x in pair)]
         k = self.keys
-        keys = [*self._event_keys(job_id), k.usage(tenant)]
-        keys += [k.sched_inflight(), k.sched_vtime(), k.sched_active()]
+        keys = [*self._event_keys(job_id), k.usage(tenant, utc_day(now))]
+        keys += [k.sched_inflight(), k.sched_vtime(), k.sched_active(), k.metrics()]
         return keys, args
 
     async def cancel(self, job_id: str, tenant: str) -> Job | None:
@@ -388,11 +420,6 @@ class JobStore:
                 "job %s was cancelled but arq could not be told; it stops at its next write", job_id
             )
 
-    async def usage(self, tenant: str) -> dict[str, int]:
-        """The tenant's token totals over its completed jobs."""
-        raw = await self.redis.hgetall(self.keys.usage(tenant))  # type: ignore[misc]
-        return {k.decode(): int(v) for k, v in raw.items()}
-
     def _event_keys(self, job_id: str) -> list[str]:
         k = self.keys
         return [k.job(job_id), k.log(job_id), k.channel(job_id)]
@@ -411,6 +438,13 @@ class JobStore:
         data["batch_id"] = fields.get("batch_id")
         data["channel"] = self.keys.channel(fields["id"])
         return Job.model_validate(data)
+
+
+def _reported_model(result: Any) -> str:
+    """The model the upstream says answered (moonshot-v1-auto picks one), which is what it
+    bills; '' to count the usage under the model the job asked for."""
+    model = result.get("model") if isinstance(result, dict) else None
+    return model[:256] if isinstance(model, str) and model else ""
 
 
 class IdempotencyConflict(Exception):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import random
 import signal
@@ -28,6 +29,9 @@ import httpx
 import redis.asyncio as aioredis
 
 from moonq.fake_moonshot import expected_content, expected_usage
+from moonq.keys import Keys
+from moonq.store import utc_day
+from moonq.usage import UsageLedger
 from tests.procs import Proc, RedisServer, clean_env, start, start_api, start_fake
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -52,6 +56,8 @@ KINDS: dict[str, tuple[float, str]] = {
     "hopeless": (0.03, "failed"),
     "absurd_usage": (0.0, "failed"),  # `Config.absurd` of them, spread over the run
 }
+
+ONE_DAY = dt.timedelta(days=1)
 
 
 @dataclass
@@ -480,8 +486,9 @@ async def _check(
         if await _check_job(redis, prefix, job_id, kind, body, report):
             expected_usage_total.update(expected_usage(body))
             expected_usage_total["jobs"] += 1
-    totals: dict[bytes, bytes] = await redis.hgetall(f"{prefix}:usage:default")  # type: ignore[misc]
-    ledger = {k.decode(): int(v) for k, v in totals.items()}
+    today = dt.date.fromisoformat(utc_day(time.time()))  # a run may span a UTC midnight
+    report = await UsageLedger(redis, Keys(prefix)).report("default", today - ONE_DAY, today)
+    ledger = {name: getattr(report.total, name) for name in expected_usage_total}
     if ledger != dict(expected_usage_total):
         report.duplicated += 1
         report.wrong.append(

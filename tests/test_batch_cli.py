@@ -555,6 +555,55 @@ def test_each_failure_is_one_line_with_its_own_exit_code(
     assert "sk-wrong" not in err
 
 
+def test_a_key_or_a_redirect_that_cannot_work_is_one_line_with_its_exit_code(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MOONQ_API_KEY", "sk-secret\r")
+    assert batch(FakeMoonq(), "status", "batch_1") == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert "MOONQ_API_KEY" in err and "secret" not in err and len(err.splitlines()) == 1
+    monkeypatch.setenv("MOONQ_API_KEY", "sk-fine")
+
+    def moved(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(301, headers={"location": f"https://new.test{request.url.path}"})
+
+    argv = ["status", "batch_1", "--url", "http://old.test/v1"]
+    assert batch_cli.main(argv, transport=httpx.MockTransport(moved)) == ExitCode.UNREACHABLE
+    err = capsys.readouterr().err
+    assert err == (
+        "moonq: the server at http://old.test redirected (301) to"
+        " https://new.test/v1/batches/batch_1: set MOONQ_URL (or --url) to https://new.test\n"
+    )
+
+
+def test_batch_output_survives_odd_terminals_pipes_and_server_strings(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """--json is ASCII-escaped (any stdout encoding takes it); escape sequences in what the
+    server says are not passed to the terminal; a closed stdout ends the command quietly."""
+    fake = FakeMoonq()
+    upload = tmp_path / "in.jsonl"
+    upload.write_text(batch_line("r\u00e9sum\u00e9 \U0001f600", Request("m", "q"), "t") + "\n")
+    assert batch(fake, "submit", upload, "--metadata", "who=\x1b[2J\U0001f600") == ExitCode.OK
+    capsys.readouterr()
+    assert batch(fake, "status", "batch_1", "--json") == ExitCode.OK
+    printed = capsys.readouterr().out
+    assert printed.isascii() and json.loads(printed)["metadata"] == {"who": "\x1b[2J\U0001f600"}
+
+    fake.batches["batch_1"]["status"] = "\x1b]0;owned\x07failed\x1b[0m"
+    assert batch(fake, "status", "batch_1") == ExitCode.OK
+    shown = capsys.readouterr().out
+    assert shown.startswith("batch_1: failed\n") and "\x1b" not in shown
+
+    class Closed(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", Closed())
+    assert batch(fake, "status", "batch_1") == batch_cli.PIPE_CLOSED == 141
+    assert capsys.readouterr().err == ""
+
+
 def test_no_documents_is_its_own_exit_code(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

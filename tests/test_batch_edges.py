@@ -309,3 +309,21 @@ async def test_an_expiring_batch_cannot_be_cancelled(real_stack: Any) -> None:
             return (await batch_of(client, batch["id"]))["status"] == "expired"
 
         await wait_for(ended, 6)
+
+
+async def test_a_batch_total_that_would_overflow_fails_the_line_not_the_batch(
+    real_stack: Any,
+) -> None:
+    """FINISH checks the batch's totals before its first write: a usage that would overflow
+    them fails the line (once, as internal_error) and the batch still ends."""
+    stack, client = await real_stack()
+    batch = await create(client, [line("a")])
+    key = f"{stack.settings.key_prefix}:batch:{batch['id']}"
+    await stack.redis.hset(key, "total_tokens", str(2**63 - 10))
+    await stack.run_worker()
+    ended = (await client.get(f"/v1/batches/{batch['id']}")).json()
+    assert ended["status"] == "completed", ended
+    assert ended["request_counts"]["failed"] == 1
+    job = (await client.get("/v1/jobs", params={"batch_id": batch["id"]})).json()["data"][0]
+    assert job["status"] == "failed" and job["error"]["type"] == "internal_error"
+    assert await stack.redis.ttl(f"{stack.settings.key_prefix}:job:{job['id']}") > 0

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,7 +221,13 @@ def test_worker_check_is_about_that_worker(
         while check(worker.popen.pid, tmp_path) != 0:
             assert time.monotonic() < deadline, worker.output()
             time.sleep(0.2)
-        assert check(os.getpid(), tmp_path) != 0  # a live process, but no worker
+        # a live process, but no worker (not this one: tests run workers in-process)
+        bystander = subprocess.Popen(["sleep", "30"])
+        try:
+            assert check(bystander.pid, tmp_path) != 0
+        finally:
+            bystander.kill()
+            bystander.wait()
     finally:
         worker.stop(signal.SIGKILL)
     try:

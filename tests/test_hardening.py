@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ from moonq.fake_moonshot import FakeServer, expected_content
 from moonq.keys import Keys
 from moonq.listing import JobLister
 from moonq.models import JobCreate, Status
-from moonq.store import InvalidUsage, JobStore
+from moonq.store import InvalidUsage, JobStore, utc_day
 from tests.conftest import Stack, chat, submit
 from worker.main import create_worker
 
@@ -61,10 +62,11 @@ async def test_an_absurd_usage_fails_the_job_once_and_counts_nothing(
     assert fake.stats.requests == 2  # called once, never retried
     events = await _assert_ended_cleanly(stack, job_id)
     assert events[-1]["event"] == "error"
-    # the tenant's totals hold the good job's usage alone
-    totals = await stack.redis.hgetall(f"{stack.settings.key_prefix}:usage:default")
+    # the tenant's usage holds the good job's alone
+    total = (await client.get("/v1/usage")).json()["total"]
     fine_usage = (await _job(client, fine))["usage"]
-    assert {k.decode(): int(v) for k, v in totals.items()} == {**fine_usage, "jobs": 1}
+    assert total["jobs"] == 1
+    assert {name: total[name] for name in fine_usage} == fine_usage
 
 
 def _store(redis: ArqRedis, prefix: str) -> JobStore:
@@ -95,7 +97,8 @@ async def test_finish_refuses_bad_usage_before_writing_anything(
             tenant="t",
         )
     # A tenant's totals that one more job would overflow: Lua refuses before its first write.
-    await real_redis.hset(store.keys.usage("t"), "total_tokens", str(2**63 - 10))
+    day = store.keys.usage("t", utc_day(store.clock()))
+    await real_redis.hset(day, "m|total_tokens", str(2**63 - 10))
     with pytest.raises(Exception, match="usage total_tokens is not a countable amount"):
         await store.finish(
             job.id,
@@ -107,8 +110,8 @@ async def test_finish_refuses_bad_usage_before_writing_anything(
         )
     assert await real_redis.hgetall(store.keys.job(job.id)) == before  # still in progress
     assert await real_redis.xlen(store.keys.log(job.id)) == 0
-    usage = await real_redis.hgetall(store.keys.usage("t"))
-    assert usage == {b"total_tokens": str(2**63 - 10).encode()}  # nothing half-added
+    usage = await real_redis.hgetall(day)
+    assert usage == {b"m|total_tokens": str(2**63 - 10).encode()}  # nothing half-added
     assert await real_redis.ttl(store.keys.job(job.id)) == -1
 
 
@@ -116,7 +119,9 @@ async def test_a_write_redis_refuses_fails_the_job_once(real_stack: Any, fake: F
     """A script's error reply is deterministic: retrying the job would call (and pay) the
     upstream again for the same refusal. Here the tenant's totals are corrupt."""
     stack, client = await real_stack()
-    await stack.redis.hset(f"{stack.settings.key_prefix}:usage:default", "jobs", "not a number")
+    today = utc_day(time.time())
+    usage_key = f"{stack.settings.key_prefix}:usage:default:{today}"
+    await stack.redis.hset(usage_key, "moonshot-v1-8k|jobs", "not a number")
     job_id = await submit(client, chat("refused"))
     await stack.run_worker()
     job = await _job(client, job_id)
@@ -382,7 +387,7 @@ async def test_scripts_refuse_a_malformed_record_before_writing(
         await store.requeue(job.id, attempt, "again")
     assert await real_redis.hgetall(key) == before
     assert await real_redis.ttl(key) == -1 and await real_redis.xlen(store.keys.log(job.id)) == 0
-    assert await real_redis.hgetall(store.keys.usage("t")) == {}
+    assert await real_redis.hgetall(store.keys.usage("t", utc_day(store.clock()))) == {}
     in_progress = store.keys.tenant_status("t", "in_progress")
     assert await real_redis.zscore(in_progress, job.id) is not None  # indexes untouched
 

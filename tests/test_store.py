@@ -12,7 +12,7 @@ from arq.connections import ArqRedis
 from moonq.keys import Keys
 from moonq.listing import JobLister, UnknownCursor
 from moonq.models import JobCreate, Status
-from moonq.store import AlreadyFinished, IdempotencyConflict, JobStore
+from moonq.store import AlreadyFinished, IdempotencyConflict, JobStore, utc_day
 
 TTL = 3600
 # `XADD ... MAXLEN ~ n` trims whole stream nodes only (stream-node-max-entries, 100 by
@@ -150,13 +150,17 @@ async def test_usage_counts_once_per_job(store: JobStore) -> None:
             await store.finish(
                 job.id, Status.COMPLETED, {"event": "done"}, fields, attempt, tenant="acme"
             )
-    assert await store.usage("acme") == {
-        "jobs": 2,
-        "prompt_tokens": 6,
-        "completion_tokens": 10,
-        "total_tokens": 16,
+    day = store.keys.usage("acme", utc_day(store.clock()))
+    counts = await store.redis.hgetall(day)  # type: ignore[misc]
+    model = _request().body.model
+    assert {k.decode(): int(v) for k, v in counts.items()} == {
+        f"{model}|jobs": 2,
+        f"{model}|prompt_tokens": 6,
+        f"{model}|completion_tokens": 10,
+        f"{model}|total_tokens": 16,
     }
-    assert await store.usage("other") == {}
+    assert 0 < await store.redis.ttl(day) <= store.usage_ttl  # kept, but not for ever
+    assert await store.redis.hgetall(store.keys.usage("other", utc_day(store.clock()))) == {}  # type: ignore[misc]
 
 
 async def test_idempotency_key_returns_the_first_job(store: JobStore) -> None:

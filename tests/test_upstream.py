@@ -208,6 +208,10 @@ PROTOCOL_FAILURES = [
     pytest.param({"content-type": "application/json"}, b'{"id": "x"}', id="not-event-stream"),
     pytest.param(SSE, sse(CHUNK, "{not json"), id="chunk-not-json"),
     pytest.param(SSE, sse("[1, 2]"), id="chunk-not-object"),
+    # Python's parser takes these; a result holding them could never be sent as JSON.
+    pytest.param(SSE, sse('{"choices": [], "logprob": -Infinity}'), id="chunk-with-infinity"),
+    pytest.param(SSE, sse('{"choices": [], "x": NaN}'), id="chunk-with-nan"),
+    pytest.param(SSE, sse("[" * 100_000), id="chunk-nested-past-the-stack"),
 ]
 
 

@@ -295,6 +295,8 @@ async def test_openai_style_upstreams_report_usage_when_asked(
         )
         payload = chat("count me")
         job_id = await submit(client, payload)
+        # a client cannot opt its job out of the usage its budgets are counted by
+        opted_out = await submit(client, chat("me too", stream_options={"include_usage": False}))
         await stack.run_worker()
     finally:
         await openai_like.close()
@@ -302,6 +304,8 @@ async def test_openai_style_upstreams_report_usage_when_asked(
     assert job["status"] == "completed"
     assert job["result"]["choices"][0]["message"] == expected_message(payload["body"])
     assert job["usage"] == (expected_usage(payload["body"]) if ask else None)
+    other = (await client.get(f"/v1/jobs/{opted_out}")).json()
+    assert other["status"] == "completed" and (other["usage"] is not None) == ask
 
 
 async def test_cancelling_a_job_that_waits_for_a_permit_frees_its_slot(

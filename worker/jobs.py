@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from arq import Retry
 from redis.exceptions import RedisError
 
-from moonq import errors
+from moonq import errors, logs, metrics
 from moonq.account import Account
 from moonq.assemble import Assembler
 from moonq.limits import (
@@ -58,10 +59,23 @@ class Attempt:
     body: dict[str, Any]
     permit: Permit
     publisher: EventPublisher
+    sent_at: float | None = None  # monotonic: when the upstream request went out
+    first_at: float | None = None  # and when its first chunk came
 
     @property
     def tenant(self) -> str:
         return self.record["tenant"]
+
+    @property
+    def model(self) -> str:
+        return self.record.get("model", "")
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from the upstream request to its first chunk, once both happened."""
+        if self.sent_at is None or self.first_at is None:
+            return None
+        return self.first_at - self.sent_at
 
     def event(self, kind: str, data: Any) -> dict[str, Any]:
         return {"event": kind, "attempt": self.number, "data": data}
@@ -77,6 +91,7 @@ class Runner:
         limiter: UpstreamLimiter,
         settings: Settings,
         account: Account | None = None,
+        recorder: metrics.Recorder | None = None,
     ) -> None:
         self.store = store
         self.client = client
@@ -87,6 +102,7 @@ class Runner:
         )
         limiter.gate = self.account  # no permit goes out while the account is paused
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.metrics = recorder or metrics.Recorder(store.redis, store.keys)
         self.draining = False  # set on SIGTERM: take no new upstream permits
 
     async def run(
@@ -99,6 +115,14 @@ class Runner:
         queue: a transient Redis failure, a shutdown, and a run that lost its job to another
         run (the job is not over: that run, or the next, will end it).
         """
+        self.metrics.in_flight += 1
+        try:
+            with logs.job_context(job_id):
+                return await self._run_once(job_id, lock_token, started)
+        finally:
+            self.metrics.in_flight -= 1
+
+    async def _run_once(self, job_id: str, lock_token: str, started: Callable[[int], None]) -> str:
         try:
             outcome = await self._run(job_id, lock_token, started)
             if outcome == LOST and not await self._is_over(job_id):
@@ -128,9 +152,15 @@ class Runner:
         )
         event = {"event": "error", "attempt": 0, "data": error.info()}
         state = await self.store.state(job_id)
-        if state is not None and not state[0].terminal:
-            fields = {"error": error.info()}
-            await self.store.finish(job_id, Status.FAILED, event, fields, tenant=state[1])
+        if state is None or state[0].terminal:
+            return
+        fields = {"error": error.info()}
+        if await self.store.finish(job_id, Status.FAILED, event, fields, tenant=state[1]) > 0:
+            self.metrics.job_ended(Status.FAILED.value, await self._created_at(job_id))
+
+    async def _created_at(self, job_id: str) -> float:
+        created = await self.store.redis.hget(self.store.keys.job(job_id), "created_at")  # type: ignore[misc]
+        return float(created) if created else time.time()
 
     async def _is_over(self, job_id: str) -> bool:
         state = await self.store.state(job_id)
@@ -146,6 +176,7 @@ class Runner:
             return "missing"
         if Status(record["status"]).terminal:
             return record["status"]
+        logs.bind(tenant=record.get("tenant"))
         try:
             return await self._permitted(job_id, record, lock_token, started)
         except (Retry, PermitAbandoned):
@@ -165,7 +196,10 @@ class Runner:
         ended = await self.store.finish(
             job_id, Status.FAILED, event, fields, seen, tenant=record["tenant"]
         )
-        return Status.FAILED.value if ended > 0 else LOST
+        if ended <= 0:
+            return LOST
+        self.metrics.job_ended(Status.FAILED.value, float(record["created_at"]))
+        return Status.FAILED.value
 
     async def _permitted(
         self,
@@ -192,6 +226,7 @@ class Runner:
                 permit.used = 0
                 return "skipped"
             started(number)
+            logs.bind(attempt=number)
             publisher = EventPublisher(self.store, job_id, number)
             try:
                 return await self._guarded(Attempt(job_id, number, record, body, permit, publisher))
@@ -261,11 +296,14 @@ class Runner:
                 f"the job took longer than MOONQ_JOB_TIMEOUT={self.settings.job_timeout}s",
                 type="job_timeout",
             )
+            self._called(attempt, error)
             return await self._fail(attempt, error)
         except errors.UpstreamError as error:
             if not assembler.chunks:  # nothing generated: its token estimate is given back
                 attempt.permit.used = 0
+            self._called(attempt, error)
             return await self._upstream_failed(attempt, error)
+        self._called(attempt, None)
         if attempt.permit.probe:  # the account's probe got through: it works again
             await self.account.resume("a probe request succeeded", probed=True)
         return await self._complete(attempt, assembler.result())
@@ -287,8 +325,11 @@ class Runner:
         task.result()
 
     async def _stream(self, attempt: Attempt, assembler: Assembler) -> None:
+        attempt.sent_at = time.monotonic()
         async with contextlib.aclosing(self.client.stream(attempt.body)) as chunks:
             async for chunk in chunks:
+                if attempt.first_at is None:
+                    attempt.first_at = time.monotonic()
                 assembler.add(chunk)
                 attempt.publisher.emit("chunk", chunk)
 
@@ -301,6 +342,7 @@ class Runner:
                 f"the upstream reported a usage that is not token counts: {exc}",
                 type="upstream_invalid_usage",
             )
+            self.metrics.upstream_error(error.type, error.retryable)
             return await self._fail(attempt, error)
         if "total_tokens" in counts:
             attempt.permit.used = counts["total_tokens"]
@@ -312,7 +354,11 @@ class Runner:
             attempt.number,
             tenant=attempt.tenant,
         )
-        return Status.COMPLETED.value if ended > 0 else LOST  # fenced: another run has it
+        if ended <= 0:
+            return LOST  # fenced: another run has it
+        self.metrics.job_ended(Status.COMPLETED.value, float(attempt.record["created_at"]))
+        self.metrics.completed(attempt.model, attempt.ttft, counts)
+        return Status.COMPLETED.value
 
     async def _upstream_failed(self, attempt: Attempt, error: errors.UpstreamError) -> str:
         await attempt.publisher.drain()  # chunks before the failure stay in the log, in order
@@ -363,7 +409,18 @@ class Runner:
             attempt.number,
             tenant=attempt.tenant,
         )
-        return Status.FAILED.value if ended > 0 else LOST
+        if ended <= 0:
+            return LOST
+        self.metrics.job_ended(Status.FAILED.value, float(attempt.record["created_at"]))
+        return Status.FAILED.value
+
+    def _called(self, attempt: Attempt, error: errors.UpstreamError | None) -> None:
+        """An upstream call ended (metrics: its duration, and its error if it failed)."""
+        if attempt.sent_at is not None:
+            took = time.monotonic() - attempt.sent_at
+            self.metrics.call_ended(attempt.model, took, None if error is None else error.type)
+        if error is not None:
+            self.metrics.upstream_error(error.type, error.retryable)
 
 
 def _unforeseen(exc: Exception) -> errors.UpstreamError:

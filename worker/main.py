@@ -20,17 +20,18 @@ from typing import Any
 
 import httpx
 from arq import Worker
-from arq.connections import ArqRedis, RedisSettings
+from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.worker import func
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError, WatchError
 
-from moonq import scripts
+from moonq import logs, scripts
 from moonq.batches import BatchStore
 from moonq.keys import Keys
 from moonq.limits import UpstreamLimiter
-from moonq.redis import connect
+from moonq.metrics import Recorder
+from moonq.redis import arq_settings, from_settings
 from moonq.scheduler import Scheduler, batch_cap, worker_reserve
 from moonq.serde import arq_deserialize, arq_serialize
 from moonq.settings import Settings, get_settings
@@ -365,13 +366,14 @@ async def run_completion(ctx: dict[str, Any], job_id: str) -> str:
         settings.lock_timeout,
     )
     token = ctx.get(LOCK_TOKEN, "1")
-    renewing = asyncio.create_task(keeper.renew(token), name=f"lock-{job_id}")
-    try:
-        return await runner.run(job_id, token, keeper.started)
-    finally:
-        keeper.stop()
-        renewing.cancel()
-        await asyncio.wait({renewing})
+    with logs.job_context(job_id):  # the lock keeper's lines name the job too
+        renewing = asyncio.create_task(keeper.renew(token), name=f"lock-{job_id}")
+        try:
+            return await runner.run(job_id, token, keeper.started)
+        finally:
+            keeper.stop()
+            renewing.cancel()
+            await asyncio.wait({renewing})
 
 
 def worker_kwargs(
@@ -386,7 +388,7 @@ def worker_kwargs(
     so a worker never opens more than MOONQ_REDIS_MAX_CONNECTIONS (arq would otherwise open a
     pool of its own, unbounded); arq closes it when the worker closes.
     """
-    client = redis or connect(settings.redis_url, settings.redis_max_connections)
+    client = redis or from_settings(settings)
 
     async def startup(ctx: dict[str, Any]) -> None:
         store = JobStore.from_settings(client, settings)
@@ -399,7 +401,9 @@ def worker_kwargs(
             tpm=settings.upstream_tpm,
             lease_ttl=settings.lock_timeout,
         )
-        ctx["moonq_runner"] = Runner(store, upstream, limiter, settings)
+        recorder = Recorder(client, store.keys)
+        ctx["moonq_runner"] = Runner(store, upstream, limiter, settings, recorder=recorder)
+        ctx["moonq_metrics"] = asyncio.create_task(recorder.run(), name="moonq-metrics")
         ctx["moonq_batches"] = BatchStore(store)
         ctx["moonq_scheduler"] = Scheduler(
             client, store.keys, settings.queue_name, cap=batch_cap(settings)
@@ -418,15 +422,20 @@ def worker_kwargs(
         )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
+        flushing: asyncio.Task[None] | None = ctx.get("moonq_metrics")
+        if flushing is not None:
+            flushing.cancel()
+            await asyncio.gather(flushing, return_exceptions=True)
         runner: Runner | None = ctx.get("moonq_runner")
         if runner is not None:
+            await runner.metrics.close()  # the last numbers, and its jobs in flight gone
             await runner.client.aclose()
             await runner.limiter.close()
 
     return {
         "functions": [func(run_completion, name=JOB_FUNCTION, max_tries=ARQ_MAX_TRIES)],
         "queue_name": settings.queue_name,
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": arq_settings(settings),
         "redis_pool": client,
         "on_startup": startup,
         "on_shutdown": shutdown,

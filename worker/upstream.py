@@ -71,8 +71,12 @@ class MoonshotClient:
         Leaving the iteration early closes the upstream connection.
         """
         request = {**body, "stream": True}
-        if self._include_usage and "stream_options" not in body:
-            request["stream_options"] = {"include_usage": True}
+        if self._include_usage:  # usage is what budgets and the ledger count: always asked
+            options = body.get("stream_options")
+            request["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
         try:
             async with self._http.stream("POST", "chat/completions", json=request) as response:
                 if response.status_code >= 400:
@@ -150,12 +154,19 @@ async def _chunks(source: EventSource) -> AsyncIterator[dict[str, Any]]:
 
 
 def _parse(data: str) -> dict[str, Any]:
+    """One chunk, as strict JSON. Python's parser also takes `NaN` and `Infinity`, which a
+    result cannot carry to a client, and deep nesting fails it with a RecursionError: both are
+    malformed chunks, like any other."""
     try:
-        chunk = json.loads(data)
-    except ValueError as exc:
+        chunk = json.loads(data, parse_constant=_not_json)
+    except (ValueError, RecursionError) as exc:
         raise errors.UpstreamProtocolError("the upstream sent a chunk that is not JSON") from exc
     if not isinstance(chunk, dict):
         raise errors.UpstreamProtocolError("the upstream sent a chunk that is not an object")
     if "error" in chunk and "choices" not in chunk:
         raise errors.from_stream_error(chunk["error"])
     return chunk
+
+
+def _not_json(constant: str) -> Any:
+    raise errors.UpstreamProtocolError(f"the upstream sent a chunk with {constant}: not JSON")
