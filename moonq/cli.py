@@ -9,6 +9,7 @@ the setting or the port, before a server binds or a worker takes a job.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging.config
 import socket
 import sys
@@ -66,6 +67,8 @@ def _server_logging(settings: Settings) -> dict[str, Any]:
 
 
 def _worker(args: argparse.Namespace) -> None:
+    import uvloop
+
     from worker.main import HEARTBEAT_EVERY, create_worker, worker_is_alive
 
     if args.check:
@@ -79,6 +82,7 @@ def _worker(args: argparse.Namespace) -> None:
     _require_upstream_key(settings)
     _check_redis(settings)
     logging.config.dictConfig(logs.config(settings, verbose=args.verbose))
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # arq's loop, made by its worker
     create_worker(settings, burst=args.burst).run()
 
 

@@ -82,6 +82,10 @@ class Keys:
         once per completed job; kept MOONQ_USAGE_RETENTION_DAYS, beyond the jobs themselves."""
         return f"{self.prefix}:usage:{tenant}:{day}"
 
+    def wake(self) -> str:
+        """Pub/sub channel: a job was queued (CREATE publishes); idle workers poll at once."""
+        return f"{self.prefix}:wake"
+
     def budget_hold_base(self) -> str:
         """What FINISH builds a tenant's holds' names from (+ tenant + `:hold:` + period)."""
         return f"{self.prefix}:budget:"

@@ -32,7 +32,8 @@ end
 """
 
 # KEYS: job, tenant index, arq job, arq queue, idempotency key, the tenant's `queued` index,
-# the tenant's custom_id index ('' key name when the job has none).
+# the tenant's custom_id index ('' key name when the job has none), the workers' wake-up
+# channel (published last: idle workers poll at once, worker/wake.py).
 # ARGV: job id, created (s), created (ms), job key prefix, arq payload, idempotency ttl (s) or
 # '0', request fingerprint, index horizon (s), then the record's field/value pairs.
 # Writes the record, its index entries and the queue entry together; neither expires until the
@@ -60,6 +61,7 @@ if KEYS[7] ~= '' then
 end
 redis.call('SET', KEYS[3], ARGV[5])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('PUBLISH', KEYS[8], '')
 return ''
 """
 

@@ -168,6 +168,7 @@ class JobStore:
             idem_key,
             self.keys.tenant_status(tenant, Status.QUEUED.value),
             "" if custom is None else self.keys.tenant_custom_id(tenant, digest(custom)),
+            self.keys.wake(),
         ]
         ttl = IDEMPOTENCY_TTL if idempotency_key else 0
         job_prefix = self.keys.job("")

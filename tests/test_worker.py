@@ -495,3 +495,26 @@ async def test_a_job_interrupted_too_often_fails_as_worker_lost(
         assert job["error"]["type"] == "worker_lost" and fake.stats.requests == 0
     else:
         assert fake.stats.requests == 1
+
+
+async def test_an_idle_worker_starts_a_queued_job_without_waiting_for_its_poll(
+    real_stack: Any,
+) -> None:
+    """CREATE wakes the workers (worker/wake.py): with polls 3 s apart, a job submitted to an
+    idle worker still starts at once; and one that waits for a slot starts as it frees."""
+    from tests.serving import worker_running
+
+    stack, client = await real_stack(MOONQ_POLL_DELAY=3, MOONQ_WORKER_CONCURRENCY=1)
+    async with worker_running(stack):
+        await asyncio.sleep(0.5)  # the worker is idle, in its first wait
+        steer = {"chunks": 2, "delay": 0.2}
+        first = await submit(client, chat("wake up", fake_moonshot=steer))
+        second = await submit(client, chat("next", fake_moonshot=steer))  # waits for the slot
+        for job_id in (first, second):
+            job = (await client.get(f"/v1/jobs/{job_id}", params={"wait": 10})).json()
+            assert job["status"] == "completed", job
+        jobs = [(await client.get(f"/v1/jobs/{i}")).json() for i in (first, second)]
+        waited = [job["started_at"] - job["created_at"] for job in jobs]
+    # neither waited for the 3 s poll: the first started at once, the second as the first
+    # ended (it runs ~0.4 s); a loaded machine adds to both, never seconds
+    assert waited[0] < 1.0 and waited[1] < 2.0, waited

@@ -38,6 +38,7 @@ from moonq.settings import Settings, get_settings
 from moonq.store import JOB_FUNCTION, JobStore, arq_payload
 from worker.jobs import Runner
 from worker.upstream import MoonshotClient
+from worker.wake import Wakeup
 
 log = logging.getLogger("moonq.worker")
 
@@ -84,6 +85,10 @@ class MoonqWorker(Worker):
         self.on_stop = self._stopped
         self._next_feed = self._next_expiry = 0.0
         self._sweeping: asyncio.Task[None] | None = None
+        # The poll's wait is moonq's: an idle wait that a queued job's wake-up cuts short
+        # (arq's own sleep between polls would not be), the poll delay its fallback.
+        self._idle, self.poll_delay_s = self.poll_delay_s, 0.0
+        self.wakeup = Wakeup(self.pool, self.keys.wake())
 
     def _stopped(self, signum: signal.Signals) -> None:
         self._stopping = True
@@ -98,12 +103,15 @@ class MoonqWorker(Worker):
         except (RedisError, OSError) as exc:
             log.warning("Redis unavailable (%s); the worker keeps polling", type(exc).__name__)
             await asyncio.sleep(1.0)
+            return
+        await self.wakeup.idle(self._idle)
 
     async def close(self) -> None:
         """arq's close, which raises when a job task it cancels ends cancelled (a run that
         was finishing its last write): let them end first."""
         if not self._handle_signals:
             self.handle_sig(signal.SIGUSR1)
+        await self.wakeup.close()
         if self._sweeping is not None:
             self._sweeping.cancel()
             await asyncio.gather(self._sweeping, return_exceptions=True)
@@ -200,6 +208,10 @@ class MoonqWorker(Worker):
         is released only if this worker holds it (a superseded run must not unlock the job
         under the run that took it over), and arq forgets the job only once it is over."""
         await self._end_run(job_id, "1" if finish else "0", incr_score)
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self.wakeup.set()  # a slot is free: a job that waits for one need not wait a poll
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         """arq gives up on a job without running it (its entry expired, or it was tried
