@@ -58,6 +58,7 @@ class Run:
     cpu: dict[str, float] = field(default_factory=dict)  # ms per request; "rest" in cores
     peak: int = 0  # the upstream's peak of requests in flight
     phases: dict[str, float] = field(default_factory=dict)  # moonq: p50 ms of each phase
+    redis_per_chunk: float = 0.0  # Redis commands (scripts' inner ones too) per upstream chunk
 
     def pct(self, name: str, q: float) -> float:
         values: list[float] = sorted(getattr(s, name) for s in self.samples)
@@ -126,6 +127,21 @@ class Stack:
             found[name] = sum(map(int, stat.split()[11:13])) / TICK
         return found
 
+    def redis_calls(self) -> int:
+        """Commands Redis has run, those run inside scripts included (server-wide: nothing
+        else should use this Redis while the benchmark runs)."""
+        stats: dict[str, dict[str, int]] = self.redis.info("commandstats")  # type: ignore[assignment]
+        return sum(entry["calls"] for entry in stats.values())
+
+    def peak_rss(self) -> dict[str, float]:
+        """The API's and the current worker's peak resident memory (VmHWM), MiB."""
+        found = {}
+        for name in ("api", "worker"):
+            status = Path(f"/proc/{self.procs[name].popen.pid}/status").read_text()
+            kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))
+            found[name] = int(kib) / 1024
+        return found
+
     def down(self) -> None:
         for proc in reversed(list(self.procs.values())):
             proc.stop()
@@ -190,9 +206,10 @@ async def batch(stack: Stack, n: int, c: int, one: Callable[[int], Awaitable[Sam
 
     async with httpx.AsyncClient(base_url=stack.fake_url) as fake:
         await fake.post("/_fake/reset")
-        before, t0 = stack.cpu(), time.perf_counter()
+        calls, before, t0 = stack.redis_calls(), stack.cpu(), time.perf_counter()
         run = Run(list(await asyncio.gather(*map(guarded, range(n)))), time.perf_counter() - t0)
         after = stack.cpu()
+        run.redis_per_chunk = (stack.redis_calls() - calls) / (n * stack.args.chunks)
         run.peak = (await fake.get("/_fake/stats")).json()["peak_in_flight"]
     run.cpu = {k: (after[k] - before[k]) * 1000 / n for k in before}
     rest = (run.cpu.pop("machine") - sum(run.cpu.values())) * n / run.wall / 1000
@@ -276,14 +293,14 @@ def cells(r: Row) -> tuple[list[str], list[str]]:
     cost = [r.name, num(m.pct("post", 0.5) * 1000), *(num(v) for v in m.phases.values())]
     cost.insert(4, num(d.pct("total", 0.5) * 1000))
     cost += [f"{num(d.cpu[k])}→{num(m.cpu[k])}" for k in PROCS]
-    return head, [*cost, f"{d.cpu['rest']:.2f}→{m.cpu['rest']:.2f}"]
+    return head, [*cost, f"{d.cpu['rest']:.2f}→{m.cpu['rest']:.2f}", f"{m.redis_per_chunk:.1f}"]
 
 
 HEADS = (
     "scenario | n | worker/limiter conc. | upstream peak in flight (direct/moonq) | TTFC p50 "
     "| TTFC p95 | total p50 | total p95 | throughput | overhead p50 (ms)",
     "scenario | submit POST | queued | worker run | direct total | delivery | CPU ms/req: fake "
-    "| api | worker | client | Redis + other load (cores)",
+    "| api | worker | client | Redis + other load (cores) | Redis commands per chunk",
 )
 NOTE = (
     "**Where moonq's time goes** (p50 ms; queued = created→started, worker run = started→"
@@ -346,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         stack.up(max(args.levels))
         rows = asyncio.run(asyncio.wait_for(measure(stack, args), args.budget))
         server: Any = stack.redis.info("server")
+        rss = stack.peak_rss()
     except BaseException:
         for proc in stack.procs.values():
             print(f"--- {proc.name} log (tail) ---\n{proc.output()[-3000:]}", file=sys.stderr)
@@ -353,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         stack.down()
     text = report(args, rows, time.monotonic() - t0, str(server["redis_version"]))
+    text += f"\nPeak RSS (VmHWM): API {rss['api']:.0f} MiB, worker {rss['worker']:.0f} MiB.\n"
     print(text)
     args.output.write_text(text)
 
