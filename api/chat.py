@@ -12,7 +12,6 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, StrictBool, model_validator
-from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
 from api import chat_relay, model_list
@@ -22,7 +21,7 @@ from api.errors import APIError
 from api.openapi import ErrorResponse, errors
 from api.services import services
 from moonq.account import paused_reason
-from moonq.models import ChatRequest, Job, JobCreate, json_problem
+from moonq.models import ChatRequest, Job, JobCreate, strict_json
 
 JOB_HEADER = "X-Moonq-Job-Id"
 # How this one answer is delivered, not what the job asks the upstream: moonq always streams
@@ -77,15 +76,7 @@ class ChatCompletionRequest(ChatRequest):
     @model_validator(mode="before")
     @classmethod
     def _strict_json(cls, data: Any) -> Any:
-        found = json_problem(data) if isinstance(data, dict) else None
-        if found is not None:
-            param, reason = found
-            raise PydanticCustomError(
-                "invalid_json_value",
-                "{param}: {reason}",
-                {"param": param or "the request", "reason": reason},
-            )
-        return data
+        return strict_json(data)
 
 
 @router.post(

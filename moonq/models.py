@@ -59,15 +59,21 @@ class JobCreate(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _strict_json(cls, data: Any) -> Any:
-        """Refuse what JSON parsers let through but cannot be written back as JSON."""
-        found = json_problem(data) if isinstance(data, dict) else None
-        if found is not None:
-            param, reason = found
-            param = param or "the request"
-            raise PydanticCustomError(
-                "invalid_json_value", "{param}: {reason}", {"param": param, "reason": reason}
-            )
-        return data
+        return strict_json(data)
+
+
+def strict_json(data: Any) -> Any:
+    """Refuse what JSON parsers let through but cannot be written back as JSON: a `before`
+    model validator's body, naming the place (`invalid_json_value`)."""
+    found = json_problem(data) if isinstance(data, dict) else None
+    if found is not None:
+        param, reason = found
+        raise PydanticCustomError(
+            "invalid_json_value",
+            "{param}: {reason}",
+            {"param": param or "the request", "reason": reason},
+        )
+    return data
 
 
 _Trail = tuple[Any, str | int] | None  # (parent trail, key): a path, built only when needed
