@@ -294,6 +294,25 @@ return 1
 # are gone, puts them back, so a job that is not over is never left without them.
 # Returns 1 when renewed, 2 when taken back, 0 when the job is over, -1 when another run
 # holds the lock or has the job (this run is fenced at its next write).
+# KEYS: arq's queue. ARGV: arq's lock key prefix, now (ms), lock ttl (ms), the worker's lock
+# token, then job ids. Takes arq's lock on each due job nobody holds (SET PX naming the worker),
+# in one round trip for all: arq takes them one at a time, a WATCH transaction each. Returns
+# {id, score, id, score, ...} of the jobs locked. Reads before each write; SET cannot fail.
+LOCK_DUE = """
+local taken = {}
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  local score = redis.call('ZSCORE', KEYS[1], id)
+  if score and tonumber(score) <= tonumber(ARGV[2])
+    and redis.call('EXISTS', ARGV[1] .. id) == 0 then
+    redis.call('SET', ARGV[1] .. id, ARGV[4], 'PX', ARGV[3])
+    taken[#taken + 1] = id
+    taken[#taken + 1] = score
+  end
+end
+return taken
+"""
+
 KEEP_LOCK = (
     TERMINAL_CHECK
     + """

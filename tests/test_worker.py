@@ -256,18 +256,21 @@ async def test_a_redis_error_while_starting_a_job_keeps_the_slot(stack_factory: 
     stack, client = await stack_factory(MOONQ_WORKER_CONCURRENCY=2)
     worker = create_worker(stack.settings, redis=stack.redis, handle_signals=False)
     worker._pool = stack.redis
-    real_pipeline = stack.redis.pipeline
+    real_pipeline, real_evalsha = stack.redis.pipeline, stack.redis.evalsha
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RedisConnectionError("gone")
 
+    # Redis goes away however a start talks to it: a transaction or a script
     stack.redis.pipeline = broken  # type: ignore[method-assign]
+    stack.redis.evalsha = broken  # type: ignore[method-assign]
     try:
         for _ in range(3):
             with pytest.raises(RedisConnectionError):
                 await worker.start_jobs([b"job_x"])
     finally:
         stack.redis.pipeline = real_pipeline  # type: ignore[method-assign]
+        stack.redis.evalsha = real_evalsha  # type: ignore[method-assign]
     assert worker.job_counter == 0
     # the same worker still has both its slots
     worker.ctx["redis"] = stack.redis

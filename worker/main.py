@@ -24,7 +24,7 @@ from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.worker import func
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError, ResponseError, WatchError
+from redis.exceptions import RedisError
 
 from moonq import logs, scripts
 from moonq.batches import BatchStore
@@ -78,6 +78,7 @@ class MoonqWorker(Worker):
         self.lock_token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.ctx[LOCK_TOKEN] = self.lock_token
         self._finish_run: AsyncScript | None = None
+        self._lock_script: AsyncScript | None = None
         # arq stops by cancelling its main task once; a cancel that lands inside a Redis call
         # can be lost (seen: a SIGTERMed worker that went on polling). Its `on_stop` hook
         # follows every such cancel, so the poll loop also ends on this flag.
@@ -150,49 +151,44 @@ class MoonqWorker(Worker):
             log.exception("the batch sweep failed; it runs again")
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq's `start_jobs`, with the lock saying who holds it. Also: arq takes a job slot
-        before its Redis round trips and gives it back only on a WATCH conflict (after any
-        other Redis error the slot would be lost for good); and a job this worker is still
-        running is not started twice, even if its lock lapsed."""
+        """arq's `start_jobs`, with the lock saying who holds it, and every due job's lock
+        taken in one round trip (`scripts.LOCK_DUE`; arq takes them one at a time, a few
+        round trips each, which made job starts the ceiling under a burst). Also: a slot
+        is given back whatever goes wrong; and a job this worker is still running is not
+        started twice, even if its lock lapsed."""
+        wanted = []
         for raw_id in job_ids:
             job_id = raw_id.decode()
             running = self.tasks.get(job_id)
-            if running is not None and not running.done():
-                continue
+            if (running is None or running.done()) and job_id not in wanted:
+                wanted.append(job_id)
+        wanted = wanted[: max(0, self.max_jobs - self.job_counter)]
+        if not wanted:
+            return
+        for _ in wanted:  # the slots first, so that nothing else can take them meanwhile
             await self.sem.acquire()
-            if self.job_counter >= self.max_jobs:
+        self.job_counter += len(wanted)
+        taken: dict[str, int] = {}
+        try:
+            taken = await self._lock_due(wanted)
+        finally:
+            for _ in range(len(wanted) - len(taken)):  # not started: their slots back
+                self.job_counter -= 1
                 self.sem.release()
-                return
-            self.job_counter += 1
-            score = None
-            try:
-                score = await self._lock(job_id)
-            finally:
-                if score is None:  # not started: give the slot back
-                    self.job_counter -= 1
-                    self.sem.release()
-            if score is None:
-                continue
+        for job_id, score in taken.items():
             task = self.loop.create_task(self.run_job(job_id, score))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
 
-    async def _lock(self, job_id: str) -> int | None:
-        """Take arq's lock on a due job nobody holds; its queue score, or None."""
-        lock = in_progress_key_prefix + job_id
-        async with self.pool.pipeline(transaction=True) as pipe:
-            await pipe.watch(lock)
-            held = await pipe.exists(lock)
-            score = await pipe.zscore(self.queue_name, job_id)
-            if held or not score or score > time.time() * 1000:
-                return None
-            pipe.multi()  # type: ignore[no-untyped-call]
-            pipe.psetex(lock, int(self.in_progress_timeout_s * 1000), self.lock_token)
-            try:
-                await pipe.execute()
-            except (ResponseError, WatchError):
-                return None  # started elsewhere meanwhile
-        return int(score)
+    async def _lock_due(self, job_ids: list[str]) -> dict[str, int]:
+        """Take arq's lock on the due jobs nobody holds; their queue scores."""
+        if self._lock_script is None:
+            self._lock_script = self.pool.register_script(scripts.LOCK_DUE)
+        args: list[str | int] = [in_progress_key_prefix, int(time.time() * 1000)]
+        args += [int(self.in_progress_timeout_s * 1000), self.lock_token, *job_ids]
+        found = await self._lock_script(keys=[self.queue_name], args=args)
+        pairs = iter(found)
+        return {raw.decode(): int(float(score)) for raw, score in zip(pairs, pairs, strict=True)}
 
     async def finish_job(
         self,
