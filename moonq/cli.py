@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging.config
+import resource
 import socket
 import sys
 from collections.abc import Sequence
@@ -28,6 +30,7 @@ def _api(args: argparse.Namespace) -> None:
     from api.app import create_app
 
     settings = _settings()
+    raise_open_files_limit()
     workers = args.workers or settings.api_workers
     _refuse_open_api(settings, args.host)
     _check_redis(settings)
@@ -36,7 +39,9 @@ def _api(args: argparse.Namespace) -> None:
     if workers > 1:
         _api_processes(sock, workers)
         return
-    config = uvicorn.Config(create_app(settings), log_level="info", **_server_logging(settings))
+    config = uvicorn.Config(
+        create_app(settings), log_level="info", backlog=BACKLOG, **_server_logging(settings)
+    )
     server = uvicorn.Server(config)
     announce(sock)
     server.run(sockets=[sock])
@@ -54,6 +59,7 @@ def _api_processes(sock: socket.socket, workers: int) -> None:
         factory=True,
         workers=workers,
         log_level="info",
+        backlog=BACKLOG,
         **_server_logging(_settings()),
     )
     announce(sock)
@@ -79,6 +85,7 @@ def _worker(args: argparse.Namespace) -> None:
         return
 
     settings = _settings()
+    raise_open_files_limit()
     _require_upstream_key(settings)
     _check_redis(settings)
     logging.config.dictConfig(logs.config(settings, verbose=args.verbose))
@@ -90,6 +97,7 @@ def _dev(args: argparse.Namespace) -> None:
     from moonq import dev
 
     settings = _settings()
+    raise_open_files_limit()
     _refuse_open_api(settings, args.host)
     _check_redis(settings)  # a Redis that is down means the embedded one; a wrong one, an error
     dev.run(settings, _listen(args.host, args.port))
@@ -118,6 +126,22 @@ def _settings() -> Settings:
 
 def _fail(message: str) -> NoReturn:
     sys.exit(f"moonq: {message}")
+
+
+# Connections a listening socket queues before they are accepted (uvicorn's default is 2,048;
+# the kernel caps it at net.core.somaxconn): ten thousand clients connecting at once must not
+# find the queue full.
+BACKLOG = 16_384
+
+
+def raise_open_files_limit() -> None:
+    """Every stream holds a socket: the soft limit on open files (often 1,024) is raised to
+    the hard one, which the process may do by itself."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _listen(host: str, port: int) -> socket.socket:

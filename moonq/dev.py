@@ -123,7 +123,9 @@ async def serve(settings: Settings, sock: socket.socket) -> None:
             await fake.close()
 
     # moonq's logging (MOONQ_LOG_FORMAT), set up by `run`; access lines with MOONQ_ACCESS_LOG
-    config = uvicorn.Config(app, log_level="info", log_config=None, access_log=settings.access_log)
+    config = uvicorn.Config(
+        app, log_level="info", log_config=None, access_log=settings.access_log, backlog=16_384
+    )
     server = _Server(config, cleanup)
     worker_task.add_done_callback(lambda task: _worker_ended(task, server))
     try:

@@ -234,3 +234,23 @@ def test_worker_check_is_about_that_worker(
         assert check(worker.popen.pid, tmp_path) != 0
     finally:
         heartbeat_file(worker.popen.pid).unlink(missing_ok=True)  # a SIGKILL leaves it behind
+
+
+def test_servers_raise_their_open_files_limit_to_the_hard_one() -> None:
+    """Every stream holds a socket: a soft limit of 1,024 would refuse the 1,025th client."""
+    import resource
+
+    from moonq.cli import raise_open_files_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = min(256, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        raise_open_files_limit()
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert raised[1] == hard
+    if hard != resource.RLIM_INFINITY:
+        assert raised[0] == hard
+    assert raised[0] > lowered or hard == lowered
