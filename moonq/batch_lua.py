@@ -221,6 +221,6 @@ while #out < want and steps < want + 64 do
     end
   end
 end
-redis.call('SET', KEYS[3], clock)
+if #out > 0 then redis.call('SET', KEYS[3], clock) end  -- an idle worker's ask writes nothing
 return out
 """.replace("$MAX_COST", str(MAX_COST))
