@@ -177,6 +177,8 @@ for i = last_field + 1, #ARGV, 2 do
 end
 if not tonumber(ARGV[12]) then return redis.error_reply('ERR moonq: bad usage ttl') end
 local holds = held_back(KEYS[1], ARGV[14])
+local ended = '["moonq_jobs_finished_total",{"status":"' .. ARGV[3] .. '"}]'
+local countable = string.match(redis.call('HGET', KEYS[8], ended) or '0', '^%d+$')
 local index = status_index(KEYS[1])
 if not index then return malformed(KEYS[1]) end
 local line = batch_line(KEYS[1], ARGV[3])
@@ -202,7 +204,7 @@ end
 if last_field < #ARGV then redis.call('EXPIRE', KEYS[4], ARGV[12]) end
 redis.call('ZREMRANGEBYSCORE', move_status(index, state[1], ARGV[3]), '-inf', ARGV[8])
 redis.call('PUBLISH', KEYS[3], event)
-redis.call('HINCRBY', KEYS[8], '["moonq_jobs_finished_total",{"status":"' .. ARGV[3] .. '"}]', 1)
+if countable then redis.call('HINCRBY', KEYS[8], ended, 1) end  -- checked: cannot fail
 local now = tonumber(redis.call('TIME')[1])
 local keep = ARGV[4]
 if line then

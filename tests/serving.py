@@ -38,9 +38,9 @@ async def served(app: Any) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def worker_running(stack: Any) -> AsyncIterator[None]:
-    """A worker taking jobs for as long as the block runs."""
-    worker = create_worker(stack.settings, redis=stack.redis, handle_signals=False)
+async def worker_running(stack: Any, **injected: Any) -> AsyncIterator[None]:
+    """A worker taking jobs for as long as the block runs (`injected`: e.g. `transport=`)."""
+    worker = create_worker(stack.settings, redis=stack.redis, handle_signals=False, **injected)
     task = asyncio.create_task(worker.async_run())
     try:
         yield

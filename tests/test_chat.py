@@ -29,7 +29,7 @@ from moonq.fake_moonshot import FakeServer, expected_content, expected_message, 
 from moonq.models import Job, Status
 from moonq.settings import Settings
 from tests.conftest import Stack, make_settings, until
-from worker.main import create_worker
+from tests.serving import worker_running
 
 UPSTREAM_KEY = "sk-test-upstream-key"  # what make_settings gives the workers and the API
 USER = [{"role": "user", "content": "hello moon"}]
@@ -42,18 +42,6 @@ TOOLS = [
 def body(model: str = "moonshot-v1-8k", **extra: Any) -> dict[str, Any]:
     """What the upstream is asked (the fake's answer depends on nothing else)."""
     return {"model": model, "messages": USER, **extra}
-
-
-@contextlib.asynccontextmanager
-async def working(stack: Stack, **injected: Any) -> AsyncIterator[None]:
-    """A worker taking jobs as they come, for as long as the block runs."""
-    worker = create_worker(stack.settings, redis=stack.redis, handle_signals=False, **injected)
-    task = asyncio.create_task(worker.async_run())
-    try:
-        yield
-    finally:
-        await worker.close()
-        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
 
 
 @dataclass
@@ -71,7 +59,7 @@ async def drop_in(stack_factory: Any) -> AsyncIterator[Any]:
         async def build(retries: int = 0, transport: Any = None, **settings: Any) -> DropIn:
             stack, client = await stack_factory(**settings)
             injected = {"transport": transport} if transport else {}
-            await exits.enter_async_context(working(stack, **injected))
+            await exits.enter_async_context(worker_running(stack, **injected))
             sdk = openai.AsyncOpenAI(
                 api_key="unused",
                 base_url="http://moonq/v1",
@@ -594,7 +582,7 @@ def served(real_redis_url: str, prefix: str, fake: FakeServer) -> Iterator[Any]:
 
 @pytest.fixture
 async def real_worker(real_redis: Any, real_redis_url: str, prefix: str, fake: FakeServer) -> Stack:
-    """The test Redis as the served API sees it; `working(stack)` runs a worker on it."""
+    """The test Redis as the served API sees it; `worker_running(stack)` runs a worker on it."""
     return Stack(make_settings(real_redis_url, prefix, fake.url), real_redis)
 
 
@@ -614,7 +602,7 @@ async def test_the_sync_sdk_over_a_real_socket(served: Any, real_worker: Stack) 
         )
         return raw.headers["X-Moonq-Job-Id"], text, list(stream)
 
-    async with working(real_worker):
+    async with worker_running(real_worker):
         job_id, text, chunks = await asyncio.to_thread(ask)
     assert text == expected_content(body()) and job_id.startswith("job_")
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
@@ -626,7 +614,10 @@ async def test_the_sync_sdk_over_a_real_socket(served: Any, real_worker: Stack) 
 async def test_a_client_that_goes_away_loses_nothing(served: Any, real_worker: Stack) -> None:
     api = served()
     slow = body(stream=True, fake_moonshot={"chunks": 20, "delay": 0.05})
-    async with httpx.AsyncClient(base_url=api.url, timeout=10) as client, working(real_worker):
+    async with (
+        httpx.AsyncClient(base_url=api.url, timeout=10) as client,
+        worker_running(real_worker),
+    ):
         async with client.stream("POST", "/v1/chat/completions", json=slow) as answer:
             job_id = answer.headers["X-Moonq-Job-Id"]
             async for line in answer.aiter_lines():
@@ -662,7 +653,7 @@ async def test_a_stream_cancelled_midway_ends_with_an_error(
     api = served()
     sdk = openai.AsyncOpenAI(api_key="unused", base_url=f"{api.url}/v1", max_retries=0)
     slow = {"fake_moonshot": {"chunks": 40, "delay": 0.05}}
-    async with working(real_worker):
+    async with worker_running(real_worker):
         raw = await sdk.chat.completions.with_raw_response.create(
             model="moonshot-v1-8k", messages=USER, stream=True, extra_body=slow
         )
@@ -688,7 +679,7 @@ async def test_a_stream_starts_while_the_job_waits_past_the_patience(
     stream = await asyncio.wait_for(  # no worker yet: only the patience lets the headers go
         sdk.chat.completions.create(model="moonshot-v1-8k", messages=USER, stream=True), 5
     )
-    async with working(real_worker):
+    async with worker_running(real_worker):
         chunks = [chunk async for chunk in stream]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected_content(body())
     await sdk.close()

@@ -404,3 +404,16 @@ async def test_a_job_arq_gives_up_on_fails_instead_of_vanishing(real_stack: Any)
     assert job["status"] == "failed" and job["error"]["type"] == "worker_lost"
     await _assert_ended_cleanly(stack, job_id)
     assert await stack.redis.zscore(stack.settings.queue_name, job_id) is None
+
+
+async def test_a_corrupt_metrics_counter_cannot_break_a_jobs_end(real_stack: Any) -> None:
+    """FINISH counts every ending in the metrics hash; a field there that is no integer is
+    read before the first write and skipped, never an error after it."""
+    stack, client = await real_stack()
+    field = '["moonq_jobs_finished_total",{"status":"completed"}]'
+    await stack.redis.hset(f"{stack.settings.key_prefix}:metrics", field, "not a number")
+    job_id = await submit(client, chat("counted or not"))
+    await stack.run_worker()
+    job = await _job(client, job_id)
+    assert job["status"] == "completed", job
+    await _assert_ended_cleanly(stack, job_id)
