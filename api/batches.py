@@ -176,7 +176,7 @@ async def batch_events(
 
 async def _progress(
     request: Request, batch: Batch, tenant: str, after: int
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[ServerSentEvent | bytes]:
     svc = services(request)
     k = svc.keys
     feed = follow_record(
@@ -190,7 +190,7 @@ async def _progress(
     try:
         async for event in feed:
             if not event.terminal:
-                yield ServerSentEvent(data=event.raw.decode(), id=str(event.seq))
+                yield event.sse() or ServerSentEvent(data=event.raw.decode(), id=str(event.seq))
                 continue
             final = await batch_store(request).get(batch.id, tenant) or batch
             data = {"seq": event.seq, "event": event.event, "data": final.model_dump()}

@@ -227,11 +227,11 @@ async def _position(request: Request, job_id: str) -> tuple[int, bool]:
     return int(seq or 0), status is not None and Status(status.decode()).terminal
 
 
-async def _sse(request: Request, job: Job, after: int) -> AsyncIterator[ServerSentEvent]:
+async def _sse(request: Request, job: Job, after: int) -> AsyncIterator[ServerSentEvent | bytes]:
     svc = services(request)
     try:
         async for event in follow(svc.redis, svc.hub, svc.keys, job.id, after=after):
-            yield ServerSentEvent(data=event.raw.decode(), id=str(event.seq))
+            yield event.sse() or ServerSentEvent(data=event.raw.decode(), id=str(event.seq))
     except (RedisError, OSError):
         # The response has started: report the failure as an event, never raise.
         message = "The job store became unavailable; reconnect with Last-Event-ID to resume."

@@ -98,6 +98,7 @@ class _Control:
     parallel_tools: bool = False
     empty_delta_as_list: bool = False
     usage: JSON | None = None
+    stamp: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ def _control(body: JSON, cfg: FakeConfig) -> _Control:
             parallel_tools=bool(raw.get("parallel_tools", False)),
             empty_delta_as_list=bool(raw.get("empty_delta_as_list", False)),
             usage=_usage_override(raw),
+            stamp=bool(raw.get("stamp", False)),
         )
     except (TypeError, ValueError) as exc:
         raise _ApiError("invalid_request_error", f"Invalid request: fake_moonshot: {exc}") from exc
@@ -341,6 +343,15 @@ def _sse(event: JSON) -> bytes:
     return f"data: {json.dumps(event, separators=(',', ':'), ensure_ascii=False)}\n\n".encode()
 
 
+def _payload(event: JSON | None, stamp: bool) -> bytes:
+    """One SSE line (None: `[DONE]`). With `fake_moonshot.stamp`, each chunk carries the wall
+    clock it is written at (`time.time()`) in a bench-only top-level `x_fake_sent_at`: the
+    benchmark's relay latency per chunk, on the same machine and clock."""
+    if event is None:
+        return b"data: [DONE]\n\n"
+    return _sse({**event, "x_fake_sent_at": time.time()} if stamp else event)
+
+
 def _error_response(error: _ApiError, retry_after: float | None = None) -> web.Response:
     headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
     body = {"error": {"type": error.type, "message": error.message}}
@@ -390,13 +401,13 @@ async def _stream(
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     resp.headers["Cache-Control"] = "no-cache"
     await resp.prepare(request)
-    for sent, payload in enumerate([*map(_sse, events), b"data: [DONE]\n\n"]):
+    for sent, event in enumerate([*events, None]):
         if sent == drop_after and request.transport is not None:
             request.transport.close()  # mid-body, so the client sees an incomplete chunked read
             return resp
         if sent:
             await asyncio.sleep(ctl.delay)
-        await resp.write(payload)
+        await resp.write(_payload(event, ctl.stamp))
     await resp.write_eof()
     return resp
 

@@ -90,23 +90,52 @@ return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 """
 )
 
-# KEYS: job, log, channel. ARGV: attempt, maxlen, event bodies (JSON objects without seq).
-# Appends and publishes each event with the next seq; returns the last seq, or -1 if this
-# attempt is no longer the job's live one (superseded, cancelled, finished). Like the job,
-# the log does not expire before the job ends. Each event goes to the log before the record's
-# seq moves, so even a failed XADD (the only write that could fail) leaves the two agreeing.
+# KEYS: job, log, channel of each job (any number of jobs: a worker writes all its running
+# jobs' events in one call). ARGV: maxlen, then for each job its attempt, its number of events
+# n, and n event bodies (JSON objects without seq). Appends and publishes each job's events with
+# its next seqs. Returns one number per job: its last seq; -1 if the attempt is no longer the
+# job's live one (superseded, cancelled, finished), nothing written; or the error Redis gave an
+# XADD, as text (nothing more written for that job). Like the job, the log does not expire
+# before the job ends. The arguments are all checked before the first write; an XADD (the only
+# write that could fail) is tried before its PUBLISH, and the record's seq moves once, to the
+# last event that went into the log: the two always agree, and one job's failure touches no
+# other job.
 APPEND = """
-local state = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'seq')
-if state[1] ~= 'in_progress' or state[2] ~= ARGV[1] then return -1 end
-local seq = tonumber(state[3]) or 0
-for i = 3, #ARGV do
-  seq = seq + 1
-  local event = '{"seq":' .. seq .. ',' .. string.sub(ARGV[i], 2)
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '0-' .. seq, 'e', event)
-  redis.call('HSET', KEYS[1], 'seq', seq)
-  redis.call('PUBLISH', KEYS[3], event)
+if #KEYS % 3 ~= 0 then return redis.error_reply('APPEND: KEYS come in threes') end
+local spans, at = {}, 2
+for j = 1, #KEYS / 3 do
+  local n = tonumber(ARGV[at + 1])
+  if not n or n < 0 or n % 1 ~= 0 or at + 1 + n > #ARGV then
+    return redis.error_reply('APPEND: malformed arguments')
+  end
+  spans[j] = at
+  at = at + 2 + n
 end
-return seq
+if at ~= #ARGV + 1 then return redis.error_reply('APPEND: malformed arguments') end
+local out = {}
+for j = 1, #KEYS / 3 do
+  local job, log, channel, a = KEYS[3 * j - 2], KEYS[3 * j - 1], KEYS[3 * j], spans[j]
+  local state = redis.call('HMGET', job, 'status', 'attempts', 'seq')
+  if state[1] ~= 'in_progress' or state[2] ~= ARGV[a] then
+    out[j] = -1
+  else
+    local seq = tonumber(state[3]) or 0
+    local first, refused = seq, nil
+    for i = a + 2, a + 1 + tonumber(ARGV[a + 1]) do
+      local event = '{"seq":' .. (seq + 1) .. ',' .. string.sub(ARGV[i], 2)
+      local added = redis.pcall('XADD', log, 'MAXLEN', '~', ARGV[1], '0-' .. (seq + 1), 'e', event)
+      if type(added) == 'table' and added.err then
+        refused = added.err
+        break
+      end
+      seq = seq + 1
+      redis.call('PUBLISH', channel, event)
+    end
+    if seq > first then redis.call('HSET', job, 'seq', seq) end
+    out[j] = refused or seq
+  end
+end
+return out
 """
 
 # The budget holds (`{base}{tenant}:hold:{day|month}`) a job's `hold` field ("tokens nanos day

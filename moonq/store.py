@@ -13,13 +13,13 @@ from typing import Any
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from moonq import scripts
 from moonq.assemble import Assembler
 from moonq.keys import Keys
 from moonq.models import Job, JobCreate, Status
-from moonq.serde import arq_serialize, dumps
+from moonq.serde import arq_serialize, dump_bytes, dumps
 from moonq.settings import Settings
 
 log = logging.getLogger("moonq.store")
@@ -258,11 +258,23 @@ class JobStore:
 
     async def append(self, job_id: str, attempt: int, events: list[dict[str, Any]]) -> int:
         """Append and publish events for a live attempt; -1 means the attempt lost the job."""
-        bodies = [dumps(event) for event in events]
-        result = await self._append(
-            keys=self._event_keys(job_id), args=[str(attempt), self.max_events, *bodies]
-        )
-        return int(result)
+        (seq,) = await self.append_many([(job_id, attempt, events)])
+        if isinstance(seq, ResponseError):
+            raise seq
+        return seq
+
+    async def append_many(
+        self, writes: list[tuple[str, int, list[dict[str, Any]]]]
+    ) -> list[int | ResponseError]:
+        """`append` for many attempts in one script call. For each, its last seq; -1 if the
+        attempt lost its job; or the error Redis gave its events (the others are written)."""
+        keys: list[str] = []
+        args: list[str | bytes | int] = [self.max_events]
+        for job_id, attempt, events in writes:
+            keys += self._event_keys(job_id)
+            args += [str(attempt), len(events), *map(dump_bytes, events)]
+        results = await self._append(keys=keys, args=args)
+        return [int(seq) if isinstance(seq, int) else ResponseError(_text(seq)) for seq in results]
 
     async def requeue(
         self, job_id: str, attempt: int, reason: str, budget: int = 0, *, paused: bool = False
@@ -491,3 +503,7 @@ class AlreadyFinished(Exception):
 
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

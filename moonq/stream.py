@@ -42,6 +42,14 @@ class RawEvent:
     def terminal(self) -> bool:
         return self.event in TERMINAL_EVENTS
 
+    def sse(self) -> bytes | None:
+        """The event as one Server-Sent Event (`id:` its seq, `data:` its text), encoded as
+        sse-starlette encodes one, without decoding it; None for text with a line break, which
+        must be split over `data:` lines (moonq's own encoder never writes one)."""
+        if b"\n" in self.raw or b"\r" in self.raw:
+            return None
+        return b"id: %d\r\ndata: %s\r\n\r\n" % (self.seq, self.raw)
+
     @classmethod
     def parse(cls, raw: bytes) -> RawEvent:
         match = _HEAD.match(raw)

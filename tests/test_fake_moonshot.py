@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -135,6 +136,20 @@ async def test_chunk_override_and_list_content(client: httpx.AsyncClient):
     assert assemble(events)[0]["content"] == expected_content(body)
     assert expected_content(body).startswith("Echo: part one part two")
     assert events[-1]["choices"][0]["usage"]["completion_tokens"] == 3
+
+
+async def test_stamp_puts_each_chunks_send_time_in_it(client: httpx.AsyncClient):
+    """`stamp` (the benchmark's relay latency): each chunk carries the wall clock at which it
+    was written, `delay` apart; without it, chunks have no such field."""
+    body = chat(fake_moonshot={"chunks": 3, "delay": 0.05})
+    assert all("x_fake_sent_at" not in event for event in await stream_events(client, body))
+    before = time.time()
+    body["fake_moonshot"]["stamp"] = True
+    events = await stream_events(client, body)
+    sent = [event["x_fake_sent_at"] for event in events]
+    assert len(sent) == 5 and before <= sent[0] and sent[-1] <= time.time()
+    assert all(0.04 <= b - a < 1 for a, b in zip(sent, sent[1:], strict=False))
+    assert assemble(events)[0]["content"] == expected_content(body)
 
 
 async def test_non_streaming_completion_shape(client: httpx.AsyncClient):

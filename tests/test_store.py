@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
+from redis.exceptions import ResponseError
 
 from moonq.keys import Keys
 from moonq.listing import JobLister, UnknownCursor
@@ -90,6 +91,37 @@ async def test_a_superseded_attempt_cannot_write(store: JobStore) -> None:
     )
     assert await store.requeue(job.id, old, "late") == -1
     assert await store.append(job.id, new, [{"event": "chunk", "data": {}}]) == 1
+
+
+async def test_one_call_writes_many_jobs_events_and_fences_each_on_its_own(
+    store: JobStore,
+) -> None:
+    """A worker writes all its attempts' events in one script call: a stale attempt among them
+    writes nothing, one whose log Redis refuses is reported alone, the others are written."""
+    live, stale, broken = [(await store.create("t", _request()))[0] for _ in range(3)]
+    live_attempt = await store.start_attempt(live.id)
+    stale_attempt = await store.start_attempt(stale.id)
+    await store.start_attempt(stale.id)  # a newer attempt took it over
+    broken_attempt = await store.start_attempt(broken.id)
+    # the log is ahead of the record (as no moonq write leaves it): its XADD is refused
+    await store.redis.xadd(store.keys.log(broken.id), {"e": "{}"}, id="0-5")
+    chunk = {"event": "chunk", "data": {"n": 1}}
+    results = await store.append_many(
+        [
+            (stale.id, stale_attempt, [chunk]),
+            (broken.id, broken_attempt, [chunk]),
+            (live.id, live_attempt, [chunk, chunk]),
+        ]
+    )
+    assert results[0] == -1 and results[2] == 2
+    assert isinstance(results[1], ResponseError) and "smaller" in str(results[1])
+    assert await store.redis.xlen(store.keys.log(stale.id)) == 0
+    assert await store.redis.hget(store.keys.job(broken.id), "seq") == b"0"  # unmoved
+    events = [json.loads(f[b"e"]) for _, f in await store.redis.xrange(store.keys.log(live.id))]
+    assert [e["seq"] for e in events] == [1, 2]
+    assert await store.redis.hget(store.keys.job(live.id), "seq") == b"2"
+    with pytest.raises(ResponseError):
+        await store.append(broken.id, broken_attempt, [chunk])
 
 
 async def test_a_finished_job_stays_finished(store: JobStore) -> None:

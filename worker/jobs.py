@@ -31,7 +31,7 @@ from moonq.redis import transient
 from moonq.scheduler import BATCH_PRIORITY_OFFSET
 from moonq.settings import Settings
 from moonq.store import InvalidUsage, JobStore, usage_counts
-from worker.publisher import AttemptLost, EventPublisher
+from worker.publisher import AttemptLost, EventPublisher, EventWriter
 from worker.upstream import MoonshotClient
 
 log = logging.getLogger("moonq.worker")
@@ -103,6 +103,7 @@ class Runner:
         limiter.gate = self.account  # no permit goes out while the account is paused
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.metrics = recorder or metrics.Recorder(store.redis, store.keys)
+        self.events = EventWriter(store)  # every attempt's events, written together
         self.draining = False  # set on SIGTERM: take no new upstream permits
 
     async def run(
@@ -227,7 +228,7 @@ class Runner:
                 return "skipped"
             started(number)
             logs.bind(attempt=number)
-            publisher = EventPublisher(self.store, job_id, number)
+            publisher = self.events.publisher(job_id, number)
             try:
                 return await self._guarded(Attempt(job_id, number, record, body, permit, publisher))
             finally:

@@ -436,6 +436,7 @@ def worker_kwargs(
             await asyncio.gather(flushing, return_exceptions=True)
         runner: Runner | None = ctx.get("moonq_runner")
         if runner is not None:
+            await runner.events.close()  # its jobs are over or handed back by now
             await runner.metrics.close()  # the last numbers, and its jobs in flight gone
             await runner.client.aclose()
             await runner.limiter.close()

@@ -1,63 +1,130 @@
-"""Publish one attempt's events, coalescing chunks into as few Redis round trips as possible.
+"""Publish the events of every attempt a worker runs, in as few Redis round trips as possible.
 
-While one write is in flight, new events queue up and go together in the next one: a fast
-stream costs a round trip per batch instead of per token, a slow one adds no latency.
+One `EventWriter` per worker process writes the events of all its running attempts together:
+while one write is in flight, new events (of any job) queue up and go together in the next
+one, a single script call. A fast stream, or many streams at once, cost a round trip per batch
+instead of per token; a slow one adds no latency. Each attempt's events stay in order, and one
+attempt losing its job (a cancel, a newer attempt) fails only that attempt's writes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from moonq.store import JobStore
+
+# Events per script call: bounds the time one call holds Redis (about a microsecond each).
+MAX_BATCH = 2000
 
 
 class AttemptLost(Exception):
     """The job was cancelled, finished or taken over by a newer attempt: stop working on it."""
 
 
-class EventPublisher:
-    def __init__(self, store: JobStore, job_id: str, attempt: int) -> None:
+class EventWriter:
+    """The process-wide writer behind every `EventPublisher`."""
+
+    def __init__(self, store: JobStore) -> None:
         self._store = store
-        self._job_id = job_id
-        self._attempt = attempt
-        self._pending: list[dict[str, Any]] = []
+        self._dirty: dict[EventPublisher, None] = {}  # publishers with events, in order
         self._flushing: asyncio.Task[None] | None = None
+
+    def publisher(self, job_id: str, attempt: int) -> EventPublisher:
+        return EventPublisher(self, job_id, attempt)
+
+    def _wake(self, publisher: EventPublisher) -> None:
+        self._dirty[publisher] = None
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush(), name="moonq-events")
+
+    def _forget(self, publisher: EventPublisher) -> None:
+        self._dirty.pop(publisher, None)
+
+    async def _flush(self) -> None:
+        while self._dirty:
+            batch, size = [], 0
+            for publisher in list(self._dirty):
+                if size and size + len(publisher.pending) > MAX_BATCH:
+                    break
+                del self._dirty[publisher]
+                batch.append((publisher, publisher.take()))
+                size += len(batch[-1][1])
+            writes = [(p.job_id, p.attempt, events) for p, events in batch]
+            try:
+                results: list[Any] = await self._store.append_many(writes)
+            except asyncio.CancelledError:  # the worker is closing: the attempts are handed back
+                for publisher, _ in batch:
+                    publisher.written(ConnectionError("the worker shut down"), 0)
+                raise
+            except Exception as exc:  # Redis failed: every attempt in the batch hears of it
+                results = [exc] * len(batch)
+            for (publisher, events), result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    publisher.written(result, 0)
+                elif result < 0:
+                    publisher.written(AttemptLost(publisher.job_id), 0)
+                else:
+                    publisher.written(None, len(events))
+
+    async def close(self) -> None:
+        task, self._flushing = self._flushing, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+class EventPublisher:
+    """One attempt's events, written in order by the process's `EventWriter`."""
+
+    def __init__(self, writer: EventWriter, job_id: str, attempt: int) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self.pending: list[dict[str, Any]] = []
         self.published = 0
+        self._writer = writer
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._failure: BaseException | None = None
+        self._closed = False
 
     def emit(self, event: str, data: Any) -> None:
         """Queue an event; raises `AttemptLost` (or a Redis error) from an earlier write."""
         self._raise_failure()
-        self._pending.append({"event": event, "attempt": self._attempt, "data": data})
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.create_task(self._flush())
+        self.pending.append({"event": event, "attempt": self.attempt, "data": data})
+        self._idle.clear()
+        self._writer._wake(self)
 
     async def drain(self) -> None:
         """Wait until everything emitted is written; re-raises a failed write."""
-        while self._flushing is not None and not self._flushing.done():
-            await asyncio.shield(self._flushing)
+        while not self._idle.is_set():
+            await self._idle.wait()
         self._raise_failure()
 
     def close(self) -> None:
         """Abandon unwritten events (the attempt is over either way)."""
-        task, self._flushing = self._flushing, None
-        if task is None:
-            return
-        if task.done():
-            if not task.cancelled():
-                task.exception()  # retrieved: it was already acted on, or is moot now
-        else:
-            task.cancel()
+        self._closed = True
+        self.pending = []
+        self._writer._forget(self)
+
+    def take(self) -> list[dict[str, Any]]:
+        events, self.pending = self.pending, []
+        self._in_flight += len(events)
+        return events
+
+    def written(self, failure: BaseException | None, count: int) -> None:
+        self._in_flight = 0 if failure is not None else self._in_flight - count
+        self.published += count
+        if failure is not None and self._failure is None and not self._closed:
+            self._failure = failure
+            self.pending = []  # what follows a failed write must not be written
+            self._writer._forget(self)
+        if not self.pending and self._in_flight == 0:
+            self._idle.set()
 
     def _raise_failure(self) -> None:
-        if self._flushing is not None and self._flushing.done():
-            error = None if self._flushing.cancelled() else self._flushing.exception()
-            if error is not None:
-                raise error
-
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            if await self._store.append(self._job_id, self._attempt, batch) < 0:
-                raise AttemptLost(self._job_id)
-            self.published += len(batch)
+        if self._failure is not None:
+            raise self._failure

@@ -7,7 +7,6 @@ concurrency here (DESIGN.md: plain httpx's pool degrades badly under concurrency
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -17,7 +16,7 @@ import httpx
 from httpx_aiohttp import AiohttpTransport
 from httpx_sse import EventSource, SSEError
 
-from moonq import errors
+from moonq import errors, serde
 from moonq.settings import Settings
 
 # Moonshot's account endpoints (token counts, balance) answer at once or not usefully at all.
@@ -154,19 +153,14 @@ async def _chunks(source: EventSource) -> AsyncIterator[dict[str, Any]]:
 
 
 def _parse(data: str) -> dict[str, Any]:
-    """One chunk, as strict JSON. Python's parser also takes `NaN` and `Infinity`, which a
-    result cannot carry to a client, and deep nesting fails it with a RecursionError: both are
-    malformed chunks, like any other."""
+    """One chunk, as strict JSON (orjson: no `NaN` or `Infinity`, which a result cannot carry
+    to a client, and a bounded depth): anything else is a malformed chunk."""
     try:
-        chunk = json.loads(data, parse_constant=_not_json)
-    except (ValueError, RecursionError) as exc:
+        chunk = serde.loads(data)
+    except ValueError as exc:
         raise errors.UpstreamProtocolError("the upstream sent a chunk that is not JSON") from exc
     if not isinstance(chunk, dict):
         raise errors.UpstreamProtocolError("the upstream sent a chunk that is not an object")
     if "error" in chunk and "choices" not in chunk:
         raise errors.from_stream_error(chunk["error"])
     return chunk
-
-
-def _not_json(constant: str) -> Any:
-    raise errors.UpstreamProtocolError(f"the upstream sent a chunk with {constant}: not JSON")
