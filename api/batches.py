@@ -188,14 +188,17 @@ async def _progress(
         after,
     )
     try:
-        async for event in feed:
-            if not event.terminal:
-                yield event.sse() or ServerSentEvent(data=event.raw.decode(), id=str(event.seq))
-                continue
-            final = await batch_store(request).get(batch.id, tenant) or batch
-            data = {"seq": event.seq, "event": event.event, "data": final.model_dump()}
-            yield ServerSentEvent(data=dumps(data), id=str(event.seq))
-            return
+        async for events in feed:
+            end = events[-1] if events[-1].terminal else None
+            if end is not None:
+                events = events[:-1]
+            if events:
+                yield b"".join(event.sse() for event in events)
+            if end is not None:
+                final = await batch_store(request).get(batch.id, tenant) or batch
+                data = {"seq": end.seq, "event": end.event, "data": final.model_dump()}
+                yield ServerSentEvent(data=dumps(data), id=str(end.seq))
+                return
         if batch.status == "failed":  # failed validation: it never had a line
             data = {"seq": 0, "event": "done", "data": batch.model_dump()}
             yield ServerSentEvent(data=dumps(data), id="0")

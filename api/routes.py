@@ -23,7 +23,7 @@ from moonq.account import WAITING_REASON, paused_reason
 from moonq.listing import JobLister, UnknownCursor
 from moonq.models import Job, JobCreate, JobList, Status
 from moonq.store import AlreadyFinished
-from moonq.stream import RawEvent, follow
+from moonq.stream import RawEvent, follow_batches
 
 router = APIRouter()
 
@@ -230,8 +230,8 @@ async def _position(request: Request, job_id: str) -> tuple[int, bool]:
 async def _sse(request: Request, job: Job, after: int) -> AsyncIterator[ServerSentEvent | bytes]:
     svc = services(request)
     try:
-        async for event in follow(svc.redis, svc.hub, svc.keys, job.id, after=after):
-            yield event.sse() or ServerSentEvent(data=event.raw.decode(), id=str(event.seq))
+        async for events in follow_batches(svc.redis, svc.hub, svc.keys, job.id, after=after):
+            yield b"".join(event.sse() for event in events)  # those at hand: one write
     except (RedisError, OSError):
         # The response has started: report the failure as an event, never raise.
         message = "The job store became unavailable; reconnect with Last-Event-ID to resume."

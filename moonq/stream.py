@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
+from sse_starlette import ServerSentEvent
 
 from moonq.keys import Keys
 from moonq.models import TERMINAL, TERMINAL_EVENTS
@@ -42,12 +43,12 @@ class RawEvent:
     def terminal(self) -> bool:
         return self.event in TERMINAL_EVENTS
 
-    def sse(self) -> bytes | None:
+    def sse(self) -> bytes:
         """The event as one Server-Sent Event (`id:` its seq, `data:` its text), encoded as
-        sse-starlette encodes one, without decoding it; None for text with a line break, which
-        must be split over `data:` lines (moonq's own encoder never writes one)."""
+        sse-starlette encodes one; its text is passed through as is unless it has a line
+        break, which must be split over `data:` lines (moonq's own encoder never writes one)."""
         if b"\n" in self.raw or b"\r" in self.raw:
-            return None
+            return ServerSentEvent(data=self.raw.decode(), id=str(self.seq)).encode()
         return b"id: %d\r\ndata: %s\r\n\r\n" % (self.seq, self.raw)
 
     @classmethod
@@ -59,16 +60,20 @@ class RawEvent:
         return cls(int(data["seq"]), str(data["event"]), raw)
 
 
-async def replay(redis: Redis, log_key: str, after: int) -> AsyncIterator[RawEvent]:
-    """Events in the log with seq > after, in order, read a batch at a time."""
-    while True:
-        rows = await redis.xrange(log_key, f"0-{after + 1}", "+", count=_REPLAY_BATCH)
-        for _, fields in rows:
-            event = RawEvent.parse(fields[b"e"])
-            after = event.seq
-            yield event
-        if len(rows) < _REPLAY_BATCH:
-            return
+async def _catch_up(
+    redis: Redis, record: str, log_key: str, after: int
+) -> tuple[list[RawEvent], bool, bool]:
+    """One round trip: up to a page of logged events with seq > after, then the record's state.
+    Returns the events, whether the page was full (more may follow), and whether nothing can
+    come after them (the record is gone, or over with no event past the page)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xrange(log_key, f"0-{after + 1}", "+", count=_REPLAY_BATCH)
+        pipe.hmget(record, ["status", "seq"])
+        rows, (status, seq) = await pipe.execute()
+    events = [RawEvent.parse(fields[b"e"]) for _, fields in rows]
+    last = events[-1].seq if events else after
+    over = status is None or (status.decode() in TERMINAL_STATUSES and int(seq or 0) <= last)
+    return events, len(rows) == _REPLAY_BATCH, over
 
 
 class EventHub:
@@ -239,11 +244,19 @@ async def follow(
     Ends at once when the job is over and `after` is at or past its terminal event (a client
     reconnecting after the end), and early if the job expires.
     """
-    feed = follow_record(
+    async for events in follow_batches(redis, hub, keys, job_id, after=after, poll=poll):
+        for event in events:
+            yield event
+
+
+def follow_batches(
+    redis: Redis, hub: EventHub, keys: Keys, job_id: str, *, after: int = 0, poll: float = 2.0
+) -> AsyncIterator[list[RawEvent]]:
+    """`follow`, a list of consecutive events at a time: those already at hand go together
+    (an SSE reader sends them in one write)."""
+    return follow_record(
         redis, hub, keys.job(job_id), keys.log(job_id), keys.channel(job_id), after, poll
     )
-    async for event in feed:
-        yield event
 
 
 async def follow_record(
@@ -254,47 +267,82 @@ async def follow_record(
     channel: str,
     after: int = 0,
     poll: float = 2.0,
-) -> AsyncIterator[RawEvent]:
-    """`follow` for any record with `status` and `seq` fields, an event log and a channel
-    written the same way (a job's, a batch's)."""
+) -> AsyncIterator[list[RawEvent]]:
+    """`follow_batches` for any record with `status` and `seq` fields, an event log and a
+    channel written the same way (a job's, a batch's)."""
     async with hub.listen(channel) as queue:
         last = after
         while True:
-            async for event in replay(redis, log_key, last):
-                last = event.seq
-                yield event
-                if event.terminal:
-                    return
-            if await _nothing_more(redis, record, last):
+            more = True
+            while more:
+                events, more, over = await _catch_up(redis, record, log_key, last)
+                events = _through_terminal(events)
+                if events:
+                    last = events[-1].seq
+                    yield events
+                    if events[-1].terminal:
+                        return
+            if over:
                 return
-            async for event in _live(queue, last, poll):
-                last = event.seq
-                yield event
-                if event.terminal:
+            async for events in _live(queue, last, poll):
+                last = events[-1].seq
+                yield events
+                if events[-1].terminal:
                     return
             # idle for `poll` seconds, or a gap in the live feed: back to the log
 
 
-async def _nothing_more(redis: Redis, job_key: str, last: int) -> bool:
-    """The job is gone, or over with no event after `last`."""
-    status, seq = await redis.hmget(job_key, ["status", "seq"])  # type: ignore[misc]
-    if status is None:
-        return True
-    return status.decode() in TERMINAL_STATUSES and int(seq or 0) <= last
+def _through_terminal(events: list[RawEvent]) -> list[RawEvent]:
+    for i, event in enumerate(events):
+        if event.terminal:
+            return events[: i + 1]
+    return events
 
 
-async def _live(queue: asyncio.Queue[bytes], last: int, poll: float) -> AsyncIterator[RawEvent]:
-    """Consecutive live events after `last`; ends on an idle `poll` or on a gap."""
+async def _live(
+    queue: asyncio.Queue[bytes], last: int, poll: float
+) -> AsyncIterator[list[RawEvent]]:
+    """Consecutive live events after `last`, as many at a time as have arrived; ends on an
+    idle `poll`, on a gap, or after the terminal event."""
     while True:
+        raws = await _arrived(queue, poll)
+        if raws is None:
+            return
+        events, go_on = _consecutive(raws, last)
+        if events:
+            last = events[-1].seq
+            yield events
+        if not go_on:
+            return
+
+
+async def _arrived(queue: asyncio.Queue[bytes], poll: float) -> list[bytes] | None:
+    """Every message in the queue, once there is one; None after `poll` idle seconds. A timer
+    is set only when the queue is empty: a reader that lags behind sets none."""
+    raws = []
+    if queue.empty():
         try:
             async with asyncio.timeout(poll):  # not wait_for: see EventHub.listen
-                raw = await queue.get()
+                raws.append(await queue.get())
         except TimeoutError:
-            return
+            return None
+    while not queue.empty():
+        raws.append(queue.get_nowait())
+    return raws
+
+
+def _consecutive(raws: list[bytes], last: int) -> tuple[list[RawEvent], bool]:
+    """The events that follow `last` without a gap (older ones dropped), and whether to go on
+    listening: not after a gap (the log fills it) nor after the terminal event."""
+    events: list[RawEvent] = []
+    for raw in raws:
         event = RawEvent.parse(raw)
         if event.seq <= last:
             continue
         if event.seq != last + 1:
-            return
+            return events, False
         last = event.seq
-        yield event
+        events.append(event)
+        if event.terminal:
+            return events, False
+    return events, True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -148,7 +149,7 @@ async def test_stamp_puts_each_chunks_send_time_in_it(client: httpx.AsyncClient)
     events = await stream_events(client, body)
     sent = [event["x_fake_sent_at"] for event in events]
     assert len(sent) == 5 and before <= sent[0] and sent[-1] <= time.time()
-    assert all(0.04 <= b - a < 1 for a, b in zip(sent, sent[1:], strict=False))
+    assert all(0.04 <= b - a < 1 for a, b in itertools.pairwise(sent))
     assert assemble(events)[0]["content"] == expected_content(body)
 
 

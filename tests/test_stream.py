@@ -13,7 +13,7 @@ from moonq.keys import Keys
 from moonq.models import JobCreate, Status
 from moonq.redis import connect
 from moonq.store import JobStore
-from moonq.stream import EventHub, follow
+from moonq.stream import EventHub, follow, follow_batches
 
 
 @pytest.fixture(params=["fake", "real"])
@@ -71,6 +71,21 @@ async def test_a_reader_after_the_end_gets_the_whole_log(store: JobStore, hub: E
     job_id, attempt = await _running_job(store)
     await _publish(store, job_id, attempt, 25)
     _assert_complete(await _read(store, hub, job_id), 25)
+
+
+async def test_events_at_hand_come_together_in_order(store: JobStore, hub: EventHub) -> None:
+    """The log's events come in one batch (an SSE reader writes them at once); live ones that
+    arrive while the reader is busy come together next, without a gap or a repeat."""
+    job_id, attempt = await _running_job(store)
+    for i in range(3):
+        await store.append(job_id, attempt, [{"event": "chunk", "data": i}])
+    batches = follow_batches(store.redis, hub, store.keys, job_id)
+    first = await anext(batches)
+    assert [e.seq for e in first] == [1, 2, 3]
+    await _publish(store, job_id, attempt, 4)  # four chunks and `done`, while the reader waits
+    await asyncio.sleep(0.3)  # for the hub to take them off the connection
+    rest = [[e.seq for e in events] async for events in batches]
+    assert rest == [[4, 5, 6, 7, 8]]
 
 
 async def test_last_event_id_resumes_after_it(store: JobStore, hub: EventHub) -> None:

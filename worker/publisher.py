@@ -17,6 +17,11 @@ from moonq.store import JobStore
 
 # Events per script call: bounds the time one call holds Redis (about a microsecond each).
 MAX_BATCH = 2000
+# The least time between the starts of two writes. The first event after a quiet spell goes at
+# once; under load, events of many jobs gather for up to this long and share one round trip
+# (a round trip costs the worker far more CPU than an event in it), for at most this much
+# latency on a chunk: little next to the tens of ms between an LLM's tokens.
+MIN_GAP = 0.002
 
 
 class AttemptLost(Exception):
@@ -30,6 +35,7 @@ class EventWriter:
         self._store = store
         self._dirty: dict[EventPublisher, None] = {}  # publishers with events, in order
         self._flushing: asyncio.Task[None] | None = None
+        self._last = -MIN_GAP  # loop time when the last write started
 
     def publisher(self, job_id: str, attempt: int) -> EventPublisher:
         return EventPublisher(self, job_id, attempt)
@@ -43,14 +49,13 @@ class EventWriter:
         self._dirty.pop(publisher, None)
 
     async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._dirty:
-            batch, size = [], 0
-            for publisher in list(self._dirty):
-                if size and size + len(publisher.pending) > MAX_BATCH:
-                    break
-                del self._dirty[publisher]
-                batch.append((publisher, publisher.take()))
-                size += len(batch[-1][1])
+            wait = self._last + MIN_GAP - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._last = loop.time()
+            batch = self._take()
             writes = [(p.job_id, p.attempt, events) for p, events in batch]
             try:
                 results: list[Any] = await self._store.append_many(writes)
@@ -67,6 +72,18 @@ class EventWriter:
                     publisher.written(AttemptLost(publisher.job_id), 0)
                 else:
                     publisher.written(None, len(events))
+
+    def _take(self) -> list[tuple[EventPublisher, list[dict[str, Any]]]]:
+        """The pending events of as many publishers as fit in one call, oldest first."""
+        batch: list[tuple[EventPublisher, list[dict[str, Any]]]] = []
+        size = 0
+        for publisher in list(self._dirty):
+            if size and size + len(publisher.pending) > MAX_BATCH:
+                break
+            del self._dirty[publisher]
+            batch.append((publisher, publisher.take()))
+            size += len(batch[-1][1])
+        return batch
 
     async def close(self) -> None:
         task, self._flushing = self._flushing, None
