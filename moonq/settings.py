@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     result_ttl: int = Field(7 * 24 * 3600, ge=60, alias="MOONQ_RESULT_TTL")
     max_events: int = Field(100_000, ge=100, alias="MOONQ_MAX_EVENTS")
     worker_concurrency: int = Field(50, ge=1, le=10_000, alias="MOONQ_WORKER_CONCURRENCY")
-    poll_delay: float = Field(0.05, gt=0, le=5, alias="MOONQ_POLL_DELAY")
+    poll_delay: float = Field(0.5, gt=0, le=5, alias="MOONQ_POLL_DELAY")
     job_timeout: int = Field(600, ge=1, alias="MOONQ_JOB_TIMEOUT")
     max_attempts: int = Field(5, ge=1, le=100, alias="MOONQ_MAX_ATTEMPTS")
     shutdown_grace: float = Field(30.0, ge=0, alias="MOONQ_SHUTDOWN_GRACE")

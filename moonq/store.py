@@ -426,8 +426,11 @@ class JobStore:
                 pipe.delete(job_key_prefix + job_id)
                 pipe.exists(in_progress_key_prefix + job_id)
                 *_, held = await pipe.execute()
-            if held:
-                await self.redis.zadd(abort_jobs_ss, {job_id: int(self.clock() * 1000)})
+            if held:  # and the workers polled at once: the holder stops the job now
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.zadd(abort_jobs_ss, {job_id: int(self.clock() * 1000)})
+                    pipe.publish(self.keys.wake(), "abort")
+                    await pipe.execute()
         except (RedisError, OSError):
             log.warning(
                 "job %s was cancelled but arq could not be told; it stops at its next write", job_id

@@ -521,3 +521,38 @@ async def test_an_idle_worker_starts_a_queued_job_without_waiting_for_its_poll(
     # neither waited for the 3 s poll: the first started at once, the second as the first
     # ended (it runs ~0.4 s); a loaded machine adds to both, never seconds
     assert waited[0] < 1.0 and waited[1] < 2.0, waited
+
+
+async def test_with_a_long_poll_a_retry_starts_when_due_and_a_cancel_stops_a_job_at_once(
+    real_stack: Any, fake: Any
+) -> None:
+    """Polls 3 s apart are only the fallback: a worker waits no longer than a deferred retry
+    needs, and a cancel wakes the worker holding the job, which aborts it (here while the
+    upstream has not answered yet, so no write of its own would find out)."""
+    from tests.serving import worker_running
+
+    stack, client = await real_stack(MOONQ_POLL_DELAY=3, MOONQ_RETRY_BASE_DELAY=0)
+
+    async def in_flight_becomes(n: int, within: float) -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while fake.stats.in_flight != n:
+            assert loop.time() - started < within, f"in flight: {fake.stats.in_flight}"
+            await asyncio.sleep(0.02)
+        return loop.time() - started
+
+    async with worker_running(stack):
+        once = {"error": "engine_overloaded_error", "fail_times": 1, "retry_after": 1}
+        retried = await submit(client, chat("retry", fake_moonshot={**once, "key": "r1"}))
+        job = (await client.get(f"/v1/jobs/{retried}", params={"wait": 10})).json()
+        assert job["status"] == "completed" and job["attempts"] == 2, job
+        # the retry was due 1 s after the failure; the next poll would have been 3 s after it
+        assert job["completed_at"] - job["created_at"] < 2.5, job
+
+        slow = await submit(client, chat("slow", fake_moonshot={"first_byte_delay": 10}))
+        await in_flight_becomes(1, 5)
+        await asyncio.sleep(0.5)  # the worker is back in its idle wait
+        cancelled = await client.post(f"/v1/jobs/{slow}/cancel")
+        assert cancelled.json()["status"] == "cancelled"
+        took = await in_flight_becomes(0, 2.5)
+    assert took < 1.5, took

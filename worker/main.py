@@ -22,6 +22,7 @@ import httpx
 from arq import Worker
 from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.utils import timestamp_ms
 from arq.worker import func
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
@@ -101,11 +102,23 @@ class MoonqWorker(Worker):
         try:
             await super()._poll_iteration()
             await self._feed_batches()
+            idle = await self._idle_for()
         except (RedisError, OSError) as exc:
             log.warning("Redis unavailable (%s); the worker keeps polling", type(exc).__name__)
             await asyncio.sleep(1.0)
             return
-        await self.wakeup.idle(self._idle)
+        await self.wakeup.idle(idle)
+
+    async def _idle_for(self) -> float:
+        """How long to wait for a wake-up before polling again: the poll delay, or less when a
+        deferred job (a retry) falls due sooner. Nothing wakes a worker for those."""
+        if self.job_counter >= self.max_jobs:
+            return self._idle  # no slot: a finishing job wakes this worker
+        now = timestamp_ms()
+        due = await self.pool.zrangebyscore(
+            self.queue_name, min=f"({now}", max="+inf", start=0, num=1, withscores=True
+        )
+        return min(self._idle, (due[0][1] - now) / 1000) if due else self._idle
 
     async def close(self) -> None:
         """arq's close, which raises when a job task it cancels ends cancelled (a run that
