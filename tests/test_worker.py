@@ -556,28 +556,3 @@ async def test_with_a_long_poll_a_retry_starts_when_due_and_a_cancel_stops_a_job
         assert cancelled.json()["status"] == "cancelled"
         took = await in_flight_becomes(0, 2.5)
     assert took < 1.5, took
-
-
-async def test_a_wake_up_ends_the_idle_wait_but_not_before_the_least_gap(
-    fake_redis: Any, prefix: str
-) -> None:
-    """Under load every queued job wakes every worker: a woken worker still waits out the
-    least gap between its polls, and then takes what was queued meanwhile in one poll."""
-    from worker.wake import Wakeup
-
-    wakeup = Wakeup(fake_redis, f"{prefix}:wake")
-    loop = asyncio.get_running_loop()
-    try:
-        wakeup.set()
-        started = loop.time()
-        await wakeup.idle(5.0)
-        assert loop.time() - started < 0.05  # woken: at once
-        wakeup.set()
-        started = loop.time()
-        await wakeup.idle(5.0, not_before=started + 0.2)
-        assert 0.2 <= loop.time() - started < 1.0  # woken, but not before the gap
-        started = loop.time()
-        await wakeup.idle(0.1, not_before=started + 0.05)
-        assert 0.1 <= loop.time() - started < 1.0  # not woken: the timeout
-    finally:
-        await wakeup.close()

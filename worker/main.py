@@ -58,8 +58,6 @@ ABORT_MAX_AGE_MS = 60_000
 # most this long for its first line to start); batches past their window are swept (in the
 # background) within EXPIRY_EVERY.
 IDLE_FEED_EVERY = 0.25
-# The least time between the starts of two polls that wake-ups bring on (worker/wake.py).
-MIN_POLL_GAP = 0.005
 EXPIRY_EVERY = 2.0
 
 
@@ -101,7 +99,6 @@ class MoonqWorker(Worker):
         if self._stopping:
             raise asyncio.CancelledError  # ends arq's main loop, as its cancel meant to
         self._heartbeat()
-        polled = asyncio.get_running_loop().time()
         try:
             await super()._poll_iteration()
             await self._feed_batches()
@@ -110,7 +107,7 @@ class MoonqWorker(Worker):
             log.warning("Redis unavailable (%s); the worker keeps polling", type(exc).__name__)
             await asyncio.sleep(1.0)
             return
-        await self.wakeup.idle(idle, not_before=polled + MIN_POLL_GAP)
+        await self.wakeup.idle(idle)
 
     async def _idle_for(self) -> float:
         """How long to wait for a wake-up before polling again: the poll delay, or less when a

@@ -34,19 +34,13 @@ class Wakeup:
         """Something may be ready (a job was queued, a slot freed): stop idling."""
         self._event.set()
 
-    async def idle(self, timeout: float, not_before: float = 0.0) -> None:
-        """Wait until woken, or `timeout` seconds; a wake-up since the last idle counts. A
-        wake-up ends the wait no sooner than `not_before` (loop time): under load, when jobs
-        are queued faster than one poll takes, a poll then takes them several at a time
-        instead of every worker polling once per queued job."""
+    async def idle(self, timeout: float) -> None:
+        """Wait until woken, or `timeout` seconds; a wake-up since the last idle counts."""
         if self._task is None:
             self._task = asyncio.create_task(self._listen(), name="moonq-wakeup")
-        loop = asyncio.get_running_loop()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._event.wait()
-                if (rest := not_before - loop.time()) > 0:
-                    await asyncio.sleep(rest)
         self._event.clear()
 
     async def close(self) -> None:
