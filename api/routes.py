@@ -203,10 +203,9 @@ async def job_events(
 
     A `Last-Event-ID` at the end of a job that has ended is answered 204 No Content, which
     tells an EventSource to stop reconnecting; one past the job's last event is a 400."""
-    job = await _own_job(request, job_id, tenant)
+    last, ended = await _own_position(request, job_id, tenant)
     after = parse_last_event_id(last_event_id)
     if after:
-        last, ended = await _position(request, job.id)
         if after > last:
             raise APIError(
                 400,
@@ -217,20 +216,26 @@ async def job_events(
             )
         if after == last and ended:
             return Response(status_code=204)
-    return EventSourceResponse(_sse(request, job, after), ping=15)
+    return EventSourceResponse(_sse(request, job_id, after), ping=15)
 
 
-async def _position(request: Request, job_id: str) -> tuple[int, bool]:
-    """The job's last seq and whether it has ended, read together."""
+async def _own_position(request: Request, job_id: str, tenant: str) -> tuple[int, bool]:
+    """The caller's job's last seq and whether it has ended, in one read (a stream needs no
+    more of the record); 404 as `_own_job` answers it."""
     svc = services(request)
-    status, seq = await svc.redis.hmget(svc.keys.job(job_id), ["status", "seq"])  # type: ignore[misc]
-    return int(seq or 0), status is not None and Status(status.decode()).terminal
+    owner, status, seq = None, None, None
+    if _JOB_ID.match(job_id):
+        fields = ["tenant", "status", "seq"]
+        owner, status, seq = await svc.redis.hmget(svc.keys.job(job_id), fields)  # type: ignore[misc]
+    if owner is None or status is None or owner.decode() != tenant:
+        raise APIError(404, f"No job with id {shown(job_id)}.")
+    return int(seq or 0), Status(status.decode()).terminal
 
 
-async def _sse(request: Request, job: Job, after: int) -> AsyncIterator[ServerSentEvent | bytes]:
+async def _sse(request: Request, job_id: str, after: int) -> AsyncIterator[ServerSentEvent | bytes]:
     svc = services(request)
     try:
-        async for events in follow_batches(svc.redis, svc.hub, svc.keys, job.id, after=after):
+        async for events in follow_batches(svc.redis, svc.hub, svc.keys, job_id, after=after):
             yield b"".join(event.sse() for event in events)  # those at hand: one write
     except (RedisError, OSError):
         # The response has started: report the failure as an event, never raise.
