@@ -102,11 +102,15 @@ return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 # other job.
 APPEND = """
 if #KEYS % 3 ~= 0 then return redis.error_reply('APPEND: KEYS come in threes') end
+if not string.match(ARGV[1] or '', '^%d+$') then return redis.error_reply('APPEND: bad maxlen') end
 local spans, at = {}, 2
 for j = 1, #KEYS / 3 do
   local n = tonumber(ARGV[at + 1])
   if not n or n < 0 or n % 1 ~= 0 or at + 1 + n > #ARGV then
     return redis.error_reply('APPEND: malformed arguments')
+  end
+  for i = at + 2, at + 1 + n do  -- each body a JSON object with a first member
+    if string.sub(ARGV[i], 1, 2) ~= '{"' then return redis.error_reply('APPEND: bad event') end
   end
   spans[j] = at
   at = at + 2 + n

@@ -7,6 +7,7 @@ the standard library takes over for what orjson refuses: integers beyond 64 bits
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -14,8 +15,14 @@ import orjson
 _OPTIONS = orjson.OPT_NON_STR_KEYS
 
 
+# An integer of 19 digits or more may not fit 64 bits (signed, below zero), which orjson reads
+# as a float: text with such a run of digits goes to the standard library's exact parser.
+_LONG_NUMBER = re.compile(r"\d{19}")
+_LONG_NUMBER_BYTES = re.compile(rb"\d{19}")
+
+
 def dump_bytes(value: Any) -> bytes:
-    """Compact UTF-8 JSON."""
+    """Compact UTF-8 JSON; `ValueError` for what cannot be written (nested too deeply)."""
     try:
         return orjson.dumps(value, option=_OPTIONS)
     except TypeError:
@@ -23,7 +30,7 @@ def dump_bytes(value: Any) -> bytes:
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON text, non-ASCII kept as is."""
+    """Compact JSON text, non-ASCII kept as is; `ValueError` as `dump_bytes`."""
     try:
         return orjson.dumps(value, option=_OPTIONS).decode()
     except TypeError:
@@ -31,11 +38,26 @@ def dumps(value: Any) -> str:
 
 
 def loads(raw: str | bytes) -> Any:
-    return orjson.loads(raw)
+    """Strict JSON (no `NaN` or `Infinity`), integers of any size kept exact; `ValueError`
+    for anything else, too deep nesting included."""
+    long = _LONG_NUMBER.search(raw) if isinstance(raw, str) else _LONG_NUMBER_BYTES.search(raw)
+    if long is None:
+        return orjson.loads(raw)
+    try:
+        return json.loads(raw, parse_constant=_not_json)
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _stdlib(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except RecursionError as exc:  # orjson refuses past 254 levels, the standard library ~1000
+        raise ValueError("nested too deeply to write as JSON") from exc
 
 
 def arq_serialize(value: Any) -> bytes:

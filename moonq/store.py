@@ -12,8 +12,9 @@ from typing import Any
 
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
+from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from moonq import scripts
 from moonq.assemble import Assembler
@@ -258,23 +259,24 @@ class JobStore:
 
     async def append(self, job_id: str, attempt: int, events: list[dict[str, Any]]) -> int:
         """Append and publish events for a live attempt; -1 means the attempt lost the job."""
-        (seq,) = await self.append_many([(job_id, attempt, events)])
-        if isinstance(seq, ResponseError):
+        (seq,) = await self.append_many([(job_id, attempt, [dump_bytes(e) for e in events])])
+        if isinstance(seq, RedisError):
             raise seq
         return seq
 
     async def append_many(
-        self, writes: list[tuple[str, int, list[dict[str, Any]]]]
-    ) -> list[int | ResponseError]:
-        """`append` for many attempts in one script call. For each, its last seq; -1 if the
-        attempt lost its job; or the error Redis gave its events (the others are written)."""
+        self, writes: list[tuple[str, int, list[bytes]]]
+    ) -> list[int | RedisError]:
+        """`append` for many attempts in one script call, their events already encoded (JSON
+        objects). For each, its last seq; -1 if the attempt lost its job; or the error Redis
+        gave its events, as redis-py raises it (the others are written all the same)."""
         keys: list[str] = []
         args: list[str | bytes | int] = [self.max_events]
-        for job_id, attempt, events in writes:
+        for job_id, attempt, bodies in writes:
             keys += self._event_keys(job_id)
-            args += [str(attempt), len(events), *map(dump_bytes, events)]
+            args += [str(attempt), len(bodies), *bodies]
         results = await self._append(keys=keys, args=args)
-        return [int(seq) if isinstance(seq, int) else ResponseError(_text(seq)) for seq in results]
+        return [int(seq) if isinstance(seq, int) else _redis_error(seq) for seq in results]
 
     async def requeue(
         self, job_id: str, attempt: int, reason: str, budget: int = 0, *, paused: bool = False
@@ -508,5 +510,9 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+def _redis_error(reply: Any) -> RedisError:
+    """An error reply a script returned as text, as redis-py would raise it (`ReadOnlyError`
+    for a failover's READONLY, and so on), so `moonq.redis.transient` judges it rightly."""
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+    error: RedisError = BaseParser.parse_error(text)  # type: ignore[no-untyped-call]
+    return error

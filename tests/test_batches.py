@@ -407,3 +407,19 @@ async def test_bad_reads_of_batches_are_clear_4xx(
     response = await client.request(method, url, headers=headers)
     assert response.status_code == status, response.text
     assert response.json()["error"]["message"]
+
+
+async def test_a_capped_batch_takes_its_next_line_as_soon_as_one_ends(stack_factory: Any) -> None:
+    """Under MOONQ_UPSTREAM_CONCURRENCY=4 a batch runs 3 lines at a time; a line that ends
+    frees its place at once, though the worker otherwise asks for lines only every 0.25 s
+    after finding none and polls every 0.5 s (MOONQ_POLL_DELAY's default)."""
+    stack, client = await stack_factory(MOONQ_POLL_DELAY=0.5, MOONQ_UPSTREAM_CONCURRENCY=4)
+    async with worker_running(stack):
+        started = time.monotonic()
+        batch = await create(client, [line(f"x{i}") for i in range(30)])
+        while (await batch_of(client, batch["id"]))["status"] != "completed":
+            assert time.monotonic() - started < 10
+            await asyncio.sleep(0.02)
+        took = time.monotonic() - started
+    # ten rounds of three fast lines; waiting 0.25 s per round would take 2.5 s or more
+    assert took < 2.0, took

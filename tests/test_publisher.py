@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -11,13 +12,13 @@ from arq.connections import ArqRedis
 from moonq.keys import Keys
 from moonq.models import JobCreate
 from moonq.store import JobStore
-from worker.publisher import AttemptLost, EventWriter
+from worker.publisher import AttemptLost, EventWriter, NotStorable
 
 
 class CountingStore(JobStore):
     calls: list[int]
 
-    async def append_many(self, writes: list[tuple[str, int, list[dict[str, Any]]]]) -> list[Any]:
+    async def append_many(self, writes: list[tuple[str, int, list[bytes]]]) -> list[Any]:
         self.calls.append(len(writes))
         return await super().append_many(writes)
 
@@ -95,3 +96,33 @@ async def test_a_closed_attempts_unwritten_events_are_dropped(store: CountingSto
     await other.drain()
     assert await _log(store, a) == []
     assert len(await _log(store, b)) == 1
+
+
+async def test_closing_the_writer_tells_every_attempt_with_unwritten_events(
+    store: CountingStore,
+) -> None:
+    writer = EventWriter(store)
+    (a, a_n), (b, b_n) = await _running(store), await _running(store)
+    first, second = writer.publisher(a, a_n), writer.publisher(b, b_n)
+    first.emit("chunk", {"i": 0})
+    second.emit("chunk", {"i": 0})
+    await writer.close()  # the worker shuts down before they are written
+    for publisher in (first, second):
+        with pytest.raises(ConnectionError):
+            async with asyncio.timeout(1):
+                await publisher.drain()
+
+
+async def test_an_event_that_cannot_be_written_fails_at_its_own_emit(store: CountingStore) -> None:
+    writer = EventWriter(store)
+    (a, a_n), (b, b_n) = await _running(store), await _running(store)
+    deep: list[object] = []
+    for _ in range(5000):
+        deep = [deep]
+    bad, good = writer.publisher(a, a_n), writer.publisher(b, b_n)
+    good.emit("chunk", {"i": 0})
+    with pytest.raises(NotStorable):
+        bad.emit("chunk", deep)
+    await good.drain()
+    await bad.drain()  # nothing of it was queued
+    assert len(await _log(store, b)) == 1 and await _log(store, a) == []

@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
-from redis.exceptions import ResponseError
+from redis.exceptions import ReadOnlyError, ResponseError
 
 from moonq.keys import Keys
 from moonq.listing import JobLister, UnknownCursor
 from moonq.models import JobCreate, Status
+from moonq.redis import connect, transient
 from moonq.store import AlreadyFinished, IdempotencyConflict, JobStore, utc_day
+from tests.procs import free_port
 
 TTL = 3600
 # `XADD ... MAXLEN ~ n` trims whole stream nodes only (stream-node-max-entries, 100 by
@@ -105,7 +107,7 @@ async def test_one_call_writes_many_jobs_events_and_fences_each_on_its_own(
     broken_attempt = await store.start_attempt(broken.id)
     # the log is ahead of the record (as no moonq write leaves it): its XADD is refused
     await store.redis.xadd(store.keys.log(broken.id), {"e": "{}"}, id="0-5")
-    chunk = {"event": "chunk", "data": {"n": 1}}
+    chunk = b'{"event":"chunk","data":{"n":1}}'
     results = await store.append_many(
         [
             (stale.id, stale_attempt, [chunk]),
@@ -114,14 +116,18 @@ async def test_one_call_writes_many_jobs_events_and_fences_each_on_its_own(
         ]
     )
     assert results[0] == -1 and results[2] == 2
-    assert isinstance(results[1], ResponseError) and "smaller" in str(results[1])
+    assert type(results[1]) is ResponseError and "smaller" in str(results[1])
     assert await store.redis.xlen(store.keys.log(stale.id)) == 0
     assert await store.redis.hget(store.keys.job(broken.id), "seq") == b"0"  # unmoved
     events = [json.loads(f[b"e"]) for _, f in await store.redis.xrange(store.keys.log(live.id))]
     assert [e["seq"] for e in events] == [1, 2]
     assert await store.redis.hget(store.keys.job(live.id), "seq") == b"2"
     with pytest.raises(ResponseError):
-        await store.append(broken.id, broken_attempt, [chunk])
+        await store.append(broken.id, broken_attempt, [{"event": "chunk"}])
+    for bad in ([b"{}"], [b"[1]"], [b""]):  # not an event: refused before any write
+        with pytest.raises(ResponseError, match="bad event"):
+            await store.append_many([(live.id, live_attempt, bad)])
+    assert await store.redis.xlen(store.keys.log(live.id)) == 2
 
 
 async def test_a_finished_job_stays_finished(store: JobStore) -> None:
@@ -320,3 +326,18 @@ async def test_the_event_log_is_capped_at_max_events(store: JobStore) -> None:
     seqs = [json.loads(f[b"e"])["seq"] for _, f in log]
     assert store.max_events <= len(log) <= store.max_events + TRIM_SLACK
     assert seqs == list(range(3501 - len(log), 3501))  # the oldest dropped, the rest in order
+
+
+async def test_a_failovers_readonly_reply_to_an_event_is_transient(own_redis: Any) -> None:
+    """An XADD refused inside APPEND (the node just became a replica) comes back as redis-py's
+    ReadOnlyError, which the worker rides out, not as a plain error that fails the job."""
+    redis = connect(own_redis.url)
+    try:
+        store = JobStore(redis, Keys("r"), queue_name="r:queue", result_ttl=60, max_events=1000)
+        job, _ = await store.create("t", _request())
+        attempt = await store.start_attempt(job.id)
+        await redis.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # demoted
+        (result,) = await store.append_many([(job.id, attempt, [b'{"event":"chunk"}'])])
+        assert isinstance(result, ReadOnlyError) and transient(result)
+    finally:
+        await redis.aclose()

@@ -556,3 +556,49 @@ async def test_with_a_long_poll_a_retry_starts_when_due_and_a_cancel_stops_a_job
         assert cancelled.json()["status"] == "cancelled"
         took = await in_flight_becomes(0, 2.5)
     assert took < 1.5, took
+
+
+async def test_a_chunk_too_deep_to_store_fails_its_own_job_alone(stack_factory: Any) -> None:
+    """A worker writes its jobs' events together: a chunk that cannot be written as JSON (it
+    parses, but is nested too deeply to write) fails its own job as a malformed upstream
+    answer, and the job streaming beside it completes."""
+    from tests.serving import worker_running
+
+    depth = 990
+
+    def sse(data: bytes) -> bytes:
+        return b"data: " + data + b"\n\n"
+
+    def chunk(text: str, finish: str | None = None) -> bytes:
+        delta = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
+        body: dict[str, Any] = {"id": "c", "object": "chat.completion.chunk", "choices": [delta]}
+        if finish:
+            body["usage"] = {"prompt_tokens": 1, "completion_tokens": 40, "total_tokens": 41}
+        return sse(json.dumps(body).encode())
+
+    async def answer(bad: bool) -> AsyncIterator[bytes]:
+        for i in range(40):
+            await asyncio.sleep(0.003)
+            yield chunk(f"t{i} ")
+            if bad and i == 20:
+                yield sse(b'{"choices":[],"x":' + b"[" * depth + b"]" * depth + b"}")
+        yield chunk("", finish="stop")
+        yield b"data: [DONE]\n\n"
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        if not request.url.path.endswith("/chat/completions"):
+            return httpx.Response(404)
+        bad = json.loads(request.content)["messages"][0]["content"] == "bad"
+        sse_type = {"content-type": "text/event-stream"}
+        return httpx.Response(200, headers=sse_type, content=answer(bad))
+
+    stack, client = await stack_factory(MOONQ_MAX_ATTEMPTS=1)
+    good, bad = await submit(client, chat("good")), await submit(client, chat("bad"))
+    async with worker_running(stack, transport=httpx.MockTransport(upstream)):
+        jobs = [
+            (await client.get(f"/v1/jobs/{job_id}", params={"wait": 20})).json()
+            for job_id in (good, bad)
+        ]
+    assert jobs[0]["status"] == "completed", jobs[0]
+    assert jobs[1]["status"] == "failed", jobs[1]
+    assert "cannot be stored" in jobs[1]["error"]["message"], jobs[1]["error"]

@@ -31,7 +31,7 @@ from moonq.redis import transient
 from moonq.scheduler import BATCH_PRIORITY_OFFSET
 from moonq.settings import Settings
 from moonq.store import InvalidUsage, JobStore, usage_counts
-from worker.publisher import AttemptLost, EventPublisher, EventWriter
+from worker.publisher import AttemptLost, EventPublisher, EventWriter, NotStorable
 from worker.upstream import MoonshotClient
 
 log = logging.getLogger("moonq.worker")
@@ -105,6 +105,9 @@ class Runner:
         self.metrics = recorder or metrics.Recorder(store.redis, store.keys)
         self.events = EventWriter(store)  # every attempt's events, written together
         self.draining = False  # set on SIGTERM: take no new upstream permits
+        # Runs of batch lines that ended: each may have freed a place under the batch's cap,
+        # so the worker asks for lines again at once (MoonqWorker._feed_batches).
+        self.batch_lines_ended = 0
 
     async def run(
         self, job_id: str, lock_token: str = "", started: Callable[[int], None] = lambda n: None
@@ -172,6 +175,19 @@ class Runner:
 
     async def _run(self, job_id: str, lock_token: str, started: Callable[[int], None]) -> str:
         record = await self.store.raw(job_id)
+        try:
+            return await self._run_record(job_id, record, lock_token, started)
+        finally:
+            if record is not None and record.get("batch_id"):
+                self.batch_lines_ended += 1
+
+    async def _run_record(
+        self,
+        job_id: str,
+        record: dict[str, str] | None,
+        lock_token: str,
+        started: Callable[[int], None],
+    ) -> str:
         if record is None:
             log.warning("job %s has no record (expired?); dropping it", job_id)
             return "missing"
@@ -332,7 +348,12 @@ class Runner:
                 if attempt.first_at is None:
                     attempt.first_at = time.monotonic()
                 assembler.add(chunk)
-                attempt.publisher.emit("chunk", chunk)
+                try:
+                    attempt.publisher.emit("chunk", chunk)
+                except NotStorable as exc:
+                    raise errors.UpstreamProtocolError(
+                        f"the upstream sent a chunk that cannot be stored: {exc}"
+                    ) from None
 
     async def _complete(self, attempt: Attempt, result: dict[str, Any]) -> str:
         usage = result.get("usage")

@@ -86,6 +86,7 @@ class MoonqWorker(Worker):
         self._stopping = False
         self.on_stop = self._stopped
         self._next_feed = self._next_expiry = 0.0
+        self._lines_ended = 0  # the runner's count of ended batch lines, as last seen
         self._sweeping: asyncio.Task[None] | None = None
         # The poll's wait is moonq's: an idle wait that a queued job's wake-up cuts short
         # (arq's own sleep between polls would not be), the poll delay its fallback.
@@ -111,14 +112,19 @@ class MoonqWorker(Worker):
 
     async def _idle_for(self) -> float:
         """How long to wait for a wake-up before polling again: the poll delay, or less when a
-        deferred job (a retry) falls due sooner. Nothing wakes a worker for those."""
+        deferred job (a retry) falls due sooner, or when batch lines may be taken again (see
+        `_feed_batches`). Nothing wakes a worker for those."""
         if self.job_counter >= self.max_jobs:
             return self._idle  # no slot: a finishing job wakes this worker
+        wait = self._idle
+        feeding = self.ctx.get("moonq_scheduler") is not None and not self._stopping
+        if feeding and self.max_jobs - self.job_counter - worker_reserve(self.max_jobs) > 0:
+            wait = min(wait, max(0.0, self._next_feed - time.monotonic()))
         now = timestamp_ms()
         due = await self.pool.zrangebyscore(
             self.queue_name, min=f"({now}", max="+inf", start=0, num=1, withscores=True
         )
-        return min(self._idle, (due[0][1] - now) / 1000) if due else self._idle
+        return min(wait, (due[0][1] - now) / 1000) if due else wait
 
     async def close(self) -> None:
         """arq's close, which raises when a job task it cancels ends cancelled (a run that
@@ -144,6 +150,10 @@ class MoonqWorker(Worker):
         if now >= self._next_expiry and (self._sweeping is None or self._sweeping.done()):
             self._next_expiry = now + EXPIRY_EVERY
             self._sweeping = asyncio.create_task(self._sweep(), name="moonq-batch-sweep")
+        runner: Runner | None = self.ctx.get("moonq_runner")
+        if runner is not None and runner.batch_lines_ended != self._lines_ended:
+            self._lines_ended = runner.batch_lines_ended
+            self._next_feed = now  # a line ended: its batch may take another at once
         free = self.max_jobs - self.job_counter - worker_reserve(self.max_jobs)
         if free <= 0 or now < self._next_feed:
             return
@@ -330,7 +340,8 @@ class LockKeeper:
     """Holds arq's lock on a running job for `ttl` seconds at a time, renewed while it runs.
 
     arq locks a job for the longest job timeout + 10 s, so a killed worker's job would wait
-    that long to run again; with a short lock kept alive here it runs again within `ttl`. A
+    that long to run again; with a short lock kept alive here it runs again within `ttl` (and
+    the poll delay, MOONQ_POLL_DELAY, of the worker that takes it). A
     run whose lock lapsed (a stall) takes it back if nobody else took it and the job is still
     its own (`scripts.KEEP_LOCK`), and puts arq's entries back if they are gone, so a job that
     is not over is never left without them.

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+from moonq.serde import dump_bytes
 from moonq.store import JobStore
 
 # Events per script call: bounds the time one call holds Redis (about a microsecond each).
@@ -28,6 +29,10 @@ MIN_GAP = 0.002
 
 class AttemptLost(Exception):
     """The job was cancelled, finished or taken over by a newer attempt: stop working on it."""
+
+
+class NotStorable(ValueError):
+    """An event that cannot be written as JSON (nested too deeply): the attempt's alone."""
 
 
 class EventWriter:
@@ -77,9 +82,9 @@ class EventWriter:
                 else:
                     publisher.written(None, len(events))
 
-    def _take(self) -> list[tuple[EventPublisher, list[dict[str, Any]]]]:
+    def _take(self) -> list[tuple[EventPublisher, list[bytes]]]:
         """The pending events of as many publishers as fit in one call, oldest first."""
-        batch: list[tuple[EventPublisher, list[dict[str, Any]]]] = []
+        batch: list[tuple[EventPublisher, list[bytes]]] = []
         size = 0
         for publisher in list(self._dirty):
             if size and size + len(publisher.pending) > MAX_BATCH:
@@ -90,11 +95,15 @@ class EventWriter:
         return batch
 
     async def close(self) -> None:
+        """Stop writing: every attempt with events still unwritten hears that it cannot be."""
         task, self._flushing = self._flushing, None
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        for publisher in list(self._dirty):
+            publisher.written(ConnectionError("the worker shut down"), 0)
+        self._dirty.clear()
 
 
 class EventPublisher:
@@ -103,7 +112,7 @@ class EventPublisher:
     def __init__(self, writer: EventWriter, job_id: str, attempt: int) -> None:
         self.job_id = job_id
         self.attempt = attempt
-        self.pending: list[dict[str, Any]] = []
+        self.pending: list[bytes] = []  # events encoded, not yet written
         self.published = 0
         self._writer = writer
         self._in_flight = 0
@@ -113,9 +122,15 @@ class EventPublisher:
         self._closed = False
 
     def emit(self, event: str, data: Any) -> None:
-        """Queue an event; raises `AttemptLost` (or a Redis error) from an earlier write."""
+        """Queue an event; raises `AttemptLost` (or a Redis error) from an earlier write, and
+        `NotStorable` for data that cannot be written. Encoded here, in the attempt's own
+        task, so that a bad event fails its attempt alone."""
         self._raise_failure()
-        self.pending.append({"event": event, "attempt": self.attempt, "data": data})
+        try:
+            body = dump_bytes({"event": event, "attempt": self.attempt, "data": data})
+        except ValueError as exc:
+            raise NotStorable(str(exc)) from exc
+        self.pending.append(body)
         self._idle.clear()
         self._writer._wake(self)
 
@@ -131,7 +146,7 @@ class EventPublisher:
         self.pending = []
         self._writer._forget(self)
 
-    def take(self) -> list[dict[str, Any]]:
+    def take(self) -> list[bytes]:
         events, self.pending = self.pending, []
         self._in_flight += len(events)
         return events

@@ -1,10 +1,10 @@
 """Waking a worker when a job is queued, instead of waiting for its next poll.
 
-arq polls its queue every `poll_delay` (moonq's 50 ms add ~25 ms to a job's start on average);
+arq polls its queue every `poll_delay` (a 50 ms poll added ~25 ms to a job's start on average);
 its maintainer declined wake-on-enqueue upstream. moonq's CREATE script publishes on a channel
-as it queues a job, and each worker listens: a wake-up ends the worker's idle wait at once. The
-poll stays as the fallback, so a lost message (pub/sub is at-most-once) costs one poll delay,
-never a job.
+as it queues a job, a cancel as it aborts one, and each worker listens: a wake-up ends the
+worker's idle wait at once. The poll (MOONQ_POLL_DELAY, 0.5 s) stays as the fallback, so a lost
+message (pub/sub is at-most-once) costs one poll delay, never a job.
 """
 
 from __future__ import annotations
