@@ -187,6 +187,11 @@ def header(args: argparse.Namespace, elapsed: float, redis_version: str) -> str:
     ceiling = f"""
 - ceiling: {args.ceiling} in flight, {args.ceiling_requests} requests of \
 {args.ceiling_chunks} chunks answered at once (no delays): what the queue itself can pass"""
+    ceiling = ceiling if args.ceiling else ""
+    if args.sequential and not args.scaling:
+        ceiling += f"""
+- sequential: {args.sequential} requests one at a time, each answered after 50 ms with \
+5 chunks 10 ms apart: what the queue adds to a lone request's first token"""
     return f"""# moonq benchmark: the queue next to calling the upstream directly ({runs})
 
 - date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}; run time {elapsed:.0f} s (`{command}`)
@@ -197,7 +202,7 @@ share these cores
 {args.workers} worker process(es)
 - parameters: {parameters}, after a warm-up; MOONQ_UPSTREAM_RPM/TPM=0 (off), other settings \
 default{env}\
-{ceiling if args.ceiling else ""}
+{ceiling}
 - {runs}: each row is run {args.repeat}× (direct, then moonq, in turn) and each figure is the \
 median of its per-run values (a ratio: of the per-run ratios); ratio = moonq / direct (time: \
 >1 is slower; throughput: <1 is fewer per second). moonq times count from the submit call; \

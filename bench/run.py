@@ -108,6 +108,14 @@ class Bench:
             rows += await self.row(f"c={c}", c, self.requests(c), self.shape, kinds)
         return rows
 
+    async def sequential(self) -> Row:
+        """One request at a time, many of them, short answers (5 chunks 10 ms apart after 50
+        ms): what the queue adds to a lone request's first token, with enough samples for its
+        tail. Its TTFC ratio and overhead columns are the figures to read."""
+        shape = Shape(5, 0.01, 0.05, stamp=self.args.relay)
+        name = "sequential: c=1, short answers"
+        return (await self.row(name, 1, self.args.sequential, shape, ["sse"]))[0]
+
     async def ceiling(self, name: str = "ceiling") -> Row:
         """Jobs/s through moonq when the upstream answers at once: the queue's own limit."""
         args = self.args
@@ -170,7 +178,8 @@ async def measure(bench: Bench) -> Result:
     if args.scaling:
         scaling = await bench.scaling()
         return Result([row for *_, row in scaling], scaling, None, {})
-    rows = await bench.levels()
+    rows = [await bench.sequential()] if args.sequential else []
+    rows += await bench.levels()
     if args.ceiling:
         rows.append(await bench.ceiling())
     rows += await bench.queued()
@@ -205,6 +214,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--first-byte", type=float, default=0.2, help="seconds before the upstream answers")
     add("--levels", type=ints, default=[1, 50, 200])
     add("--requests", type=int, default=0, help="per level (0: max(10, 2×level))")
+    add("--sequential", type=int, default=60, help="requests of the sequential row (0: none)")
     add("--repeat", type=int, default=3, help="runs of each row; figures are their medians")
     add("--queued", type=int, default=50, help="concurrency of the queued rows (0: none)")
     add("--wait-level", type=int, default=50, help="the level with a long-poll row")
