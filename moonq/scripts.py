@@ -94,12 +94,12 @@ return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 # jobs' events in one call). ARGV: maxlen, then for each job its attempt, its number of events
 # n, and n event bodies (JSON objects without seq). Appends and publishes each job's events with
 # its next seqs. Returns one number per job: its last seq; -1 if the attempt is no longer the
-# job's live one (superseded, cancelled, finished), nothing written; or the error Redis gave an
-# XADD, as text (nothing more written for that job). Like the job, the log does not expire
-# before the job ends. The arguments are all checked before the first write; an XADD (the only
-# write that could fail) is tried before its PUBLISH, and the record's seq moves once, to the
-# last event that went into the log: the two always agree, and one job's failure touches no
-# other job.
+# job's live one (superseded, cancelled, finished), nothing written; or, as text, the error
+# Redis gave its record's read or an XADD (nothing more written for that job). Like the job,
+# the log does not expire before the job ends. The arguments are all checked before the first
+# write; a job's record is read and each XADD (the only write that could fail) tried under
+# pcall before its PUBLISH, and the record's seq moves once, to the last event that went into
+# the log: the two always agree, and one job's failure touches no other job.
 APPEND = """
 if #KEYS % 3 ~= 0 then return redis.error_reply('APPEND: KEYS come in threes') end
 if not string.match(ARGV[1] or '', '^%d+$') then return redis.error_reply('APPEND: bad maxlen') end
@@ -119,8 +119,10 @@ if at ~= #ARGV + 1 then return redis.error_reply('APPEND: malformed arguments') 
 local out = {}
 for j = 1, #KEYS / 3 do
   local job, log, channel, a = KEYS[3 * j - 2], KEYS[3 * j - 1], KEYS[3 * j], spans[j]
-  local state = redis.call('HMGET', job, 'status', 'attempts', 'seq')
-  if state[1] ~= 'in_progress' or state[2] ~= ARGV[a] then
+  local state = redis.pcall('HMGET', job, 'status', 'attempts', 'seq')
+  if state.err then  -- not a hash: that job's error alone, as for a refused XADD
+    out[j] = state.err
+  elseif state[1] ~= 'in_progress' or state[2] ~= ARGV[a] then
     out[j] = -1
   else
     local seq = tonumber(state[3]) or 0

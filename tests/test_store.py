@@ -124,10 +124,14 @@ async def test_one_call_writes_many_jobs_events_and_fences_each_on_its_own(
     assert await store.redis.hget(store.keys.job(live.id), "seq") == b"2"
     with pytest.raises(ResponseError):
         await store.append(broken.id, broken_attempt, [{"event": "chunk"}])
+    await store.redis.set(store.keys.job(stale.id), "not a hash")  # a damaged record
+    results = await store.append_many([(stale.id, 1, [chunk]), (live.id, live_attempt, [chunk])])
+    assert type(results[0]) is ResponseError and "WRONGTYPE" in str(results[0])
+    assert results[1] == 3  # the job after it is written all the same
     for bad in ([b"{}"], [b"[1]"], [b""]):  # not an event: refused before any write
         with pytest.raises(ResponseError, match="bad event"):
             await store.append_many([(live.id, live_attempt, bad)])
-    assert await store.redis.xlen(store.keys.log(live.id)) == 2
+    assert await store.redis.xlen(store.keys.log(live.id)) == 3
 
 
 async def test_a_finished_job_stays_finished(store: JobStore) -> None:
