@@ -96,8 +96,12 @@ def cost_cells(r: Row) -> list[str]:
     return [*cells, f"{direct:.2f}→{moonq:.2f}", f"{med(x.redis_per_chunk for x in r.moonq):.1f}"]
 
 
+def ttfc_added(q: float) -> Callable[[Run, Run], float]:
+    return lambda direct, moonq: (moonq.pct("ttfc", q) - direct.pct("ttfc", q)) * 1000
+
+
 def latency_cells(r: Row, args: argparse.Namespace) -> list[str]:
-    cells = [r.name]
+    cells = [r.name, *(signed(paired(r, ttfc_added(q))) for q in (0.5, 0.99))]
     if args.pickup:
         cells += [num(med(pct(run.pickup, q) * 1000 for run in r.moonq)) for q in (0.5, 0.99)]
     if args.relay:
@@ -121,6 +125,7 @@ NOTE = (
     "submit is its stream); CPU per request, direct→moonq, summed over each server's "
     "processes, the direct figures for api/worker being their idle cost)"
 )
+TTFC = "TTFC adds = moonq's time to the first chunk less the direct client's, at each percentile"
 PICKUP = "pickup = the job record's created_at→started_at"
 RELAY = (
     "relay = the fake's write of a chunk (its `x_fake_sent_at`, `time.time()`) → its arrival "
@@ -134,13 +139,14 @@ def table(head: str, lines: Iterable[list[str]]) -> str:
 
 
 def latency_table(rows: list[Row], args: argparse.Namespace) -> str:
-    head, title, says = "scenario", [], []
+    head, title, says = "scenario | TTFC adds p50 | TTFC adds p99", ["first token"], [TTFC]
     if args.pickup:
-        head, title, says = head + " | pickup p50 | pickup p99", ["Pickup"], [PICKUP]
+        head, title, says = head + " | pickup p50 | pickup p99", [*title, "pickup"], [*says, PICKUP]
     if args.relay:
         head += " | relay p50 | moonq adds p50 | relay p99 | moonq adds p99"
         title, says = [*title, "chunk relay"], [*says, RELAY]
-    note = f"**{' and '.join(title).capitalize()}** (ms; {'; '.join(says)})"
+    named = ", ".join(title[:-1]) + f" and {title[-1]}" if len(title) > 1 else title[0]
+    note = f"**{named.capitalize()}** (ms; {'; '.join(says)})"
     return f"{note}\n\n{table(head, (latency_cells(r, args) for r in rows))}\n"
 
 
@@ -214,8 +220,7 @@ def report(args: argparse.Namespace, result: Result, elapsed: float, redis_versi
     rows = result.rows
     parts = [header(args, elapsed, redis_version)]
     parts += [table(HEADS[0], map(main_cells, rows)), NOTE, table(HEADS[1], map(cost_cells, rows))]
-    if args.pickup or args.relay:
-        parts.append(latency_table(rows, args))
+    parts.append(latency_table(rows, args))
     if result.scaling:
         parts.append(
             f"**Scaling** (the ceiling row with 1, 2, … worker processes (API ×{args.api_procs})"
