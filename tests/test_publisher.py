@@ -57,7 +57,6 @@ async def test_many_attempts_events_go_in_one_call_and_each_keeps_its_order(
     for job_id in (a, b):
         events = await _log(store, job_id)
         assert [(e["seq"], e["data"]["i"]) for e in events] == [(1, 0), (2, 1), (3, 2)]
-    assert first.published == second.published == 3
     # later events of both go together again, each job's after its earlier ones
     first.emit("chunk", {"i": 3})
     second.emit("chunk", {"i": 3})

@@ -113,7 +113,6 @@ class EventPublisher:
         self.job_id = job_id
         self.attempt = attempt
         self.pending: list[bytes] = []  # events encoded, not yet written
-        self.published = 0
         self._writer = writer
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -153,7 +152,6 @@ class EventPublisher:
 
     def written(self, failure: BaseException | None, count: int) -> None:
         self._in_flight = 0 if failure is not None else self._in_flight - count
-        self.published += count
         if failure is not None and self._failure is None and not self._closed:
             self._failure = failure
             self.pending = []  # what follows a failed write must not be written
