@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TOOLS := $(VENV)/.installed
 RUNTIME := $(VENV)/.installed-runtime
 
-.PHONY: install dev test lint format typecheck pytest bench chaos clean
+.PHONY: install dev test lint format typecheck pytest bench chaos screenshots clean
 
 $(BIN)/pip:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ pytest: $(TOOLS)
 bench: $(TOOLS)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.batch
+	$(BIN)/python -m bench.dashboard
+
+# The dashboard's screenshots in docs/, which the README shows (needs Debian's chromium).
+screenshots: $(TOOLS)
+	MOONQ_SCREENSHOTS=1 $(BIN)/pytest tests/test_dashboard_browser.py -q
 
 # The full fault suite: 500 jobs, upstream faults, workers SIGKILLed and stalled, Redis stalled
 # (a redis-server of its own; `--redis-url URL` runs it on another Redis, without Redis stalls).

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from api import account, batches, chat, errors, files, openapi, routes, usage
+from api import account, batches, chat, dashboard, errors, files, openapi, routes, usage
 from api.files import MULTIPART_OVERHEAD
 from api.limits import BodyLimit
 from api.metrics import router as metrics_router
@@ -75,6 +75,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     app.include_router(account.router)
     app.include_router(metrics_router)
     app.include_router(usage.router)
+    dashboard.install(app)
     return app
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -50,3 +51,43 @@ async def current_tenant(
 
 
 Tenant = Annotated[str, Depends(current_tenant)]
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who looks at the dashboard: a tenant, who sees its own jobs, batches and usage, or an
+    admin (`tenant` None: a key of MOONQ_ADMIN_KEYS), who sees every tenant's and the
+    account-wide figures."""
+
+    tenant: str | None
+
+    @property
+    def admin(self) -> bool:
+        return self.tenant is None
+
+    def sees(self, tenant: str) -> bool:
+        return self.tenant is None or self.tenant == tenant
+
+
+def viewer_for(token: str | None, keys: dict[str, str], admin_keys: list[str]) -> Viewer:
+    """An admin key (checked against each in constant time) makes an admin; else the key's
+    tenant (401 as `tenant_for`). A deployment without any key is open: everyone is admin."""
+    token = (token or "").strip()
+    admin = False
+    for key in admin_keys:
+        admin |= bool(token) and hmac.compare_digest(key.encode(), token.encode())
+    if admin or (not keys and not admin_keys):
+        return Viewer(None)
+    return Viewer(tenant_for(token, keys))
+
+
+async def current_viewer(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+) -> Viewer:
+    svc = services(request)
+    token = credentials.credentials if credentials is not None else None
+    return viewer_for(token, svc.tenants, svc.settings.admin_key_list())
+
+
+Viewing = Annotated[Viewer, Depends(current_viewer)]

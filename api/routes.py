@@ -203,6 +203,13 @@ async def job_events(
 
     A `Last-Event-ID` at the end of a job that has ended is answered 204 No Content, which
     tells an EventSource to stop reconnecting; one past the job's last event is a 400."""
+    return await events_response(request, job_id, tenant, last_event_id)
+
+
+async def events_response(
+    request: Request, job_id: str, tenant: str | None, last_event_id: str | None
+) -> Response:
+    """A job's events as SSE (`tenant` None: any tenant's job, for the admin's dashboard)."""
     last, ended = await _own_position(request, job_id, tenant)
     after = parse_last_event_id(last_event_id)
     if after:
@@ -219,7 +226,7 @@ async def job_events(
     return EventSourceResponse(_sse(request, job_id, after), ping=15)
 
 
-async def _own_position(request: Request, job_id: str, tenant: str) -> tuple[int, bool]:
+async def _own_position(request: Request, job_id: str, tenant: str | None) -> tuple[int, bool]:
     """The caller's job's last seq and whether it has ended, in one read (a stream needs no
     more of the record); 404 as `_own_job` answers it."""
     svc = services(request)
@@ -227,7 +234,7 @@ async def _own_position(request: Request, job_id: str, tenant: str) -> tuple[int
     if _JOB_ID.match(job_id):
         fields = ["tenant", "status", "seq"]
         owner, status, seq = await svc.redis.hmget(svc.keys.job(job_id), fields)  # type: ignore[misc]
-    if owner is None or status is None or owner.decode() != tenant:
+    if owner is None or status is None or tenant not in (None, owner.decode()):
         raise APIError(404, f"No job with id {shown(job_id)}.")
     return int(seq or 0), Status(status.decode()).terminal
 

@@ -167,6 +167,7 @@ def announce(sock: socket.socket) -> None:
     logging.getLogger("uvicorn.error").info(
         "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", shown, port
     )
+    logging.getLogger("moonq.api").info("Dashboard: http://%s:%d/dashboard", shown, port)
 
 
 def _refuse_open_api(settings: Settings, host: str) -> None:

@@ -198,6 +198,11 @@ class Keys:
         """Hash: each live worker's jobs in flight and when it said so ("n unix-s")."""
         return f"{self.prefix}:metrics:workers"
 
+    def metrics_slot(self, slot: int) -> str:
+        """Hash: what the workers saw end in one `moonq.timeline` step (jobs, tokens, time to
+        first token, by tenant), for the dashboard's charts; expires after the charts' span."""
+        return f"{self.prefix}:metrics:slot:{slot}"
+
     def account_check(self) -> str:
         """String: held (SET NX PX) by the one worker checking a paused account's balance."""
         return f"{self.prefix}:account:check"

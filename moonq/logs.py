@@ -135,9 +135,9 @@ def _job_fields(record: logging.LogRecord) -> dict[str, Any]:
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """Every secret a process knows: the upstream key, the API keys, the metrics key, and
-    the Redis password."""
-    found = [settings.upstream_key, *settings.tenants_by_key()]
+    """Every secret a process knows: the upstream key, the API and admin keys, the metrics
+    key, and the Redis password."""
+    found = [settings.upstream_key, *settings.tenants_by_key(), *settings.admin_key_list()]
     if settings.metrics_key is not None:
         found.append(settings.metrics_key.get_secret_value())
     with contextlib.suppress(ValueError):

@@ -26,6 +26,7 @@ from typing import TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from moonq import timeline
 from moonq.keys import Keys
 
 log = logging.getLogger("moonq.metrics")
@@ -82,7 +83,7 @@ class Spec:
 
 
 # Bucket boundaries are OpenTelemetry's advice for the GenAI metrics.
-_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_TTFT = timeline.TTFT_BOUNDS
 _CALL = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 _TOKENS = tuple(float(4**n) for n in range(14))  # 1 .. 67,108,864
 _JOB: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -215,6 +216,7 @@ class Recorder:
         self.in_flight = 0
         self._counts: dict[Sample, int] = {}
         self._sums: dict[Sample, float] = {}
+        self.timeline = timeline.Tally()  # the dashboard's charts, by tenant
         self._models: dict[str, str] = {}  # a model -> its label ("other" past the cap)
         self._said: tuple[int, float] = (-1, 0.0)  # in flight last written, and when
         self._admit = redis.register_script(_ADMIT)
@@ -231,11 +233,12 @@ class Recorder:
         total = (spec.name + "_sum", pairs)
         self._sums[total] = self._sums.get(total, 0.0) + value
 
-    def job_ended(self, status: str, created_at: float) -> None:
+    def job_ended(self, status: str, created_at: float, tenant: str) -> None:
         """A job ended by this worker: its duration. Its ending is counted by FINISH itself
         (moonq/scripts.py), which also counts the jobs cancels and batch ends finish."""
         labels = {"status": status}
         self.observe(JOB_DURATION, labels, max(0.0, self.clock() - created_at))
+        self.timeline.add(timeline.DONE if status == "completed" else timeline.FAILED, tenant)
 
     def call_ended(self, model: str, seconds: float, error: str | None) -> None:
         """An upstream call ended, in `seconds`; `error` is its error's type if it failed."""
@@ -247,11 +250,16 @@ class Recorder:
         labels = {"error_type": error_type(kind), "retryable": "true" if retryable else "false"}
         self.count(UPSTREAM_ERRORS, labels)
 
-    def completed(self, model: str, ttft: float | None, usage: Mapping[str, int]) -> None:
+    def completed(
+        self, model: str, ttft: float | None, usage: Mapping[str, int], tenant: str
+    ) -> None:
         """A completed job's time to first token and its tokens (`store.usage_counts`)."""
         labels = {MODEL: model, OPERATION_NAME: OPERATION}
         if ttft is not None:
             self.observe(TTFT, labels, ttft)
+            self.timeline.add(timeline.ttft_kind(ttft), tenant)
+        if usage.get("total_tokens"):
+            self.timeline.add(timeline.TOKENS, tenant, usage["total_tokens"])
         for kind, name in (("input", "prompt_tokens"), ("output", "completion_tokens")):
             if name in usage:
                 self.observe(TOKEN_USAGE, {**labels, TOKEN_TYPE: kind}, usage[name])
@@ -277,14 +285,16 @@ class Recorder:
         counts, sums = self._counts, self._sums
         now = self.clock()
         said = self.in_flight != self._said[0] or now - self._said[1] >= REPORT_EVERY
-        if not counts and not sums and not said:
+        if not counts and not sums and not said and not self.timeline.counts:
             return
         self._counts, self._sums = {}, {}
+        steps = self.timeline.take()
         try:
-            await self._write(counts, sums, now, said)
+            await self._write(counts, sums, steps, now, said)
         except BaseException:
             _merge(self._counts, counts)
             _merge(self._sums, sums)
+            self.timeline.put_back(steps)
             raise
 
     async def close(self) -> None:
@@ -295,7 +305,12 @@ class Recorder:
             await self.redis.hdel(self.keys.metrics_workers(), self.worker)  # type: ignore[misc]
 
     async def _write(
-        self, counts: dict[Sample, int], sums: dict[Sample, float], now: float, said: bool
+        self,
+        counts: dict[Sample, int],
+        sums: dict[Sample, float],
+        steps: dict[str, int],
+        now: float,
+        said: bool,
     ) -> None:
         await self._learn_models([*counts, *sums])
         key = self.keys.metrics()
@@ -304,6 +319,11 @@ class Recorder:
                 pipe.hincrby(key, field(sample), amount)
             for sample, value in _relabel(sums, self._models).items():
                 pipe.hincrbyfloat(key, field(sample), value)
+            if steps:
+                slot = self.keys.metrics_slot(timeline.step_of(now))
+                for name, amount in steps.items():
+                    pipe.hincrby(slot, name, amount)
+                pipe.expire(slot, timeline.KEEP)
             if said:
                 state = f"{self.in_flight} {now:.3f}"
                 pipe.hset(self.keys.metrics_workers(), self.worker, state)

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     moonshot_api_key: SecretStr | None = Field(None, alias="MOONSHOT_API_KEY")
     moonshot_base_url: str = Field(DEFAULT_MOONSHOT_BASE_URL, alias="MOONSHOT_BASE_URL")
     api_keys: SecretStr = Field(SecretStr(""), alias="MOONQ_API_KEYS")
+    admin_keys: SecretStr = Field(SecretStr(""), alias="MOONQ_ADMIN_KEYS")
     stream_usage: bool = Field(False, alias="MOONQ_STREAM_USAGE")
     allow_open: bool = Field(False, alias="MOONQ_ALLOW_OPEN")
 
@@ -121,6 +122,14 @@ class Settings(BaseSettings):
                 setattr(self, name, value)
         return self
 
+    @model_validator(mode="after")
+    def _check_admin_keys(self) -> Self:
+        """An admin key that is also a tenant's key would make whoever holds it both."""
+        admin = self.admin_key_list()
+        if set(admin) & set(self.tenants_by_key()):
+            raise ValueError("MOONQ_ADMIN_KEYS repeats a key of MOONQ_API_KEYS: use another one")
+        return self
+
     @field_validator("moonshot_api_key")
     @classmethod
     def _blank_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
@@ -165,6 +174,11 @@ class Settings(BaseSettings):
     def tenants_by_key(self) -> dict[str, str]:
         """Parse `MOONQ_API_KEYS` (`key=tenant,key2=tenant2`); empty means an open API."""
         return parse_api_keys(self.api_keys.get_secret_value())
+
+    def admin_key_list(self) -> list[str]:
+        """`MOONQ_ADMIN_KEYS` (`key,key2`): keys that see every tenant in the dashboard."""
+        raw = self.admin_keys.get_secret_value()
+        return [key for key in (part.strip() for part in raw.split(",")) if key]
 
     @property
     def upstream_key(self) -> str:

@@ -15,14 +15,16 @@ from typing import Any
 import httpx
 import pytest
 
-from moonq.logs import Formatter, JobFilter, job_context
+from moonq.logs import Formatter, JobFilter, job_context, secrets_of
 from tests.conftest import chat, submit
 from tests.procs import clean_env, start, wait_http, wait_log
 
 API_KEY = "sk-tenant-known-key-0001"
 UPSTREAM_KEY = "sk-upstream-known-key-0002"
 METRICS_KEY = "metrics-known-key-0003"
+ADMIN_KEY = "admin-known-key-0004"
 SECRETS = {
+    "MOONQ_ADMIN_KEYS": ADMIN_KEY,
     "MOONQ_API_KEYS": f"{API_KEY}=acme",
     "MOONSHOT_API_KEY": UPSTREAM_KEY,
     "MOONQ_METRICS_KEY": METRICS_KEY,
@@ -72,9 +74,13 @@ async def test_no_secret_is_ever_logged(stack_factory: Any, captured: io.StringI
     assert (
         await client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"})
     ).is_success
+    jobs = (await client.get("/v1/jobs", headers=auth)).json()["data"]
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert (await client.get(f"/dashboard/jobs/{jobs[0]['id']}", headers=admin)).is_success
     text = captured.getvalue()
     assert "failed on attempt 1: invalid_authentication_error" in text  # the capture works
-    for secret in (API_KEY, UPSTREAM_KEY, METRICS_KEY):
+    assert secrets_of(stack.settings).count(ADMIN_KEY) == 1  # what the formatter redacts
+    for secret in (API_KEY, UPSTREAM_KEY, METRICS_KEY, ADMIN_KEY):
         assert secret not in text
 
 

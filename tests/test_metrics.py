@@ -190,10 +190,10 @@ async def test_models_past_the_cap_are_other_across_workers(
     one.call_ended("typo-model", 0.2, "resource_not_found_error")
     await one.flush()
     for name in ("m-1", "m-2", "m-3"):
-        one.completed(name, 0.1, {"prompt_tokens": 5, "completion_tokens": 7})
+        one.completed(name, 0.1, {"prompt_tokens": 5, "completion_tokens": 7}, "t")
     await one.flush()
     for name in ("m-4", "m-1"):
-        two.completed(name, 0.1, {"prompt_tokens": 5, "completion_tokens": 7})
+        two.completed(name, 0.1, {"prompt_tokens": 5, "completion_tokens": 7}, "t")
     two.call_ended("m-2", 0.3, "server_error")  # known to the cluster, not to this worker
     await two.flush()
     m = await scrape(client)

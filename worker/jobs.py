@@ -160,7 +160,7 @@ class Runner:
             return
         fields = {"error": error.info()}
         if await self.store.finish(job_id, Status.FAILED, event, fields, tenant=state[1]) > 0:
-            self.metrics.job_ended(Status.FAILED.value, await self._created_at(job_id))
+            self.metrics.job_ended(Status.FAILED.value, await self._created_at(job_id), state[1])
 
     async def _created_at(self, job_id: str) -> float:
         created = await self.store.redis.hget(self.store.keys.job(job_id), "created_at")  # type: ignore[misc]
@@ -215,7 +215,7 @@ class Runner:
         )
         if ended <= 0:
             return LOST
-        self.metrics.job_ended(Status.FAILED.value, float(record["created_at"]))
+        self.metrics.job_ended(Status.FAILED.value, float(record["created_at"]), record["tenant"])
         return Status.FAILED.value
 
     async def _permitted(
@@ -378,8 +378,9 @@ class Runner:
         )
         if ended <= 0:
             return LOST  # fenced: another run has it
-        self.metrics.job_ended(Status.COMPLETED.value, float(attempt.record["created_at"]))
-        self.metrics.completed(attempt.model, attempt.ttft, counts)
+        created = float(attempt.record["created_at"])
+        self.metrics.job_ended(Status.COMPLETED.value, created, attempt.tenant)
+        self.metrics.completed(attempt.model, attempt.ttft, counts, attempt.tenant)
         return Status.COMPLETED.value
 
     async def _upstream_failed(self, attempt: Attempt, error: errors.UpstreamError) -> str:
@@ -433,7 +434,8 @@ class Runner:
         )
         if ended <= 0:
             return LOST
-        self.metrics.job_ended(Status.FAILED.value, float(attempt.record["created_at"]))
+        created = float(attempt.record["created_at"])
+        self.metrics.job_ended(Status.FAILED.value, created, attempt.tenant)
         return Status.FAILED.value
 
     def _called(self, attempt: Attempt, error: errors.UpstreamError | None) -> None:
