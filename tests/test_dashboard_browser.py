@@ -146,10 +146,25 @@ def test_a_tenant_watches_its_jobs_and_batch_live_and_cancels_it(
     bar = page.locator(f'#batches tr[data-batch="{batch}"] [role="progressbar"]')
     assert bar.get_attribute("aria-valuemax") == "40"
     first = wait(lambda: int(bar.get_attribute("aria-valuenow") or 0), 20, "a line over")
+    queued = text(page, "#mine-queued")
     wait(lambda: int(bar.get_attribute("aria-valuenow") or 0) > first, 20, "more lines over")
+    wait(lambda: text(page, "#mine-queued") != queued, 10, "fewer jobs queued")
 
     wait(lambda: text(page, "#job-status") == "completed", 30, "the job to complete")
+
+    # The charts: hovering over the last step shows what ended in it.
+    def last_step(chart: str) -> float:
+        over = page.locator(f"#{chart} .u-over")
+        box = over.bounding_box()
+        over.hover(position={"x": box["width"] - 1, "y": box["height"] / 2})
+        value = text(page, f"#{chart} .u-legend .u-series:nth-child(2) .u-value")
+        return float(value.split()[0]) if value[:1].isdigit() else 0.0
+
+    wait(lambda: last_step("chart-jobs") > 0, 20, "jobs per second in the chart")
+    wait(lambda: last_step("chart-tokens") > 0, 10, "tokens per second in the chart")
+    wait(lambda: last_step("chart-ttft") > 0, 10, "time to first token in the chart")
     page.evaluate("window.scrollTo(0, 0)")
+    page.mouse.move(0, 0)
     page.screenshot(path=str(shots / "dashboard-tenant.png"))
     result = api.get(f"/v1/jobs/{slow}", headers={"Authorization": f"Bearer {ACME_KEY}"}).json()
     assert output.inner_text() == result["result"]["choices"][0]["message"]["content"]

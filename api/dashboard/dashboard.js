@@ -341,8 +341,8 @@
     const opts = {
       width: Math.max(box.clientWidth, 200),
       height: CHART_HEIGHT,
-      // From 0, and up to 1 at least: an idle queue is a flat line at the bottom, not mid-chart.
-      scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, (max || 0) * 1.1)] } },
+      // From 0 (an idle queue is a flat line at the bottom, not mid-chart).
+      scales: { x: { time: true }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] } },
       series: [{}].concat(series.map((s) => Object.assign({ width: 1.5, value: (u, v) => fmt(v) }, s))),
       axes: [axis, Object.assign({}, axis, { size: 52, values: (u, vals) => vals.map((v) => v + unit) })],
       legend: { live: true },
@@ -370,7 +370,7 @@
         ttft: makeChart('chart-ttft', [
           { label: 'p50', stroke: '#0891b2' },
           { label: 'p95', stroke: '#d97706' },
-        ], ' s', 2),
+        ], ' s', 3),
       };
     }
     const t = series.t || [];
