@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -36,6 +36,10 @@ MOST_JOBS = 50
 MOST_BATCHES = 20
 MOST_USAGE_ROWS = 100
 RATE_WINDOW = 60.0  # seconds a batch's rate is measured over
+# An ended job's row changes no more: it is read again only this often (it may expire), and at
+# most this many are remembered.
+ENDED_FOR = 60.0
+MOST_ENDED = 5000
 _RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
 _CANCELLABLE = ("validating", "in_progress", "cancelling")
 _JOB_FIELDS = ["id", "status", "model", "tenant", "attempts", "batch_id"]
@@ -78,6 +82,7 @@ class Board:
         self._cache: dict[tuple[str, ...], _Cached] = {}
         self._making: dict[tuple[str, ...], asyncio.Future[Any]] = {}
         self._done: dict[str, deque[tuple[float, int]]] = {}  # batch -> (when, lines over)
+        self._ended: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()  # job rows
 
     async def parts(self, viewer: Viewer, status: Status | None) -> Parts:
         """The view's latest snapshot, each of its fields as JSON: built again once it is
@@ -219,16 +224,32 @@ class Board:
         newest = sorted(
             ((score, member.decode()) for rows in indexes for member, score in rows), reverse=True
         )[:MOST_JOBS]
+        now = self.ticks()
+        ended: dict[str, dict[str, Any] | None] = {
+            job_id: found[1]
+            for _, job_id in newest
+            if (found := self._ended.get(job_id)) is not None and now - found[0] < ENDED_FOR
+        }
+        asked = [job_id for _, job_id in newest if job_id not in ended]
         async with redis.pipeline(transaction=False) as pipe:
-            for _, job_id in newest:
+            for job_id in asked:
                 pipe.hmget(k.job(job_id), _JOB_FIELDS)
             records = await pipe.execute()
-        rows = []
-        for record in records:
+        for job_id, record in zip(asked, records, strict=True):
             fields = {n: v.decode() for n, v in zip(_JOB_FIELDS, record, strict=True) if v}
-            if "status" in fields and (status is None or fields["status"] == status.value):
-                rows.append(_job_row(fields))
-        return rows
+            row = _job_row(fields) if "status" in fields else None
+            ended[job_id] = row
+            if row is not None and Status(row["status"]).terminal:  # it changes no more
+                self._ended[job_id] = (now, row)
+                self._ended.move_to_end(job_id)
+        while len(self._ended) > MOST_ENDED:
+            self._ended.popitem(last=False)
+        return [
+            row
+            for _, job_id in newest
+            if (row := ended[job_id]) is not None
+            and (status is None or row["status"] == status.value)
+        ]
 
     async def _batches(self, tenants: list[str], now: float) -> list[dict[str, Any]]:
         """The newest `MOST_BATCHES` batches of the tenants, with each running one's rate

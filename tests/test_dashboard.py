@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from api.auth import Viewer
-from api.board import EVERY, Board
+from api.board import ENDED_FOR, EVERY, Board
 from moonq import timeline
 from moonq.keys import Keys
 from moonq.metrics import Recorder
@@ -336,3 +336,30 @@ async def _failed_after(board: Board, started: float) -> float:
     with contextlib.suppress(RedisError, OSError):
         await board.snapshot(Viewer("acme"), None)
     return time.monotonic() - started
+
+
+async def test_an_ended_job_row_is_read_once_a_minute_not_every_second(real_stack: Any) -> None:
+    stack, client = await real_stack(MOONQ_API_KEYS=KEYS)
+    done = await submit(client, chat("one"), headers=ACME)
+    await stack.run_worker()
+    waiting = await submit(client, chat("two"), headers=ACME)
+    ticks = [1000.0]
+    board = Board(stack.app.state.services, ticks=lambda: ticks[0])
+    first = json.loads(await board.snapshot(Viewer("acme"), None))["jobs"]
+    assert [(row["id"], row["status"]) for row in first] == [
+        (waiting, "queued"),
+        (done, "completed"),
+    ]
+    keys = stack.app.state.services.keys
+    await stack.redis.hset(keys.job(waiting), "status", "in_progress")  # as a worker would
+    await stack.redis.delete(keys.job(done))  # as expiry would
+    ticks[0] += EVERY
+    rows = json.loads(await board.snapshot(Viewer("acme"), None))["jobs"]
+    # The live job is read again; the ended one, from memory.
+    assert [(row["id"], row["status"]) for row in rows] == [
+        (waiting, "in_progress"),
+        (done, "completed"),
+    ]
+    ticks[0] += ENDED_FOR
+    rows = json.loads(await board.snapshot(Viewer("acme"), None))["jobs"]
+    assert [row["id"] for row in rows] == [waiting]  # read again: it is gone
