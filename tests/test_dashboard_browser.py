@@ -147,7 +147,11 @@ def test_a_tenant_watches_its_jobs_and_batch_live_and_cancels_it(
     assert bar.get_attribute("aria-valuemax") == "40"
     first = wait(lambda: int(bar.get_attribute("aria-valuenow") or 0), 20, "a line over")
     queued = text(page, "#mine-queued")
+    row = f'#batches tr[data-batch="{batch}"]'
+    page.evaluate("(row) => { window.batchRow = document.querySelector(row); }", row)
     wait(lambda: int(bar.get_attribute("aria-valuenow") or 0) > first, 20, "more lines over")
+    # The row was updated in place, not rebuilt: a click on its Cancel is never lost.
+    assert page.evaluate("(row) => document.querySelector(row) === window.batchRow", row)
     wait(lambda: text(page, "#mine-queued") != queued, 10, "fewer jobs queued")
 
     wait(lambda: text(page, "#job-status") == "completed", 30, "the job to complete")
@@ -226,3 +230,23 @@ def test_an_admin_sees_every_tenant_and_the_account(
     page.wait_for_selector("#login", state="visible")
     assert page.evaluate("sessionStorage.getItem('moonq-key')") is None
     assert not problems, problems
+
+
+def test_an_open_api_with_admin_keys_takes_one_and_refuses_a_garbled_one(
+    cluster_factory: Any, browser: Any
+) -> None:
+    cluster = cluster_factory(limit=2, MOONQ_ADMIN_KEYS=ADMIN_KEY)  # no tenant keys: open
+    page = browser.new_page()
+    page.goto(f"{cluster.api_url}/dashboard")
+    wait(lambda: text(page, "#who") == "tenant default", 15, "the open, one-tenant view")
+    assert text(page, "#in-flight") == "—"  # account-wide figures: an admin's only
+    page.click("#use-key")
+    page.fill("#key", ADMIN_KEY + "\u2019")  # a typographic quote came with the paste
+    page.press("#key", "Enter")
+    assert "printable ASCII" in text(page, "#login-error")
+    assert page.locator("#login").is_visible()
+    page.fill("#key", ADMIN_KEY)
+    page.press("#key", "Enter")
+    wait(lambda: text(page, "#who") == "admin", 15, "the admin's view")
+    wait(lambda: text(page, "#in-flight").isdigit(), 15, "jobs in flight")
+    assert page.locator("#use-key").is_hidden() and page.locator("#logout").is_visible()

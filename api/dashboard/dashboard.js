@@ -210,10 +210,13 @@
     if (admin !== state.admin) {
       state.admin = admin;
       state.cache = {}; // tables change columns: rebuild all
+      for (const name of ['batches', 'jobs']) $(name).tBodies[0].replaceChildren();
       document.querySelectorAll('th.tenant').forEach((th) => { th.hidden = !admin; });
       document.querySelectorAll('.scope').forEach((e) => { e.textContent = admin ? 'All jobs' : 'Your jobs'; });
     }
     setText('who', admin ? 'admin' : 'tenant ' + (s.viewer ? s.viewer.tenant : '?'));
+    // An open API with admin keys: no key shows the one tenant; an admin key shows more.
+    $('use-key').hidden = admin || !!sessionStorage.getItem(KEY);
     state.jobs = s.jobs || [];
     renderAccount(s.account || {}, s.mine || {}, admin);
     renderCharts(s.series);
@@ -255,59 +258,120 @@
     return td;
   }
 
-  const statusCell = (status) => { const td = el('td', 'status'); td.append(pill(status)); return td; };
+
+  // Keeps a table's rows in step with `rows`, keyed by `keyOf`: a row that stays keeps its
+  // element (a click, a hover or focus on it survives the next snapshot); `update` sets its
+  // cells in place.
+  function syncRows(name, rows, keyOf, make, update) {
+    const body = $(name).tBodies[0];
+    const old = new Map([...body.rows].map((tr) => [tr.dataset.key, tr]));
+    let prev = null;
+    for (const r of rows) {
+      const key = keyOf(r);
+      let tr = old.get(key);
+      if (tr) old.delete(key);
+      else {
+        tr = make(r);
+        tr.dataset.key = key;
+      }
+      update(tr, r);
+      const at = prev ? prev.nextSibling : body.firstChild;
+      if (at !== tr) body.insertBefore(tr, at);
+      prev = tr;
+    }
+    old.forEach((tr) => tr.remove());
+    $(name + '-empty').hidden = rows.length > 0;
+  }
+
+  // Sets a cell's text (and title) only if it changed.
+  function put(td, text, title) {
+    if (td.textContent !== text) td.textContent = text;
+    if (title !== undefined && td.title !== title) td.title = title;
+  }
+
+  function putStatus(td, status) {
+    if (td.textContent !== status) td.replaceChildren(pill(status));
+  }
+
+  // A row of cells, one per class: `tr.byClass.name` is the cell of class `name`.
+  function row(names) {
+    const tr = el('tr');
+    tr.byClass = {};
+    for (const name of names) {
+      const td = el('td', name);
+      tr.byClass[name.split(' ')[0]] = td;
+      tr.append(td);
+    }
+    return tr;
+  }
 
   function renderBatches(rows) {
     if (!changed('batches', rows)) return;
-    fillTable('batches', rows, (b) => {
-      const tr = el('tr');
+    const names = ['id mono', ...(state.admin ? ['tenant'] : []), 'status', 'progress-cell',
+      'rate num', 'eta num', 'created', 'actions'];
+    syncRows('batches', rows, (b) => b.id, (b) => {
+      const tr = row(names);
       tr.dataset.batch = b.id;
-      tr.append(cell('id mono', b.id, b.id));
-      if (state.admin) tr.append(cell('tenant', num(b.tenant)));
-      tr.append(statusCell(b.status), progressCell(b));
-      tr.append(cell('rate num', fmtRate(b.rate)), cell('eta num', fmtEta(b.eta)));
-      tr.append(cell('created', fmtTime(b.created_at)));
-      const act = el('td', 'actions');
-      if (b.cancellable) {
-        const btn = el('button', 'cancel', 'Cancel');
-        btn.type = 'button';
-        act.append(btn);
-      }
-      tr.append(act);
+      tr.byClass['progress-cell'].append(progressBar(), el('div', 'progress-text'));
       return tr;
+    }, (tr, b) => {
+      const c = tr.byClass;
+      put(c.id, b.id, b.id);
+      if (c.tenant) put(c.tenant, num(b.tenant));
+      putStatus(c.status, b.status);
+      setProgress(c['progress-cell'], b);
+      put(c.rate, fmtRate(b.rate));
+      put(c.eta, fmtEta(b.eta));
+      put(c.created, fmtTime(b.created_at));
+      const btn = c.actions.querySelector('button.cancel');
+      if (b.cancellable && !btn) {
+        const add = el('button', 'cancel', 'Cancel');
+        add.type = 'button';
+        c.actions.append(add);
+      } else if (!b.cancellable && btn) btn.remove();
     });
   }
 
-  function progressCell(b) {
+  function progressBar() {
+    const bar = el('div', 'progress');
+    bar.setAttribute('role', 'progressbar');
+    bar.setAttribute('aria-label', 'lines finished');
+    bar.setAttribute('aria-valuemin', '0');
+    bar.append(el('div', 'bar ok'), el('div', 'bar fail'));
+    return bar;
+  }
+
+  function setProgress(td, b) {
     const total = b.total || 0, done = b.completed || 0, failed = b.failed || 0;
     const pct = (n) => (total ? Math.min(100, (n / total) * 100) : 0) + '%';
-    const bar = el('div', 'progress');
-    const attrs = { role: 'progressbar', 'aria-label': 'lines finished', 'aria-valuemin': 0,
-      'aria-valuenow': done + failed, 'aria-valuemax': total };
-    for (const [k, v] of Object.entries(attrs)) bar.setAttribute(k, String(v));
-    const ok = el('div', 'bar ok');
-    ok.style.width = pct(done);
-    const bad = el('div', 'bar fail');
-    bad.style.width = pct(failed);
-    bar.append(ok, bad);
-    const td = el('td', 'progress-cell');
-    td.append(bar, el('div', 'progress-text', `${done} done · ${failed} failed · ${total} total`));
-    return td;
+    const bar = td.querySelector('.progress');
+    bar.setAttribute('aria-valuenow', String(done + failed));
+    bar.setAttribute('aria-valuemax', String(total));
+    bar.querySelector('.ok').style.width = pct(done);
+    bar.querySelector('.fail').style.width = pct(failed);
+    put(td.querySelector('.progress-text'), `${done} done · ${failed} failed · ${total} total`);
   }
 
   function renderJobs(rows) {
     if (!changed('jobs', rows)) return;
-    fillTable('jobs', rows, (j) => {
-      const tr = el('tr');
+    const names = ['id mono', ...(state.admin ? ['tenant'] : []), 'status', 'model',
+      'tokens num', 'duration num', 'attempts num', 'batch mono', 'created'];
+    syncRows('jobs', rows, (j) => j.id, (j) => {
+      const tr = row(names);
       tr.dataset.job = j.id;
       tr.tabIndex = 0;
-      tr.append(cell('id mono', j.id, j.id));
-      if (state.admin) tr.append(cell('tenant', num(j.tenant)));
-      tr.append(statusCell(j.status), cell('model', num(j.model)));
-      tr.append(cell('tokens num', num(j.tokens)), cell('duration num', fmtDuration(j.duration)));
-      tr.append(cell('attempts num', num(j.attempts)), cell('batch mono', num(j.batch_id), j.batch_id));
-      tr.append(cell('created', fmtTime(j.created_at)));
       return tr;
+    }, (tr, j) => {
+      const c = tr.byClass;
+      put(c.id, j.id, j.id);
+      if (c.tenant) put(c.tenant, num(j.tenant));
+      putStatus(c.status, j.status);
+      put(c.model, num(j.model));
+      put(c.tokens, num(j.tokens));
+      put(c.duration, fmtDuration(j.duration));
+      put(c.attempts, num(j.attempts));
+      put(c.batch, num(j.batch_id), j.batch_id || '');
+      put(c.created, fmtTime(j.created_at));
     });
     $('jobs-empty').textContent = $('status-filter').value ? 'No jobs with this status.' : 'No jobs.';
     markSelected();
@@ -452,6 +516,11 @@
     if (!row) return;
     if ($('job-status').textContent !== row.status) setJobStatus(row.status);
     setText('job-attempts', num(row.attempts));
+    // Ended, says the snapshot, yet the stream has not said so for a while: read the job.
+    if (['completed', 'failed', 'cancelled'].includes(row.status)) {
+      j.endedSeen = j.endedSeen || Date.now();
+      if (Date.now() - j.endedSeen > 5000 && !j.loaded) { j.loaded = true; loadJob(j); }
+    }
   }
 
   async function streamJob(j) {
@@ -467,11 +536,17 @@
           j.over = true;
           return loadJob(j);
         }
-        if (!resp.ok) return setText('job-error', await errorText(resp));
-        await readSSE(resp, (ev) => {
-          delay = 1000;
-          return onJobEvent(j, ev);
-        });
+        if (resp.status === 429 || resp.status >= 500) { // the store is away: try again
+          setText('job-note', `${await errorText(resp)} (trying again)`);
+          j.trouble = true;
+        } else if (!resp.ok) {
+          return setText('job-error', await errorText(resp));
+        } else {
+          await readSSE(resp, (ev) => {
+            delay = 1000;
+            return onJobEvent(j, ev);
+          });
+        }
       } catch (_) { /* network failure or abort */ }
       if (j.over || j.ctrl.signal.aborted) return;
       await sleep(delay, j.ctrl.signal);
@@ -499,7 +574,17 @@
 
   function onJobEvent(j, ev) {
     if (state.job !== j) return false;
+    if (ev.event === 'stream_error') { // the server lost its store: reconnect after lastId
+      const e = (JSON.parse(ev.data) || {}).error || {};
+      setText('job-note', `${e.message || 'The stream broke'} (trying again)`);
+      j.trouble = true;
+      return false;
+    }
     if (ev.id !== null) j.lastId = ev.id;
+    if (j.trouble) { // it streams again
+      j.trouble = false;
+      setText('job-note', '');
+    }
     const msg = JSON.parse(ev.data);
     if (msg.event === 'chunk') {
       appendOutput(j, chunkText(msg.data));
@@ -552,14 +637,19 @@
     stopFeed();
     closeJob();
     sessionStorage.removeItem(KEY);
-    Object.assign(state, { cache: {}, admin: null, jobs: [] });
+    Object.assign(state, { cache: {}, admin: null, jobs: [], snap: {} });
     for (const name of ['batches', 'jobs', 'usage']) {
       $(name).tBodies[0].replaceChildren();
       $(name + '-empty').hidden = true;
     }
+    // Nothing of the last viewer's stays in the page, shown or not.
+    document.querySelectorAll('.card .value [id], .card .value[id]').forEach((e) => { e.textContent = DASH; });
+    for (const name of ['job-output', 'job-result', 'job-error', 'job-note', 'usage-total']) $(name).textContent = '';
+    if (state.charts) Object.values(state.charts).forEach((c) => c.setData(c.data.map(() => [])));
     $('app').hidden = true;
     $('live').hidden = true;
     $('logout').hidden = true;
+    $('use-key').hidden = true;
     $('login').hidden = false;
     setText('who', '');
     setText('login-error', error || '');
@@ -581,11 +671,16 @@
       e.preventDefault();
       const key = $('key').value.trim();
       if (!key) return;
+      if (!/^[\x21-\x7e]+$/.test(key)) { // what an HTTP header can carry: a paste gone wrong
+        setText('login-error', 'A key has only printable ASCII characters, without spaces: check what was pasted.');
+        return;
+      }
       sessionStorage.setItem(KEY, key);
       $('key').value = '';
       showApp();
     });
     $('logout').addEventListener('click', () => showLogin(''));
+    $('use-key').addEventListener('click', () => showLogin(''));
     $('status-filter').addEventListener('change', () => { state.cache.jobs = null; startFeed(); });
     $('batches').addEventListener('click', (e) => {
       const btn = e.target.closest('button.cancel');
