@@ -199,6 +199,8 @@ def test_an_admin_sees_every_tenant_and_the_account(
     ours = [submit(api, ACME_KEY, chat(f"acme {i}", **slow)) for i in range(3)]
     theirs = [submit(api, BETA_KEY, chat(f"beta {i}", **slow)) for i in range(3)]
     failing = submit(api, BETA_KEY, chat("no", fake_moonshot={"error": "content_filter"}))
+    rows = [line(f"doc-{i}", fake_moonshot={"chunks": 4, "delay": 0.2}) for i in range(10)]
+    batch = start_batch(api, BETA_KEY, rows)
 
     page, problems = open_dashboard(browser, cluster.api_url, ADMIN_KEY)
     assert text(page, "#who") == "admin"
@@ -209,6 +211,10 @@ def test_an_admin_sees_every_tenant_and_the_account(
     # The account-wide figures: jobs waiting behind the two permits, and in flight.
     wait(lambda: text(page, "#queue-interactive").isdigit(), 15, "the queue depth")
     wait(lambda: text(page, "#in-flight") not in ("", "—", "0"), 15, "jobs in flight")
+    # Another tenant's batch, with its tenant; the admin may cancel it.
+    batch_row = f'#batches tr[data-batch="{batch}"]'
+    assert text(page, f"{batch_row} td.tenant") == "beta"
+    assert page.locator(f"{batch_row} button.cancel").count() == 1
     page.screenshot(path=str(shots / "dashboard-admin.png"))
 
     # The status filter asks the feed for failed jobs only.
