@@ -363,3 +363,13 @@ async def test_an_ended_job_row_is_read_once_a_minute_not_every_second(real_stac
     ticks[0] += ENDED_FOR
     rows = json.loads(await board.snapshot(Viewer("acme"), None))["jobs"]
     assert [row["id"] for row in rows] == [waiting]  # read again: it is gone
+
+
+async def test_the_dashboard_works_on_the_embedded_redis_of_moonq_dev(stack_factory: Any) -> None:
+    stack, client = await stack_factory()  # open, as `moonq dev` runs by default
+    job_id = await submit(client, chat("dev"))
+    await stack.run_worker()
+    seen = await snapshot(stack, Viewer(None))
+    assert [(job["id"], job["status"]) for job in seen["jobs"]] == [(job_id, "completed")]
+    assert seen["account"]["queue"] == {"interactive": 0, "batch": 0}
+    assert seen["usage"]["total"]["jobs"] == 1
