@@ -89,13 +89,24 @@ async def _snapshots(
         await asyncio.sleep(max(0.0, EVERY - (loop.time() - started)))
 
 
+class JobDetail(Job):
+    """The job as `GET /v1/jobs/{id}` shows it, with its tenant and why its last attempt
+    before this one ended (the event log tells only of attempts that had streamed)."""
+
+    tenant: str
+    last_error: str | None = None
+
+
 @router.get("/dashboard/jobs/{job_id}")
-async def job(job_id: str, request: Request, viewer: Viewing) -> Job:
+async def job(job_id: str, request: Request, viewer: Viewing) -> JobDetail:
     """The job with its result, error and attempts: the viewer's own (any, for an admin)."""
-    found = await services(request).store.read_many([job_id]) if _JOB_ID.match(job_id) else []
+    svc = services(request)
+    found = await svc.store.read_many([job_id]) if _JOB_ID.match(job_id) else []
     if not found or found[0] is None or not viewer.sees(found[0][1]):
         raise APIError(404, f"No job with id {shown(job_id)}.")
-    return found[0][0]
+    last_error = await svc.redis.hget(svc.keys.job(job_id), "last_error")  # type: ignore[misc]
+    detail = found[0][0].model_dump()
+    return JobDetail(**detail, tenant=found[0][1], last_error=last_error and last_error.decode())
 
 
 @router.get("/dashboard/jobs/{job_id}/events")

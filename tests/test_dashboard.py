@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import time
+import uuid
 from typing import Any
 
 import httpx
@@ -373,3 +374,13 @@ async def test_the_dashboard_works_on_the_embedded_redis_of_moonq_dev(stack_fact
     assert [(job["id"], job["status"]) for job in seen["jobs"]] == [(job_id, "completed")]
     assert seen["account"]["queue"] == {"interactive": 0, "batch": 0}
     assert seen["usage"]["total"]["jobs"] == 1
+
+
+async def test_a_job_detail_says_why_its_last_attempt_was_retried(real_stack: Any) -> None:
+    stack, client = await real_stack(MOONQ_API_KEYS=KEYS, MOONQ_ADMIN_KEYS=ADMIN)
+    flaky = {"error": "server_error", "fail_times": 1, "key": f"detail-{uuid.uuid4().hex}"}
+    job_id = await submit(client, chat("again", fake_moonshot=flaky), headers=ACME)
+    await stack.run_worker()
+    detail = (await client.get(f"/dashboard/jobs/{job_id}", headers=AS_ADMIN)).json()
+    assert (detail["status"], detail["attempts"], detail["tenant"]) == ("completed", 2, "acme")
+    assert detail["last_error"].startswith("server_error")

@@ -199,6 +199,8 @@ def test_an_admin_sees_every_tenant_and_the_account(
     ours = [submit(api, ACME_KEY, chat(f"acme {i}", **slow)) for i in range(3)]
     theirs = [submit(api, BETA_KEY, chat(f"beta {i}", **slow)) for i in range(3)]
     failing = submit(api, BETA_KEY, chat("no", fake_moonshot={"error": "content_filter"}))
+    flaky = {"error": "server_error", "fail_times": 1, "key": f"browser-{cluster.prefix}"}
+    retried = submit(api, ACME_KEY, chat("again", fake_moonshot=flaky))
     rows = [line(f"doc-{i}", fake_moonshot={"chunks": 4, "delay": 0.2}) for i in range(10)]
     batch = start_batch(api, BETA_KEY, rows)
 
@@ -216,6 +218,12 @@ def test_an_admin_sees_every_tenant_and_the_account(
     assert text(page, f"{batch_row} td.tenant") == "beta"
     assert page.locator(f"{batch_row} button.cancel").count() == 1
     page.screenshot(path=str(shots / "dashboard-admin.png"))
+
+    # A retried job tells of each attempt, and why it ended.
+    page.click(f'#jobs tr[data-job="{retried}"]')
+    wait(lambda: text(page, "#job-status") == "completed", 20, "the retried job to complete")
+    assert text(page, "#job-attempts") == "2"
+    assert "Attempt 1: server_error" in text(page, "#job-history")
 
     # The status filter asks the feed for failed jobs only.
     page.select_option("#status-filter", "failed")

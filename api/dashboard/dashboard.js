@@ -493,6 +493,7 @@
     setJobStatus(row.status);
     setText('job-attempts', num(row.attempts));
     for (const name of ['job-note', 'job-error', 'job-result']) setText(name, '');
+    $('job-history').replaceChildren();
     $('job-output').replaceChildren(j.text);
     $('job').hidden = false;
     $('split').classList.add('with-job');
@@ -593,8 +594,10 @@
     } else if (msg.event === 'retry') {
       const d = msg.data || {};
       j.text.data = ''; // the new attempt starts over
-      setText('job-attempts', num(d.attempt || msg.attempt));
-      setText('job-note', `Retried as attempt ${num(d.attempt || msg.attempt)}` + (d.reason ? `: ${d.reason}` : ''));
+      const next = d.attempt || msg.attempt;
+      setText('job-attempts', num(next));
+      // Each earlier attempt, and why it ended (replayed for a finished job).
+      $('job-history').append(el('li', '', `Attempt ${next - 1}: ${d.reason || 'ended'}; retried`));
     } else if (TERMINAL[msg.event]) {
       j.over = true;
       setJobStatus(TERMINAL[msg.event]);
@@ -622,6 +625,10 @@
         const usage = job.usage || (job.result && job.result.usage) || null;
         setText('job-result', JSON.stringify({ finish_reason: choice ? choice.finish_reason : null, usage }, null, 2));
       }
+      // An attempt that failed before it streamed left no event: the record says why.
+      if (job.last_error && job.attempts > 1 && !$('job-history').childElementCount) {
+        $('job-history').append(el('li', '', `Attempt ${job.attempts - 1}: ${job.last_error}; retried`));
+      }
       const e = job.error;
       const code = e && e.status_code ? ` (HTTP ${e.status_code})` : '';
       setText('job-error', e ? `${e.type || 'error'}${code}: ${e.message || ''}` : '');
@@ -644,7 +651,7 @@
     }
     // Nothing of the last viewer's stays in the page, shown or not.
     document.querySelectorAll('.card .value [id], .card .value[id]').forEach((e) => { e.textContent = DASH; });
-    for (const name of ['job-output', 'job-result', 'job-error', 'job-note', 'usage-total']) $(name).textContent = '';
+    for (const name of ['job-output', 'job-result', 'job-error', 'job-note', 'job-history', 'usage-total']) $(name).textContent = '';
     if (state.charts) Object.values(state.charts).forEach((c) => c.setData(c.data.map(() => [])));
     $('app').hidden = true;
     $('live').hidden = true;
