@@ -180,9 +180,9 @@ class Board:
 
     async def _account(self) -> dict[str, Any]:
         svc = self.svc
-        gauges = await cluster.read(svc)
-        pause = await read_pause(svc.redis, svc.keys)
-        in_use = await read_in_use(svc.redis, svc.keys)
+        gauges, pause, in_use = await asyncio.gather(
+            cluster.read(svc), read_pause(svc.redis, svc.keys), read_in_use(svc.redis, svc.keys)
+        )
         live = gauges.live_workers()
         waiting = gauges.arq_queue - gauges.by_status[Status.IN_PROGRESS]
         return {
@@ -225,12 +225,12 @@ class Board:
             ((score, member.decode()) for rows in indexes for member, score in rows), reverse=True
         )[:MOST_JOBS]
         now = self.ticks()
-        ended: dict[str, dict[str, Any] | None] = {
+        rows: dict[str, dict[str, Any] | None] = {  # by job id; None: gone
             job_id: found[1]
             for _, job_id in newest
             if (found := self._ended.get(job_id)) is not None and now - found[0] < ENDED_FOR
         }
-        asked = [job_id for _, job_id in newest if job_id not in ended]
+        asked = [job_id for _, job_id in newest if job_id not in rows]
         async with redis.pipeline(transaction=False) as pipe:
             for job_id in asked:
                 pipe.hmget(k.job(job_id), _JOB_FIELDS)
@@ -238,7 +238,7 @@ class Board:
         for job_id, record in zip(asked, records, strict=True):
             fields = {n: v.decode() for n, v in zip(_JOB_FIELDS, record, strict=True) if v}
             row = _job_row(fields) if "status" in fields else None
-            ended[job_id] = row
+            rows[job_id] = row
             if row is not None and Status(row["status"]).terminal:  # it changes no more
                 self._ended[job_id] = (now, row)
                 self._ended.move_to_end(job_id)
@@ -247,7 +247,7 @@ class Board:
         return [
             row
             for _, job_id in newest
-            if (row := ended[job_id]) is not None
+            if (row := rows[job_id]) is not None
             and (status is None or row["status"] == status.value)
         ]
 
