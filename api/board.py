@@ -83,6 +83,7 @@ class Board:
         self._making: dict[tuple[str, ...], asyncio.Future[Any]] = {}
         self._done: dict[str, deque[tuple[float, int]]] = {}  # batch -> (when, lines over)
         self._ended: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()  # job rows
+        self._charts: dict[tuple[str, str], tuple[Any, dict[str, object]]] = {}  # by scope
 
     async def parts(self, viewer: Viewer, status: Status | None) -> Parts:
         """The view's latest snapshot, each of its fields as JSON: built again once it is
@@ -164,7 +165,7 @@ class Board:
             "viewer": {"tenant": viewer.tenant, "admin": viewer.admin},
             "account": shown,
             "mine": mine,
-            "series": timeline.series(steps, None if viewer.admin else tenants, now),
+            "series": self._series(scope, steps, None if viewer.admin else tenants, now),
             "batches": batches,
             "filter": status.value if status else None,
             "jobs": jobs,
@@ -177,6 +178,16 @@ class Board:
                 if before.value is not None and before.value.get(name) == value:
                     parts[name] = before.value[name]
         return parts
+
+    def _series(
+        self, scope: tuple[str, str], steps: Any, tenants: list[str] | None, now: float
+    ) -> dict[str, object]:
+        """The charts of a scope, worked out once per read of the steps (a scope's views, one
+        per status filter, share them)."""
+        found = self._charts.get(scope)
+        if found is None or found[0] is not steps:
+            found = self._charts[scope] = (steps, timeline.series(steps, tenants, now))
+        return found[1]
 
     async def _account(self) -> dict[str, Any]:
         svc = self.svc

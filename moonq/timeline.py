@@ -36,6 +36,9 @@ DONE, FAILED, TOKENS = "done", "failed", "tokens"
 TTFT = "t"  # `t<bucket index>`: len(TTFT_BOUNDS) is the overflow bucket
 
 
+TTFT_KINDS = tuple(f"{TTFT}{i}" for i in range(len(TTFT_BOUNDS) + 1))
+
+
 def step_of(now: float) -> int:
     return int(now // STEP)
 
@@ -43,8 +46,8 @@ def step_of(now: float) -> int:
 def ttft_kind(seconds: float) -> str:
     for index, bound in enumerate(TTFT_BOUNDS):
         if seconds <= bound:
-            return f"{TTFT}{index}"
-    return f"{TTFT}{len(TTFT_BOUNDS)}"
+            return TTFT_KINDS[index]
+    return TTFT_KINDS[-1]
 
 
 class Tally:
@@ -129,7 +132,11 @@ def series(
         jobs.append(round(total.get(DONE, 0) / STEP, 3))
         failed.append(round(total.get(FAILED, 0) / STEP, 3))
         tokens.append(round(total.get(TOKENS, 0) / STEP, 1))
-        buckets = [total.get(f"{TTFT}{i}", 0) for i in range(len(TTFT_BOUNDS) + 1)]
+        if not total:  # most steps of a quiet queue
+            p50.append(None)
+            p95.append(None)
+            continue
+        buckets = [total.get(kind, 0) for kind in TTFT_KINDS]
         p50.append(quantile(0.5, buckets))
         p95.append(quantile(0.95, buckets))
     return {
