@@ -20,7 +20,7 @@ from api.errors import last_event_id as parse_last_event_id
 from api.openapi import answer, errors, request_example
 from api.services import services
 from moonq.batch_input import ENDPOINT, Limits, TooManyLines
-from moonq.batch_models import BadWindow, Batch, BatchList, NotCancellable
+from moonq.batch_models import BATCH_ID, BadWindow, Batch, BatchList, NotCancellable
 from moonq.batches import BatchStore
 from moonq.files import FileObject
 from moonq.serde import dumps
@@ -143,8 +143,17 @@ async def list_batches(
 async def cancel_batch(batch_id: str, request: Request, tenant: Tenant) -> Batch:
     """Lines not started never run, running ones stop; the batch ends `cancelled` with true
     counts once its last line has. A batch that already ended is a 409."""
+    return await cancel_as(request, batch_id, tenant)
+
+
+async def cancel_as(request: Request, batch_id: str, tenant: str | None) -> Batch:
+    """Cancel the tenant's batch (`tenant` None: whoever's it is, for the admin's
+    dashboard); 404 if it is not theirs, 409 if it already ended."""
+    batches = batch_store(request)
+    if tenant is None and BATCH_ID.match(batch_id):
+        tenant = await batches.tenant_of(batch_id)
     try:
-        batch = await batch_store(request).cancel(batch_id, tenant)
+        batch = await batches.cancel(batch_id, tenant) if tenant is not None else None
     except NotCancellable as exc:
         raise APIError(409, f"Batch {shown(batch_id)} has already ended.") from exc
     if batch is None:

@@ -10,8 +10,7 @@ most one a second (`api.board`); a job's stream is the job's own event stream.
 from __future__ import annotations
 
 import asyncio
-import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Annotated
 
@@ -22,16 +21,15 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.staticfiles import StaticFiles
 
 from api.auth import Viewer, Viewing
-from api.batches import batch_store
+from api.batches import cancel_as
 from api.board import EVERY, Board, Parts, changed, joined
 from api.errors import APIError, shown
-from api.routes import events_response
+from api.routes import JOB_ID, events_response
 from api.services import services
-from moonq.batch_models import BATCH_ID, Batch, NotCancellable
+from moonq.batch_models import Batch
 from moonq.models import Job, Status
 
 PAGE = Path(__file__).with_name("dashboard")
-_JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
 # The page runs only its own files: what a job's output holds can never run as script.
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
@@ -101,12 +99,17 @@ class JobDetail(Job):
 async def job(job_id: str, request: Request, viewer: Viewing) -> JobDetail:
     """The job with its result, error and attempts: the viewer's own (any, for an admin)."""
     svc = services(request)
-    found = await svc.store.read_many([job_id]) if _JOB_ID.match(job_id) else []
-    if not found or found[0] is None or not viewer.sees(found[0][1]):
+    found: tuple[Job, str] | None = None
+    last_error: bytes | None = None
+    if JOB_ID.match(job_id):
+        read = svc.store.read_many([job_id])
+        why: Awaitable[bytes | None] = svc.redis.hget(svc.keys.job(job_id), "last_error")  # type: ignore[assignment]
+        rows, last_error = await asyncio.gather(read, why)
+        found = rows[0]
+    if found is None or not viewer.sees(found[1]):
         raise APIError(404, f"No job with id {shown(job_id)}.")
-    last_error = await svc.redis.hget(svc.keys.job(job_id), "last_error")  # type: ignore[misc]
-    detail = found[0][0].model_dump()
-    return JobDetail(**detail, tenant=found[0][1], last_error=last_error and last_error.decode())
+    detail = found[0].model_dump()
+    return JobDetail(**detail, tenant=found[1], last_error=last_error and last_error.decode())
 
 
 @router.get("/dashboard/jobs/{job_id}/events")
@@ -123,14 +126,4 @@ async def job_events(
 @router.post("/dashboard/batches/{batch_id}/cancel")
 async def cancel_batch(batch_id: str, request: Request, viewer: Viewing) -> Batch:
     """Cancel the viewer's batch (any, for an admin), as `POST /v1/batches/{id}/cancel`."""
-    batches = batch_store(request)
-    tenant = viewer.tenant
-    if tenant is None and BATCH_ID.match(batch_id):
-        tenant = await batches.tenant_of(batch_id)
-    try:
-        batch = await batches.cancel(batch_id, tenant) if tenant is not None else None
-    except NotCancellable as exc:
-        raise APIError(409, f"Batch {shown(batch_id)} has already ended.") from exc
-    if batch is None:
-        raise APIError(404, f"No batch with id {shown(batch_id)}.")
-    return batch
+    return await cancel_as(request, batch_id, viewer.tenant)

@@ -27,7 +27,7 @@ from moonq.stream import RawEvent, follow_batches
 
 router = APIRouter()
 
-_JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
+JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
 # A long-poll reads the job again at least this often, in case pub/sub missed its end; the
 # terminal event itself wakes it at once.
 REREAD_EVERY = 1.0
@@ -37,7 +37,7 @@ _LIST_PARAMS = frozenset({"limit", "after", "status", "custom_id", "batch_id"})
 async def _own_job(request: Request, job_id: str, tenant: str) -> Job:
     """The caller's job; any other tenant's job is indistinguishable from a missing one."""
     job = None
-    if _JOB_ID.match(job_id):
+    if JOB_ID.match(job_id):
         job = await services(request).store.get(job_id, tenant)
     if job is None:
         raise APIError(404, f"No job with id {shown(job_id)}.")
@@ -80,7 +80,7 @@ async def cancel_job(job_id: str, request: Request, tenant: Tenant) -> Job:
     content it had streamed as a partial result. A job that already ended is a 409."""
     job = None
     try:
-        if _JOB_ID.match(job_id):
+        if JOB_ID.match(job_id):
             job = await services(request).store.cancel(job_id, tenant)
     except AlreadyFinished as exc:
         raise APIError(409, f"Job {shown(job_id)} has already ended.") from exc
@@ -231,7 +231,7 @@ async def _own_position(request: Request, job_id: str, tenant: str | None) -> tu
     more of the record); 404 as `_own_job` answers it."""
     svc = services(request)
     owner, status, seq = None, None, None
-    if _JOB_ID.match(job_id):
+    if JOB_ID.match(job_id):
         fields = ["tenant", "status", "seq"]
         owner, status, seq = await svc.redis.hmget(svc.keys.job(job_id), fields)  # type: ignore[misc]
     if owner is None or status is None or tenant not in (None, owner.decode()):

@@ -384,3 +384,24 @@ async def test_a_job_detail_says_why_its_last_attempt_was_retried(real_stack: An
     detail = (await client.get(f"/dashboard/jobs/{job_id}", headers=AS_ADMIN)).json()
     assert (detail["status"], detail["attempts"], detail["tenant"]) == ("completed", 2, "acme")
     assert detail["last_error"].startswith("server_error")
+
+
+async def test_bad_ids_and_event_ids_are_4xx_with_a_json_error(real_stack: Any) -> None:
+    _, client = await real_stack(MOONQ_API_KEYS=KEYS, MOONQ_ADMIN_KEYS=ADMIN)
+    job_id = await submit(client, chat("x"), headers=ACME)
+    odd = ["nope", "job_" + "A" * 32, "job_" + "0" * 31 + "%0A", "x" * 5000, "batch_../../etc"]
+    for headers in (ACME, AS_ADMIN):
+        for bad in odd:
+            for method, path in (
+                ("GET", f"/dashboard/jobs/{bad}"),
+                ("GET", f"/dashboard/jobs/{bad}/events"),
+                ("POST", f"/dashboard/batches/{bad}/cancel"),
+            ):
+                answer = await client.request(method, path, headers=headers)
+                assert answer.status_code == 404, (path, answer.text)
+                assert answer.json()["error"]["message"].startswith("No ")
+    for last in ("abc", "-1", "99"):
+        answer = await client.get(
+            f"/dashboard/jobs/{job_id}/events", headers={**ACME, "Last-Event-ID": last}
+        )
+        assert answer.status_code in (400, 422) and answer.json()["error"]["message"], last
