@@ -82,9 +82,11 @@ async def _run(server: RedisServer, chunks: int, jobs: int, concurrency: int) ->
         "MOONSHOT_API_KEY": "sk-bench",
         "MOONQ_KEY_PREFIX": prefix,
         "MOONQ_QUEUE_NAME": f"{prefix}:queue",
-        "MOONQ_UPSTREAM_RPM": 0,
-        "MOONQ_UPSTREAM_TPM": 0,
-        "MOONQ_UPSTREAM_CONCURRENCY": 0,
+        # The account's limits on, as in a deployment, but far above what the run asks:
+        # the limiter does all its bookkeeping and never makes a job wait.
+        "MOONQ_UPSTREAM_RPM": 10**6,
+        "MOONQ_UPSTREAM_TPM": 10**9,
+        "MOONQ_UPSTREAM_CONCURRENCY": 10**4,
     }
     settings = Settings(_env_file=None, **values)
     redis = connect(server.url)

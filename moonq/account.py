@@ -145,6 +145,11 @@ class Account:
         self._reschedule = redis.register_script(RESCHEDULE)
         self._token = uuid.uuid4().hex
 
+    @property
+    def key(self) -> str:
+        """The hash whose `paused` field closes the limiter's gate."""
+        return self.keys.account()
+
     @classmethod
     def from_settings(
         cls, redis: Redis, keys: Keys, settings: Settings, balance: BalanceCheck

@@ -350,6 +350,36 @@ end
 return taken
 """
 
+# KEYS: arq's queue. ARGV: arq's lock key prefix, now (ms), lock ttl (ms), the worker's lock
+# token, how many due jobs to look at, how many to take (the worker's free slots). A worker's
+# whole poll in one round trip: arq's read of the due jobs, LOCK_DUE's locks on those nobody
+# holds (in queue order, up to the free slots), and the score of the next job not due yet (a
+# deferred retry: how long the worker may idle). Returns {{id, score, ...}, next score or ''}.
+# Reads before each write; SET cannot fail.
+TAKE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'WITHSCORES', 'LIMIT', 0, ARGV[5])
+local taken, want = {}, tonumber(ARGV[6])
+for i = 1, #due, 2 do
+  if #taken >= 2 * want then break end
+  if redis.call('EXISTS', ARGV[1] .. due[i]) == 0 then
+    redis.call('SET', ARGV[1] .. due[i], ARGV[4], 'PX', ARGV[3])
+    taken[#taken + 1] = due[i]
+    taken[#taken + 1] = due[i + 1]
+  end
+end
+local later = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[2], '+inf', 'WITHSCORES',
+  'LIMIT', 0, 1)
+return {taken, later[2] or ''}
+"""
+
+# KEYS: arq's locks. ARGV: the worker's lock token. Lets go of each lock the worker holds.
+UNLOCK = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+return 1
+"""
+
 KEEP_LOCK = (
     TERMINAL_CHECK
     + """

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
 
 from moonq.keys import Keys
-from moonq.limits import PermitImpossible, UpstreamLimiter, estimate_tokens
+from moonq.limits import Opening, PermitImpossible, UpstreamLimiter, estimate_tokens
 
 
 @pytest.fixture(params=["fake", "real"])
@@ -295,3 +296,111 @@ async def test_waiters_are_served_oldest_first_for_concurrency(
     await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert order == [1.0, 2.0, 3.0, 4.0, 5.0]
     await limiter.close()
+
+
+class PausedGate:
+    """An account gate over the real hash: closed while `paused` is set; `opening()` counts
+    its calls and lets a probe through when `probe` is set."""
+
+    def __init__(self, redis: ArqRedis, prefix: str, probe: bool = False) -> None:
+        self.redis, self.key, self.probe, self.asked = redis, Keys(prefix).account(), probe, 0
+
+    async def opening(self) -> Opening:
+        self.asked += 1
+        if await self.redis.hexists(self.key, "paused"):
+            return Opening(probe=True) if self.probe else Opening(wait=0.05)
+        return Opening()
+
+
+async def _line(redis: ArqRedis, prefix: str) -> dict[str, int]:
+    keys = Keys(prefix)
+    return {
+        "leases": await redis.zcard(keys.limit_leases()),
+        "waiting": await redis.zcard(keys.limit_waiting()),
+        "seen": await redis.zcard(keys.limit_seen()),
+        "asks": await redis.hlen(keys.limit_asks()),
+    }
+
+
+async def test_a_paused_account_closes_the_gate_in_the_same_step(
+    redis: ArqRedis, prefix: str
+) -> None:
+    """ACQUIRE reads the account's pause itself: an open gate costs no round trip of its own
+    (the gate is never asked), a closed one grants nothing and writes nothing, and the
+    permit comes as soon as the pause is lifted."""
+    limiter = _limiter(redis, prefix, concurrency=2)
+    limiter.gate = gate = PausedGate(redis, prefix)
+    async with limiter.permit(10):
+        pass
+    assert gate.asked == 0
+    await redis.hset(Keys(prefix).account(), "paused", "out of balance")
+    holder = Holder(limiter, 10)
+    try:
+        await asyncio.sleep(0.3)
+        assert not holder.granted.done()
+        assert gate.asked >= 2  # it waits on the gate's word, asking again
+        assert await _line(redis, prefix) == {"leases": 0, "waiting": 0, "seen": 0, "asks": 0}
+        await redis.hdel(Keys(prefix).account(), "paused")
+        await holder.wait_granted(2.0)
+        assert (await _line(redis, prefix))["leases"] == 1
+    finally:
+        await holder.end()
+        await limiter.close()
+
+
+async def test_a_probe_passes_a_closed_gate(redis: ArqRedis, prefix: str) -> None:
+    limiter = _limiter(redis, prefix, concurrency=2)
+    limiter.gate = PausedGate(redis, prefix, probe=True)
+    await redis.hset(Keys(prefix).account(), "paused", "out of balance")
+    try:
+        async with asyncio.timeout(2.0), limiter.permit(10) as permit:
+            assert permit.probe
+            assert (await _line(redis, prefix))["leases"] == 1
+    finally:
+        await limiter.close()
+
+
+async def test_with_nobody_waiting_a_permit_skips_the_line(redis: ArqRedis, prefix: str) -> None:
+    """The fast path: a permit that fits while nobody waits is granted without joining the
+    line; one that does not fit joins it, and is granted in its turn when a place frees."""
+    limiter = _limiter(redis, prefix, concurrency=1, rpm=100, tpm=1000)
+    first = Holder(limiter, 10)
+    second = Holder(limiter, 10)
+    try:
+        await first.wait_granted(2.0)
+        await asyncio.sleep(0.2)
+        assert not second.granted.done()
+        line = await _line(redis, prefix)
+        assert line["leases"] == 1 and line["waiting"] == 1  # only the one that waits
+        await first.end()
+        await second.wait_granted(2.0)
+        line = await _line(redis, prefix)
+        assert line == {"leases": 1, "waiting": 0, "seen": 0, "asks": 0}
+    finally:
+        await first.end()
+        await second.end()
+        await limiter.close()
+
+
+async def test_an_uncontended_permit_costs_redis_half_the_work(own_redis: Any) -> None:
+    """What the fast path saves, counted by a Redis of the test's own (INFO commandstats,
+    the script's inner commands included): a permit while nobody waits runs 13 commands or
+    fewer for its ACQUIRE, where joining and leaving the line took 22."""
+    client = ArqRedis.from_url(own_redis.url)
+    limiter = _limiter(client, "cost", concurrency=5, rpm=100, tpm=10_000)
+    limiter.gate = PausedGate(client, "cost")
+    try:
+        async with limiter.permit(10):  # loads the script, fills the window's keys
+            pass
+        await client.config_resetstat()
+        async with limiter.permit(10):
+            stats = await client.info("commandstats")
+    finally:
+        await limiter.close()
+        await client.aclose()
+    calls = {name.removeprefix("cmdstat_"): v["calls"] for name, v in stats.items()}
+    calls.pop("config|resetstat", None)
+    calls.pop("config", None)
+    assert calls.pop("evalsha") == 1  # one round trip: the gate is read in it
+    assert 8 <= sum(calls.values()) <= 13, calls
+    assert "zrank" not in calls and "hset" not in calls  # it never joined the line

@@ -602,3 +602,48 @@ async def test_a_chunk_too_deep_to_store_fails_its_own_job_alone(stack_factory: 
     assert jobs[0]["status"] == "completed", jobs[0]
     assert jobs[1]["status"] == "failed", jobs[1]
     assert "cannot be stored" in jobs[1]["error"]["message"], jobs[1]["error"]
+
+
+async def test_an_idle_workers_poll_is_one_round_trip_and_reads_no_aborts(
+    own_redis: Any, fake: Any, prefix: str
+) -> None:
+    """An idle worker's poll is one round trip (`scripts.TAKE_DUE`: arq's read of the queue,
+    the locks and the look at the next deferred job), where it was six commands. And arq reads
+    its abort requests on every poll; moonq's worker only while it runs a job (on a cancel's
+    wake-up, and once per poll delay): an idle worker polling 20 times a second reads them
+    never. Seen by MONITOR on a Redis of the test's own."""
+    from arq.connections import ArqRedis
+
+    from tests.conftest import _stacks
+    from tests.serving import worker_running
+
+    redis = ArqRedis.from_url(own_redis.url)
+    seen: list[str] = []
+    sent: list[str] = []  # by a client, not by a script
+
+    async def watch() -> None:
+        async with redis.monitor() as monitor:
+            async for command in monitor.listen():
+                seen.append(command["command"])
+                if command["client_type"] != "lua":
+                    sent.append(command["command"])
+
+    try:
+        async for build in _stacks(redis, own_redis.url, fake.url, prefix):
+            stack, client = await build(MOONQ_POLL_DELAY=0.05)
+            async with worker_running(stack):
+                job_id = await submit(client, chat("one job first"))
+                job = (await client.get(f"/v1/jobs/{job_id}", params={"wait": 10})).json()
+                assert job["status"] == "completed"
+                await asyncio.sleep(0.2)
+                watching = asyncio.create_task(watch())
+                await asyncio.sleep(1.0)
+                watching.cancel()
+                await asyncio.gather(watching, return_exceptions=True)
+    finally:
+        await redis.aclose()
+    assert not [c for c in seen if "arq:abort" in c]
+    # the queue is read only by scripts: a poll is one EVALSHA (it was two ZRANGEBYSCOREs,
+    # and a MULTI reading arq:abort); the ask for batch lines is another, 4 times a second
+    readers = [c.split()[0] for c in sent if f"{prefix}:queue" in c]
+    assert len(readers) >= 20 and set(readers) == {"EVALSHA"}, readers

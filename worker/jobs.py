@@ -108,6 +108,20 @@ class Runner:
         # Runs of batch lines that ended: each may have freed a place under the batch's cap,
         # so the worker asks for lines again at once (MoonqWorker._feed_batches).
         self.batch_lines_ended = 0
+        # Records read ahead, as arq starts a run (`prefetch`), for the run to take.
+        self._records: dict[str, asyncio.Task[dict[str, str] | None]] = {}
+
+    def prefetch(self, job_id: str) -> None:
+        """Start reading the job's record now, for its run to take (`_run`)."""
+        self.forget(job_id)
+        self._records[job_id] = asyncio.create_task(self.store.raw(job_id))
+
+    def forget(self, job_id: str) -> None:
+        """Drop a read-ahead record nobody took (arq did not run the job)."""
+        task = self._records.pop(job_id, None)
+        if task is not None:
+            task.cancel()
+            task.add_done_callback(_retrieve)
 
     async def run(
         self, job_id: str, lock_token: str = "", started: Callable[[int], None] = lambda n: None
@@ -174,7 +188,8 @@ class Runner:
         return self.draining
 
     async def _run(self, job_id: str, lock_token: str, started: Callable[[int], None]) -> str:
-        record = await self.store.raw(job_id)
+        ahead = self._records.pop(job_id, None)
+        record = await (ahead if ahead is not None else self.store.raw(job_id))
         try:
             return await self._run_record(job_id, record, lock_token, started)
         finally:
@@ -453,3 +468,9 @@ def _unforeseen(exc: Exception) -> errors.UpstreamError:
     return errors.UpstreamError(
         f"moonq could not process this job ({type(exc).__name__})", type="internal_error"
     )
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a dropped task's outcome as seen (asyncio would log an unretrieved error)."""
+    if not task.cancelled():
+        task.exception()

@@ -80,12 +80,14 @@ class MoonqWorker(Worker):
         self.ctx[LOCK_TOKEN] = self.lock_token
         self._finish_run: AsyncScript | None = None
         self._lock_script: AsyncScript | None = None
+        self._take_script: AsyncScript | None = None
+        self._unlock_script: AsyncScript | None = None
         # arq stops by cancelling its main task once; a cancel that lands inside a Redis call
         # can be lost (seen: a SIGTERMed worker that went on polling). Its `on_stop` hook
         # follows every such cancel, so the poll loop also ends on this flag.
         self._stopping = False
         self.on_stop = self._stopped
-        self._next_feed = self._next_expiry = 0.0
+        self._next_feed = self._next_expiry = self._next_abort_check = 0.0
         self._lines_ended = 0  # the runner's count of ended batch lines, as last seen
         self._sweeping: asyncio.Task[None] | None = None
         # The poll's wait is moonq's: an idle wait that a queued job's wake-up cuts short
@@ -101,30 +103,85 @@ class MoonqWorker(Worker):
             raise asyncio.CancelledError  # ends arq's main loop, as its cancel meant to
         self._heartbeat()
         try:
-            await super()._poll_iteration()
+            later = await self._arq_poll()
             await self._feed_batches()
-            idle = await self._idle_for()
+            idle = self._idle_for(later)
         except (RedisError, OSError) as exc:
             log.warning("Redis unavailable (%s); the worker keeps polling", type(exc).__name__)
             await asyncio.sleep(1.0)
             return
         await self.wakeup.idle(idle)
 
-    async def _idle_for(self) -> float:
+    async def _arq_poll(self) -> float | None:
+        """arq's `_poll_iteration`, with its read of the due jobs, the locks on them and the
+        look at the next deferred one made in one round trip (`scripts.TAKE_DUE`) instead of
+        three. Returns that next job's queue score (ms), or None when there is none, or when
+        no slot is free (then nothing is read)."""
+        count = self.queue_read_limit
+        if self.burst and self.max_burst_jobs >= 0:
+            remaining = self.max_burst_jobs - self._jobs_started()
+            if remaining < 1:
+                return None
+            count = min(remaining, count)
+        later = None
+        if self.allow_pick_jobs and self.job_counter < self.max_jobs:
+            later = await self._take_due(count)
+        if self.allow_abort_jobs:
+            await self._cancel_aborted_jobs()
+        for job_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[job_id]
+                task.result()  # as arq does: an error of its own run_job surfaces here
+        await self.heart_beat()
+        return later
+
+    async def _take_due(self, count: int) -> float | None:
+        """Lock and start up to a free slot's worth of the due jobs nobody holds."""
+        # Only this loop takes slots (running jobs only give them back), so the free ones
+        # stay free while the script runs.
+        free = self.max_jobs - self.job_counter
+        if self._take_script is None:
+            self._take_script = self.pool.register_script(scripts.TAKE_DUE)
+        args: list[str | int] = [in_progress_key_prefix, timestamp_ms()]
+        args += [int(self.in_progress_timeout_s * 1000), self.lock_token, count, free]
+        found, later = await self._take_script(keys=[self.queue_name], args=args)
+        pairs, mine = iter(found), []
+        for raw, score in zip(pairs, pairs, strict=True):
+            job_id = raw.decode()
+            running = self.tasks.get(job_id)
+            if running is not None and not running.done():
+                mine.append(job_id)
+                continue
+            await self.sem.acquire()  # free: never waits
+            self.job_counter += 1
+            self._start(job_id, int(float(score)))
+        if mine:
+            # A run of this worker whose lock lapsed (its keeper stalled): the poll must not
+            # keep the lock for it, or a run that is stuck could never be taken over. Rare.
+            if self._unlock_script is None:
+                self._unlock_script = self.pool.register_script(scripts.UNLOCK)
+            locks = [in_progress_key_prefix + job_id for job_id in mine]
+            await self._unlock_script(keys=locks, args=[self.lock_token])
+        return float(later) if later else None
+
+    def _start(self, job_id: str, score: int) -> None:
+        task = self.loop.create_task(self.run_job(job_id, score))
+        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+        self.tasks[job_id] = task
+
+    def _idle_for(self, later: float | None) -> float:
         """How long to wait for a wake-up before polling again: the poll delay, or less when a
-        deferred job (a retry) falls due sooner, or when batch lines may be taken again (see
-        `_feed_batches`). Nothing wakes a worker for those."""
+        deferred job (a retry, due at queue score `later`) falls due sooner, or when batch
+        lines may be taken again (see `_feed_batches`). Nothing wakes a worker for those."""
         if self.job_counter >= self.max_jobs:
             return self._idle  # no slot: a finishing job wakes this worker
         wait = self._idle
         feeding = self.ctx.get("moonq_scheduler") is not None and not self._stopping
         if feeding and self.max_jobs - self.job_counter - worker_reserve(self.max_jobs) > 0:
             wait = min(wait, max(0.0, self._next_feed - time.monotonic()))
-        now = timestamp_ms()
-        due = await self.pool.zrangebyscore(
-            self.queue_name, min=f"({now}", max="+inf", start=0, num=1, withscores=True
-        )
-        return min(wait, (due[0][1] - now) / 1000) if due else wait
+        if later is None:
+            return wait
+        return max(0.0, min(wait, (later - timestamp_ms()) / 1000))
 
     async def close(self) -> None:
         """arq's close, which raises when a job task it cancels ends cancelled (a run that
@@ -199,9 +256,20 @@ class MoonqWorker(Worker):
                 self.job_counter -= 1
                 self.sem.release()
         for job_id, score in taken.items():
-            task = self.loop.create_task(self.run_job(job_id, score))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id] = task
+            self._start(job_id, score)
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        """arq's run, with the job's record read beside arq's own first round trip rather
+        than after it: a job's start waits one round trip less."""
+        runner: Runner | None = self.ctx.get("moonq_runner")
+        if runner is None:
+            await super().run_job(job_id, score)
+            return
+        runner.prefetch(job_id)
+        try:
+            await super().run_job(job_id, score)
+        finally:
+            runner.forget(job_id)
 
     async def _lock_due(self, job_ids: list[str]) -> dict[str, int]:
         """Take arq's lock on the due jobs nobody holds; their queue scores."""
@@ -290,7 +358,16 @@ class MoonqWorker(Worker):
             self.on_stop(signum)
 
     async def _cancel_aborted_jobs(self) -> None:
-        await super()._cancel_aborted_jobs()
+        """arq reads its abort requests on every poll (a round trip of 4 commands); moonq's
+        cancel wakes the workers with "abort", so they are read only then, and at least once
+        per poll delay (a wake-up is at-most-once), and never while no job runs here (one
+        that has not started yet sees its abort as it starts, in arq's `run_job`)."""
+        now = time.monotonic()
+        due = self.wakeup.aborts or now >= self._next_abort_check
+        if due and self.job_tasks:
+            self.wakeup.aborts = False
+            self._next_abort_check = now + self._idle
+            await super()._cancel_aborted_jobs()
         if self._trim_aborts:
             # arq means to drop abort requests older than a minute, but its trim removes
             # nothing; one for a job no worker holds any more would stay for ever.
@@ -367,9 +444,16 @@ class LockKeeper:
         self._done.set()
 
     async def renew(self, token: str) -> None:
-        """Renew until `stop()`. (A flag, not just cancellation: redis-py can turn a cancel
-        that lands mid-command into a connection error, which this loop rides out.)"""
+        """Renew every ttl/4 until `stop()`. The first renewal too waits that long: the lock
+        was taken for a whole ttl a moment ago, and most jobs end before it is due. (A flag,
+        not just cancellation: redis-py can turn a cancel that lands mid-command into a
+        connection error, which this loop rides out.)"""
         while not self._done.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.ttl / 4):  # not wait_for: it can lose a cancel
+                    await self._done.wait()
+            if self._done.is_set():
+                return
             try:
                 outcome = await self._keep(keys=self.keys, args=[*self.args, token, self.attempt])
                 if outcome == 2:
@@ -378,9 +462,6 @@ class LockKeeper:
                     log.warning("job %s: another run has it; this one is fenced", self.job_id)
             except (RedisError, OSError):
                 log.warning("could not renew the lock of job %s", self.job_id)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.ttl / 4):  # not wait_for: it can lose a cancel
-                    await self._done.wait()
 
 
 async def run_completion(ctx: dict[str, Any], job_id: str) -> str:

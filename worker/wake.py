@@ -27,6 +27,8 @@ class Wakeup:
     def __init__(self, redis: Redis, channel: str) -> None:
         self.redis, self.channel = redis, channel
         self._event = asyncio.Event()
+        # A cancel's wake-up ("abort") since the worker last looked at arq's abort requests.
+        self.aborts = False
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -57,7 +59,9 @@ class Wakeup:
                 async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(self.channel)
                     while not self._closing:
-                        if await pubsub.get_message(timeout=LISTEN_STEP) is not None:
+                        message = await pubsub.get_message(timeout=LISTEN_STEP)
+                        if message is not None:
+                            self.aborts = self.aborts or message.get("data") == b"abort"
                             self._event.set()
             except (RedisError, OSError) as exc:
                 log.debug("wake-up channel lost (%s); polling meanwhile", type(exc).__name__)
