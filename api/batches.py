@@ -19,6 +19,7 @@ from api.errors import APIError, shown
 from api.errors import last_event_id as parse_last_event_id
 from api.openapi import answer, errors, request_example
 from api.services import services
+from api.sse import EventStream
 from moonq.batch_input import ENDPOINT, Limits, TooManyLines
 from moonq.batch_models import BATCH_ID, BadWindow, Batch, BatchList, NotCancellable
 from moonq.batches import BatchStore
@@ -180,7 +181,7 @@ async def batch_events(
     from the start, or after `Last-Event-ID`."""
     batch = await _own_batch(request, batch_id, tenant)
     after = parse_last_event_id(last_event_id)
-    return EventSourceResponse(_progress(request, batch, tenant, after), ping=15)
+    return EventStream(_progress(request, batch, tenant, after), ping=15)
 
 
 async def _progress(

@@ -40,6 +40,7 @@ from api.chat_shapes import (
 )
 from api.errors import APIError, error_response
 from api.services import Services
+from api.sse import EventStream
 from moonq.models import Job, Status
 from moonq.stream import RawEvent, follow
 
@@ -224,7 +225,7 @@ class Relay:
         return [self._error(end_error(job))]
 
 
-class _FeedStream(EventSourceResponse):
+class _FeedStream(EventStream):
     """An SSE response that stops its feed however it ends: a client gone before the first
     line leaves a generator that never started, whose own `finally` would never run."""
 

@@ -19,6 +19,7 @@ from api.errors import APIError, shown
 from api.errors import last_event_id as parse_last_event_id
 from api.openapi import answer, errors, request_example
 from api.services import services
+from api.sse import EventStream
 from moonq.account import WAITING_REASON, paused_reason
 from moonq.listing import JobLister, UnknownCursor
 from moonq.models import Job, JobCreate, JobList, Status
@@ -223,7 +224,7 @@ async def events_response(
             )
         if after == last and ended:
             return Response(status_code=204)
-    return EventSourceResponse(_sse(request, job_id, after), ping=15)
+    return EventStream(_sse(request, job_id, after), ping=15)
 
 
 async def _own_position(request: Request, job_id: str, tenant: str | None) -> tuple[int, bool]:
