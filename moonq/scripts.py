@@ -355,17 +355,29 @@ return taken
 # whole poll in one round trip: arq's read of the due jobs, LOCK_DUE's locks on those nobody
 # holds (in queue order, up to the free slots), and the score of the next job not due yet (a
 # deferred retry: how long the worker may idle). Returns {{id, score, ...}, next score or ''}.
-# Reads before each write; SET cannot fail.
+# arq leaves a running job in its queue, so the due jobs begin with those running (here or on
+# other workers): they are read a page at a time, each page's locks in one MGET, until the free
+# slots are filled; a queued job behind them is still found. Reads before each write; SET
+# cannot fail.
 TAKE_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'WITHSCORES', 'LIMIT', 0, ARGV[5])
-local taken, want = {}, tonumber(ARGV[6])
-for i = 1, #due, 2 do
-  if #taken >= 2 * want then break end
-  if redis.call('EXISTS', ARGV[1] .. due[i]) == 0 then
-    redis.call('SET', ARGV[1] .. due[i], ARGV[4], 'PX', ARGV[3])
-    taken[#taken + 1] = due[i]
-    taken[#taken + 1] = due[i + 1]
+local page, limit, want = 50, tonumber(ARGV[5]), tonumber(ARGV[6])
+local taken, offset = {}, 0
+while #taken < 2 * want and offset < limit do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'WITHSCORES',
+    'LIMIT', offset, math.min(page, limit - offset))
+  if #due == 0 then break end
+  local locks = {}
+  for i = 1, #due, 2 do locks[#locks + 1] = ARGV[1] .. due[i] end
+  local held = redis.call('MGET', unpack(locks))
+  for i = 1, #due, 2 do
+    if #taken >= 2 * want then break end
+    if not held[(i + 1) / 2] then
+      redis.call('SET', ARGV[1] .. due[i], ARGV[4], 'PX', ARGV[3])
+      taken[#taken + 1] = due[i]
+      taken[#taken + 1] = due[i + 1]
+    end
   end
+  offset = offset + #due / 2
 end
 local later = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[2], '+inf', 'WITHSCORES',
   'LIMIT', 0, 1)

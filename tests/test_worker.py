@@ -647,3 +647,44 @@ async def test_an_idle_workers_poll_is_one_round_trip_and_reads_no_aborts(
     # and a MULTI reading arq:abort); the ask for batch lines is another, 4 times a second
     readers = [c.split()[0] for c in sent if f"{prefix}:queue" in c]
     assert len(readers) >= 20 and set(readers) == {"EVALSHA"}, readers
+
+
+@pytest.fixture(params=["fake_redis", "real_redis"])
+def either_redis(request: pytest.FixtureRequest) -> Any:
+    return request.getfixturevalue(request.param)
+
+
+async def test_a_poll_finds_a_queued_job_behind_many_running_ones(
+    either_redis: Any, prefix: str
+) -> None:
+    """arq leaves running jobs in its queue, ahead of those that wait: a worker with a free
+    slot must find a queued job behind 120 running elsewhere (past a page of the scan), take
+    it in queue order, never one another worker holds, and learn when the next deferred job
+    falls due, all in the one round trip of its poll (`scripts.TAKE_DUE`)."""
+    from arq.constants import in_progress_key_prefix
+
+    from moonq import scripts
+
+    redis = either_redis
+    queue = f"{prefix}:queue"
+    ids = [f"{prefix}-{i:03d}" for i in range(125)]
+    await redis.zadd(queue, {job_id: 1000 + i for i, job_id in enumerate(ids)})
+    await redis.zadd(queue, {f"{prefix}-later": 9000})
+    locks = [in_progress_key_prefix + job_id for job_id in ids]
+    try:
+        for lock in locks[:120]:  # running on another worker
+            await redis.set(lock, "other", px=60_000)
+        take = redis.register_script(scripts.TAKE_DUE)
+        args = [in_progress_key_prefix, 5000, 5000, "me", 1500]
+        found, later = await take(keys=[queue], args=[*args, 2])
+        assert [x.decode() for x in found[::2]] == ids[120:122]  # the two oldest free ones
+        assert [int(s) for s in found[1::2]] == [1120, 1121] and int(later) == 9000
+        assert await redis.get(locks[120]) == b"me" and await redis.get(locks[0]) == b"other"
+        found, _ = await take(keys=[queue], args=[*args, 10])  # more slots than jobs
+        assert [x.decode() for x in found[::2]] == ids[122:]
+        found, later = await take(
+            keys=[queue], args=[in_progress_key_prefix, 10_000, 5000, "me", 1500, 1]
+        )
+        assert [x.decode() for x in found[::2]] == [f"{prefix}-later"] and later == b""
+    finally:
+        await redis.delete(queue, *locks, in_progress_key_prefix + f"{prefix}-later")

@@ -119,8 +119,7 @@ class Runner:
     def forget(self, job_id: str) -> None:
         """Drop a read-ahead record nobody took (arq did not run the job)."""
         task = self._records.pop(job_id, None)
-        if task is not None:
-            task.cancel()
+        if task is not None:  # left to finish: a cancel mid-command costs redis-py the connection
             task.add_done_callback(_retrieve)
 
     async def run(
