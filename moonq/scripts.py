@@ -351,7 +351,10 @@ return taken
 """
 
 # KEYS: arq's queue. ARGV: arq's lock key prefix, now (ms), lock ttl (ms), the worker's lock
-# token, how many due jobs to look at, how many to take (the worker's free slots). A worker's
+# token, how many due jobs to look at, how many to take (the worker's free slots), then the
+# jobs this worker runs whose lock may have lapsed (their keeper is late): those are passed
+# over, neither locked nor counted, so that a run that no longer renews can be taken over
+# elsewhere (most polls pass none). A worker's
 # whole poll in one round trip: arq's read of the due jobs, LOCK_DUE's locks on those nobody
 # holds (in queue order, up to the free slots), and the score of the next job not due yet (a
 # deferred retry: how long the worker may idle). Returns {{id, score, ...}, next score or ''}.
@@ -361,7 +364,8 @@ return taken
 # cannot fail.
 TAKE_DUE = """
 local page, limit, want = 50, tonumber(ARGV[5]), tonumber(ARGV[6])
-local taken, offset = {}, 0
+local taken, offset, mine = {}, 0, {}
+for i = 7, #ARGV do mine[ARGV[i]] = true end
 while #taken < 2 * want and offset < limit do
   local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'WITHSCORES',
     'LIMIT', offset, math.min(page, limit - offset))
@@ -371,7 +375,7 @@ while #taken < 2 * want and offset < limit do
   local held = redis.call('MGET', unpack(locks))
   for i = 1, #due, 2 do
     if #taken >= 2 * want then break end
-    if not held[(i + 1) / 2] then
+    if not held[(i + 1) / 2] and not mine[due[i]] then
       redis.call('SET', ARGV[1] .. due[i], ARGV[4], 'PX', ARGV[3])
       taken[#taken + 1] = due[i]
       taken[#taken + 1] = due[i + 1]
@@ -382,14 +386,6 @@ end
 local later = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[2], '+inf', 'WITHSCORES',
   'LIMIT', 0, 1)
 return {taken, later[2] or ''}
-"""
-
-# KEYS: arq's locks. ARGV: the worker's lock token. Lets go of each lock the worker holds.
-UNLOCK = """
-for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
-end
-return 1
 """
 
 KEEP_LOCK = (

@@ -327,7 +327,10 @@ class _IdleTimer:
 
     def _fire(self) -> None:
         if self.idle():
-            with contextlib.suppress(asyncio.QueueFull):  # a full queue: it has work anyway
+            # Only into an empty queue: a reader with messages waiting has work (it may be
+            # paused on a slow client), and must not be sent back to a log that may have
+            # been trimmed past them.
+            if self.queue.empty():
                 self.queue.put_nowait(_IDLE)
             self.active = self.loop.time()  # one wake-up per idle `poll`
         self.handle = self.loop.call_at(self.active + self.poll, self._fire)
@@ -360,12 +363,14 @@ async def _arrived(queue: asyncio.Queue[bytes], idle: _IdleTimer) -> list[bytes]
     raws: list[bytes] = []
     while not raws:
         raw = await queue.get()
-        if raw == _IDLE:  # idle for `poll`: back to the log
-            return None
+        if raw == _IDLE:
+            if queue.empty():  # idle for `poll`: back to the log
+                return None
+            continue  # a stale wake-up: events came after all
         raws.append(raw)
         while not queue.empty():
             raw = queue.get_nowait()
-            if raw != _IDLE:  # a stale wake-up: events came after all
+            if raw != _IDLE:
                 raws.append(raw)
     idle.touch()
     return raws

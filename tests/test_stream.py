@@ -285,3 +285,26 @@ async def test_a_live_reader_sets_one_idle_timer_not_one_per_event(
     await _publish(store, job_id, attempt, 100, pause=0.005)
     _assert_complete(await asyncio.wait_for(reader, 10), 100)
     assert 1 <= timers <= 8, timers
+
+
+async def test_a_reader_paused_past_its_poll_keeps_the_live_events_the_log_has_trimmed(
+    redis: ArqRedis, hub: EventHub, prefix: str
+) -> None:
+    """A reader paused on a slow client for longer than its `poll` (its idle timer fires
+    meanwhile) takes what arrived in its queue on waking, not a log already trimmed past it
+    (MOONQ_MAX_EVENTS at its least, 100, and 300 events while the reader was away)."""
+    store = JobStore(redis, Keys(prefix), queue_name=f"{prefix}:q", result_ttl=600, max_events=100)
+    job_id, attempt = await _running_job(store)
+    await store.append(job_id, attempt, [{"event": "chunk", "data": 0}])
+    batches = follow_batches(store.redis, hub, store.keys, job_id, poll=0.1)
+    seqs = [e.seq for e in await anext(batches)]
+    await asyncio.sleep(0.25)  # the reader is away; its idle timer fires into an empty queue
+    for i in range(1, 300):
+        await store.append(job_id, attempt, [{"event": "chunk", "data": i}])
+    await store.finish(
+        job_id, Status.COMPLETED, {"event": "done", "data": {}}, {}, attempt, tenant="t"
+    )
+    await asyncio.sleep(0.3)  # the hub has them all in the reader's queue
+    async with asyncio.timeout(10):
+        seqs += [e.seq async for events in batches for e in events]
+    assert seqs == list(range(1, 302))

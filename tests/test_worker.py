@@ -686,5 +686,102 @@ async def test_a_poll_finds_a_queued_job_behind_many_running_ones(
             keys=[queue], args=[in_progress_key_prefix, 10_000, 5000, "me", 1500, 1]
         )
         assert [x.decode() for x in found[::2]] == [f"{prefix}-later"] and later == b""
+        # the worker's own runs whose lock lapsed are passed over: not locked, not counted
+        await redis.delete(*locks[118:120])
+        found, _ = await take(keys=[queue], args=[*args, 1, ids[118]])
+        assert [x.decode() for x in found[::2]] == [ids[119]]
+        assert await redis.get(locks[118]) is None
     finally:
         await redis.delete(queue, *locks, in_progress_key_prefix + f"{prefix}-later")
+
+
+async def test_a_run_that_stopped_renewing_is_never_relocked_by_its_own_worker(
+    own_redis: Any, fake: Any, prefix: str
+) -> None:
+    """A run whose lock keeper stopped renewing (starved) must leave its job's lock lapsed,
+    free for another worker to take over: its own worker's polls, 20 a second, pass the job
+    over instead of locking it (they used to lock it and let go of it a round trip later,
+    which could also drop a lock its keeper had just renewed). Seen by MONITOR; the run
+    itself still completes the job, which nobody took over."""
+    from arq.connections import ArqRedis
+
+    from tests.conftest import _stacks
+    from tests.serving import worker_running
+
+    redis = ArqRedis.from_url(own_redis.url)
+    sets: list[str] = []
+
+    async def watch(lock: str) -> None:
+        async with redis.monitor() as monitor:
+            async for command in monitor.listen():
+                if command["command"].startswith("SET") and lock in command["command"]:
+                    sets.append(command["command"])
+
+    try:
+        async for build in _stacks(redis, own_redis.url, fake.url, prefix):
+            stack, client = await build(MOONQ_POLL_DELAY=0.05, MOONQ_LOCK_TIMEOUT=1)
+            async with worker_running(stack):
+                payload = chat("starved", fake_moonshot={"chunks": 60, "delay": 0.05})
+                job_id = await submit(client, payload)
+                lock = f"arq:in-progress:{job_id}"
+                while fake.stats.in_flight < 1:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+                keeper = next(t for t in asyncio.all_tasks() if t.get_name() == f"lock-{job_id}")
+                keeper.cancel()
+                async with asyncio.timeout(3):
+                    while await redis.exists(lock):  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+                watching = asyncio.create_task(watch(lock))
+                await asyncio.sleep(0.8)
+                watching.cancel()
+                await asyncio.gather(watching, return_exceptions=True)
+                job = (await client.get(f"/v1/jobs/{job_id}", params={"wait": 10})).json()
+    finally:
+        await redis.aclose()
+    assert sets == []
+    assert job["status"] == "completed" and job["attempts"] == 1, job
+
+
+async def test_a_worker_reads_abort_requests_once_per_poll_delay_whatever_wakes_it(
+    own_redis: Any, fake: Any, prefix: str
+) -> None:
+    """A cancel's own wake-up can be lost (pub/sub is at-most-once); then the worker running
+    the job must still read arq's abort requests within one poll delay. A wake-up for
+    something else just before the read falls due must not push it a whole poll delay further
+    (it did: reads 2 s apart became 3.7 s). Seen by MONITOR on a Redis of the test's own."""
+    from arq.connections import ArqRedis
+
+    from moonq.keys import Keys
+    from tests.conftest import _stacks
+    from tests.serving import worker_running
+
+    redis = ArqRedis.from_url(own_redis.url)
+    reads: list[float] = []  # when the worker read arq's abort requests (Redis's clock)
+
+    async def watch() -> None:
+        async with redis.monitor() as monitor:
+            async for command in monitor.listen():
+                if command["command"].startswith("ZRANGE arq:abort"):
+                    reads.append(command["time"])
+
+    try:
+        async for build in _stacks(redis, own_redis.url, fake.url, prefix):
+            # two slots, one kept for interactive jobs: no batch line to ask for meanwhile
+            stack, client = await build(MOONQ_POLL_DELAY=2, MOONQ_WORKER_CONCURRENCY=2)
+            async with worker_running(stack):
+                await submit(client, chat("slow", fake_moonshot={"first_byte_delay": 10}))
+                while fake.stats.in_flight < 1:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+                watching = asyncio.create_task(watch())
+                async with asyncio.timeout(8):
+                    while not reads:  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+                    await asyncio.sleep(1.7)  # then something else wakes the worker
+                    await redis.publish(Keys(stack.settings.key_prefix).wake(), "queued")
+                    while len(reads) < 2:  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+                watching.cancel()
+                await asyncio.gather(watching, return_exceptions=True)
+    finally:
+        await redis.aclose()
+    assert reads[1] - reads[0] < 2.5, reads

@@ -53,6 +53,11 @@ HEARTBEAT_EVERY = 5.0
 # The job context's key for the lock token of the worker running it; arq's own runner (a plain
 # `Worker`) writes arq's "1".
 LOCK_TOKEN = "moonq_lock_token"
+# The job context's key for the worker's leases (`MoonqWorker.leases`), which a run's
+# `LockKeeper` keeps up to date; a poll passes over the worker's own jobs whose lease ends
+# within LEASE_MARGIN seconds (their lock may be gone when its script runs).
+LEASES = "moonq_leases"
+LEASE_MARGIN = 1.0
 ABORT_MAX_AGE_MS = 60_000
 # With no batch line to hand out, a worker asks again after this long (a new batch waits at
 # most this long for its first line to start); batches past their window are swept (in the
@@ -81,7 +86,10 @@ class MoonqWorker(Worker):
         self._finish_run: AsyncScript | None = None
         self._lock_script: AsyncScript | None = None
         self._take_script: AsyncScript | None = None
-        self._unlock_script: AsyncScript | None = None
+        # When each running job's lock is known to lapse at the earliest (loop time), as of
+        # its take or its keeper's last renewal (`LockKeeper`); a job not in here runs no more.
+        self.leases: dict[str, float] = {}
+        self.ctx[LEASES] = self.leases
         # arq stops by cancelling its main task once; a cancel that lands inside a Redis call
         # can be lost (seen: a SIGTERMed worker that went on polling). Its `on_stop` hook
         # follows every such cancel, so the poll loop also ends on this flag.
@@ -142,40 +150,49 @@ class MoonqWorker(Worker):
         free = self.max_jobs - self.job_counter
         if self._take_script is None:
             self._take_script = self.pool.register_script(scripts.TAKE_DUE)
+        taken_at = self.loop.time()
+        # This worker's runs whose lock may be gone by the time the script runs: the poll
+        # must not lock them (a run that no longer renews could never be taken over).
+        late = [job_id for job_id, until in self.leases.items() if until < taken_at + LEASE_MARGIN]
         args: list[str | int] = [in_progress_key_prefix, timestamp_ms()]
-        args += [int(self.in_progress_timeout_s * 1000), self.lock_token, count, free]
+        args += [int(self.in_progress_timeout_s * 1000), self.lock_token, count, free, *late]
         found, later = await self._take_script(keys=[self.queue_name], args=args)
-        pairs, mine = iter(found), []
+        pairs = iter(found)
         for raw, score in zip(pairs, pairs, strict=True):
             job_id = raw.decode()
             running = self.tasks.get(job_id)
             if running is not None and not running.done():
-                mine.append(job_id)
+                # Its lock was gone though its keeper renewed it in time (Redis lost it): the
+                # lock taken is this worker's, as its keeper would have taken it back.
                 continue
             await self.sem.acquire()  # free: never waits
             self.job_counter += 1
-            self._start(job_id, int(float(score)))
-        if mine:
-            # A run of this worker whose lock lapsed (its keeper stalled): the poll must not
-            # keep the lock for it, or a run that is stuck could never be taken over. Rare.
-            if self._unlock_script is None:
-                self._unlock_script = self.pool.register_script(scripts.UNLOCK)
-            locks = [in_progress_key_prefix + job_id for job_id in mine]
-            await self._unlock_script(keys=locks, args=[self.lock_token])
+            self._start(job_id, int(float(score)), taken_at)
         return float(later) if later else None
 
-    def _start(self, job_id: str, score: int) -> None:
+    def _start(self, job_id: str, score: int, taken_at: float) -> None:
+        """Run a job whose lock this worker took at `taken_at` (loop time) or later."""
+        self.leases[job_id] = taken_at + self.in_progress_timeout_s
         task = self.loop.create_task(self.run_job(job_id, score))
-        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+        task.add_done_callback(lambda _: self._ended(job_id, task))
         self.tasks[job_id] = task
+
+    def _ended(self, job_id: str, task: asyncio.Task[None]) -> None:
+        if self.tasks.get(job_id) in (task, None):
+            self.leases.pop(job_id, None)
+        self._release_sem_dec_counter_on_complete()
 
     def _idle_for(self, later: float | None) -> float:
         """How long to wait for a wake-up before polling again: the poll delay, or less when a
         deferred job (a retry, due at queue score `later`) falls due sooner, or when batch
-        lines may be taken again (see `_feed_batches`). Nothing wakes a worker for those."""
-        if self.job_counter >= self.max_jobs:
-            return self._idle  # no slot: a finishing job wakes this worker
+        lines may be taken again (see `_feed_batches`), or when its running jobs' abort
+        requests are due a look (a cancel's wake-up can be lost: see `_cancel_aborted_jobs`).
+        Nothing wakes a worker for those."""
         wait = self._idle
+        if self.allow_abort_jobs and self.job_tasks:
+            wait = min(wait, max(0.0, self._next_abort_check - time.monotonic()))
+        if self.job_counter >= self.max_jobs:
+            return wait  # no slot: a finishing job wakes this worker
         feeding = self.ctx.get("moonq_scheduler") is not None and not self._stopping
         if feeding and self.max_jobs - self.job_counter - worker_reserve(self.max_jobs) > 0:
             wait = min(wait, max(0.0, self._next_feed - time.monotonic()))
@@ -249,6 +266,7 @@ class MoonqWorker(Worker):
             await self.sem.acquire()
         self.job_counter += len(wanted)
         taken: dict[str, int] = {}
+        taken_at = self.loop.time()
         try:
             taken = await self._lock_due(wanted)
         finally:
@@ -256,7 +274,7 @@ class MoonqWorker(Worker):
                 self.job_counter -= 1
                 self.sem.release()
         for job_id, score in taken.items():
-            self._start(job_id, score)
+            self._start(job_id, score, taken_at)
 
     async def run_job(self, job_id: str, score: int) -> None:
         """arq's run, with the job's record read beside arq's own first round trip rather
@@ -425,10 +443,18 @@ class LockKeeper:
     """
 
     def __init__(
-        self, redis: ArqRedis, keys: Keys, queue: str, job_id: str, score: int, ttl: float
+        self,
+        redis: ArqRedis,
+        keys: Keys,
+        queue: str,
+        job_id: str,
+        score: int,
+        ttl: float,
+        leases: dict[str, float] | None = None,
     ) -> None:
         self._keep = redis.register_script(scripts.KEEP_LOCK)
         self.job_id, self.ttl = job_id, ttl
+        self.leases = {} if leases is None else leases
         self.keys = [in_progress_key_prefix + job_id, queue, job_key_prefix + job_id]
         self.keys.append(keys.job(job_id))
         self.args: list[str | int | bytes] = [int(ttl * 1000), job_id, score]
@@ -455,7 +481,11 @@ class LockKeeper:
             if self._done.is_set():
                 return
             try:
+                asked = asyncio.get_running_loop().time()
                 outcome = await self._keep(keys=self.keys, args=[*self.args, token, self.attempt])
+                if self.job_id in self.leases:  # the worker's run of it still goes on
+                    # Held (for a ttl from no earlier than `asked`), or not this run's.
+                    self.leases[self.job_id] = asked + self.ttl if outcome in (1, 2) else 0.0
                 if outcome == 2:
                     log.warning("job %s: its lock had lapsed; taken back", self.job_id)
                 elif outcome == -1:
@@ -477,6 +507,7 @@ async def run_completion(ctx: dict[str, Any], job_id: str) -> str:
         job_id,
         int(ctx["score"]),
         settings.lock_timeout,
+        ctx.get(LEASES),
     )
     token = ctx.get(LOCK_TOKEN, "1")
     with logs.job_context(job_id):  # the lock keeper's lines name the job too
