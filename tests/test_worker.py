@@ -719,16 +719,16 @@ async def test_a_run_that_stopped_renewing_is_never_relocked_by_its_own_worker(
 
     try:
         async for build in _stacks(redis, own_redis.url, fake.url, prefix):
-            stack, client = await build(MOONQ_POLL_DELAY=0.05, MOONQ_LOCK_TIMEOUT=1)
+            stack, client = await build(MOONQ_POLL_DELAY=0.05, MOONQ_LOCK_TIMEOUT=3)
             async with worker_running(stack):
-                payload = chat("starved", fake_moonshot={"chunks": 60, "delay": 0.05})
+                payload = chat("starved", fake_moonshot={"chunks": 120, "delay": 0.05})
                 job_id = await submit(client, payload)
                 lock = f"arq:in-progress:{job_id}"
                 while fake.stats.in_flight < 1:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
                 keeper = next(t for t in asyncio.all_tasks() if t.get_name() == f"lock-{job_id}")
                 keeper.cancel()
-                async with asyncio.timeout(3):
+                async with asyncio.timeout(5):
                     while await redis.exists(lock):  # noqa: ASYNC110
                         await asyncio.sleep(0.01)
                 watching = asyncio.create_task(watch(lock))
@@ -776,12 +776,17 @@ async def test_a_worker_reads_abort_requests_once_per_poll_delay_whatever_wakes_
                 async with asyncio.timeout(8):
                     while not reads:  # noqa: ASYNC110
                         await asyncio.sleep(0.01)
-                    await asyncio.sleep(1.7)  # then something else wakes the worker
+                    # 1.7 s after that read, something else wakes the worker
+                    seconds, micros = await redis.time()
+                    await asyncio.sleep(reads[0] + 1.7 - (seconds + micros / 1e6))
                     await redis.publish(Keys(stack.settings.key_prefix).wake(), "queued")
+                    seconds, micros = await redis.time()
+                    woken = seconds + micros / 1e6
                     while len(reads) < 2:  # noqa: ASYNC110
                         await asyncio.sleep(0.01)
                 watching.cancel()
                 await asyncio.gather(watching, return_exceptions=True)
     finally:
         await redis.aclose()
+    assert woken < reads[0] + 2, "the wake-up came too late to test anything"
     assert reads[1] - reads[0] < 2.5, reads

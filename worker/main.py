@@ -55,7 +55,8 @@ HEARTBEAT_EVERY = 5.0
 LOCK_TOKEN = "moonq_lock_token"
 # The job context's key for the worker's leases (`MoonqWorker.leases`), which a run's
 # `LockKeeper` keeps up to date; a poll passes over the worker's own jobs whose lease ends
-# within LEASE_MARGIN seconds (their lock may be gone when its script runs).
+# within LEASE_MARGIN seconds, or a quarter of the lock's ttl if less (their lock may be gone
+# when its script runs; a renewed lease ends 3/4 of a ttl later at the least).
 LEASES = "moonq_leases"
 LEASE_MARGIN = 1.0
 ABORT_MAX_AGE_MS = 60_000
@@ -153,7 +154,8 @@ class MoonqWorker(Worker):
         taken_at = self.loop.time()
         # This worker's runs whose lock may be gone by the time the script runs: the poll
         # must not lock them (a run that no longer renews could never be taken over).
-        late = [job_id for job_id, until in self.leases.items() if until < taken_at + LEASE_MARGIN]
+        soon = taken_at + min(LEASE_MARGIN, self.in_progress_timeout_s / 4)
+        late = [job_id for job_id, until in self.leases.items() if until < soon]
         args: list[str | int] = [in_progress_key_prefix, timestamp_ms()]
         args += [int(self.in_progress_timeout_s * 1000), self.lock_token, count, free, *late]
         found, later = await self._take_script(keys=[self.queue_name], args=args)
