@@ -604,44 +604,61 @@ async def test_a_chunk_too_deep_to_store_fails_its_own_job_alone(stack_factory: 
     assert "cannot be stored" in jobs[1]["error"]["message"], jobs[1]["error"]
 
 
+@pytest.fixture
+async def own_stack(own_redis: Any, fake: Any, prefix: str) -> AsyncIterator[tuple[Any, Any]]:
+    """`real_stack` on a Redis of the test's own (MONITOR sees only the test's commands):
+    a client of that Redis, and the factory of `(stack, client)` pairs."""
+    from arq.connections import ArqRedis
+
+    from tests.conftest import _stacks
+
+    redis = ArqRedis.from_url(own_redis.url)
+    try:
+        async for build in _stacks(redis, own_redis.url, fake.url, prefix):
+            yield redis, build
+    finally:
+        await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _monitoring(redis: Any) -> AsyncIterator[list[dict[str, Any]]]:
+    """Every command Redis runs while the block runs, as MONITOR reports it."""
+    seen: list[dict[str, Any]] = []
+
+    async def watch() -> None:
+        async with redis.monitor() as monitor:
+            async for command in monitor.listen():
+                seen.append(command)
+
+    watching = asyncio.create_task(watch())
+    try:
+        yield seen
+    finally:
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+
+
 async def test_an_idle_workers_poll_is_one_round_trip_and_reads_no_aborts(
-    own_redis: Any, fake: Any, prefix: str
+    own_stack: Any, prefix: str
 ) -> None:
     """An idle worker's poll is one round trip (`scripts.TAKE_DUE`: arq's read of the queue,
     the locks and the look at the next deferred job), where it was six commands. And arq reads
     its abort requests on every poll; moonq's worker only while it runs a job (on a cancel's
     wake-up, and once per poll delay): an idle worker polling 20 times a second reads them
     never. Seen by MONITOR on a Redis of the test's own."""
-    from arq.connections import ArqRedis
-
-    from tests.conftest import _stacks
     from tests.serving import worker_running
 
-    redis = ArqRedis.from_url(own_redis.url)
-    seen: list[str] = []
-    sent: list[str] = []  # by a client, not by a script
-
-    async def watch() -> None:
-        async with redis.monitor() as monitor:
-            async for command in monitor.listen():
-                seen.append(command["command"])
-                if command["client_type"] != "lua":
-                    sent.append(command["command"])
-
-    try:
-        async for build in _stacks(redis, own_redis.url, fake.url, prefix):
-            stack, client = await build(MOONQ_POLL_DELAY=0.05)
-            async with worker_running(stack):
-                job_id = await submit(client, chat("one job first"))
-                job = (await client.get(f"/v1/jobs/{job_id}", params={"wait": 10})).json()
-                assert job["status"] == "completed"
-                await asyncio.sleep(0.2)
-                watching = asyncio.create_task(watch())
-                await asyncio.sleep(1.0)
-                watching.cancel()
-                await asyncio.gather(watching, return_exceptions=True)
-    finally:
-        await redis.aclose()
+    redis, build = own_stack
+    stack, client = await build(MOONQ_POLL_DELAY=0.05)
+    async with worker_running(stack):
+        job_id = await submit(client, chat("one job first"))
+        job = (await client.get(f"/v1/jobs/{job_id}", params={"wait": 10})).json()
+        assert job["status"] == "completed"
+        await asyncio.sleep(0.2)
+        async with _monitoring(redis) as commands:
+            await asyncio.sleep(1.0)
+    seen = [c["command"] for c in commands]
+    sent = [c["command"] for c in commands if c["client_type"] != "lua"]  # not by a script
     assert not [c for c in seen if "arq:abort" in c]
     # the queue is read only by scripts: a poll is one EVALSHA (it was two ZRANGEBYSCOREs,
     # and a MULTI reading arq:abort); the ask for batch lines is another, 4 times a second
@@ -696,97 +713,72 @@ async def test_a_poll_finds_a_queued_job_behind_many_running_ones(
 
 
 async def test_a_run_that_stopped_renewing_is_never_relocked_by_its_own_worker(
-    own_redis: Any, fake: Any, prefix: str
+    own_stack: Any, fake: Any
 ) -> None:
     """A run whose lock keeper stopped renewing (starved) must leave its job's lock lapsed,
     free for another worker to take over: its own worker's polls, 20 a second, pass the job
     over instead of locking it (they used to lock it and let go of it a round trip later,
     which could also drop a lock its keeper had just renewed). Seen by MONITOR; the run
     itself still completes the job, which nobody took over."""
-    from arq.connections import ArqRedis
-
-    from tests.conftest import _stacks
     from tests.serving import worker_running
 
-    redis = ArqRedis.from_url(own_redis.url)
-    sets: list[str] = []
-
-    async def watch(lock: str) -> None:
-        async with redis.monitor() as monitor:
-            async for command in monitor.listen():
-                if command["command"].startswith("SET") and lock in command["command"]:
-                    sets.append(command["command"])
-
-    try:
-        async for build in _stacks(redis, own_redis.url, fake.url, prefix):
-            stack, client = await build(MOONQ_POLL_DELAY=0.05, MOONQ_LOCK_TIMEOUT=3)
-            async with worker_running(stack):
-                payload = chat("starved", fake_moonshot={"chunks": 120, "delay": 0.05})
-                job_id = await submit(client, payload)
-                lock = f"arq:in-progress:{job_id}"
-                while fake.stats.in_flight < 1:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
-                keeper = next(t for t in asyncio.all_tasks() if t.get_name() == f"lock-{job_id}")
-                keeper.cancel()
-                async with asyncio.timeout(5):
-                    while await redis.exists(lock):  # noqa: ASYNC110
-                        await asyncio.sleep(0.01)
-                watching = asyncio.create_task(watch(lock))
-                await asyncio.sleep(0.8)
-                watching.cancel()
-                await asyncio.gather(watching, return_exceptions=True)
-                job = (await client.get(f"/v1/jobs/{job_id}", params={"wait": 10})).json()
-    finally:
-        await redis.aclose()
+    redis, build = own_stack
+    stack, client = await build(MOONQ_POLL_DELAY=0.05, MOONQ_LOCK_TIMEOUT=3)
+    async with worker_running(stack):
+        payload = chat("starved", fake_moonshot={"chunks": 120, "delay": 0.05})
+        job_id = await submit(client, payload)
+        lock = f"arq:in-progress:{job_id}"
+        while fake.stats.in_flight < 1:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        keeper = next(t for t in asyncio.all_tasks() if t.get_name() == f"lock-{job_id}")
+        keeper.cancel()
+        async with asyncio.timeout(5):
+            while await redis.exists(lock):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        async with _monitoring(redis) as commands:
+            await asyncio.sleep(0.8)
+        job = (await client.get(f"/v1/jobs/{job_id}", params={"wait": 10})).json()
+    sets = [
+        c["command"] for c in commands if c["command"].startswith("SET") and lock in c["command"]
+    ]
     assert sets == []
     assert job["status"] == "completed" and job["attempts"] == 1, job
 
 
 async def test_a_worker_reads_abort_requests_once_per_poll_delay_whatever_wakes_it(
-    own_redis: Any, fake: Any, prefix: str
+    own_stack: Any, fake: Any
 ) -> None:
     """A cancel's own wake-up can be lost (pub/sub is at-most-once); then the worker running
     the job must still read arq's abort requests within one poll delay. A wake-up for
     something else just before the read falls due must not push it a whole poll delay further
     (it did: reads 2 s apart became 3.7 s). Seen by MONITOR on a Redis of the test's own."""
-    from arq.connections import ArqRedis
-
     from moonq.keys import Keys
-    from tests.conftest import _stacks
     from tests.serving import worker_running
 
-    redis = ArqRedis.from_url(own_redis.url)
-    reads: list[float] = []  # when the worker read arq's abort requests (Redis's clock)
+    def abort_reads(commands: list[dict[str, Any]]) -> list[float]:
+        """When the worker read arq's abort requests (Redis's clock)."""
+        return [c["time"] for c in commands if c["command"].startswith("ZRANGE arq:abort")]
 
-    async def watch() -> None:
-        async with redis.monitor() as monitor:
-            async for command in monitor.listen():
-                if command["command"].startswith("ZRANGE arq:abort"):
-                    reads.append(command["time"])
-
-    try:
-        async for build in _stacks(redis, own_redis.url, fake.url, prefix):
-            # two slots, one kept for interactive jobs: no batch line to ask for meanwhile
-            stack, client = await build(MOONQ_POLL_DELAY=2, MOONQ_WORKER_CONCURRENCY=2)
-            async with worker_running(stack):
-                await submit(client, chat("slow", fake_moonshot={"first_byte_delay": 10}))
-                while fake.stats.in_flight < 1:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
-                watching = asyncio.create_task(watch())
-                async with asyncio.timeout(8):
-                    while not reads:  # noqa: ASYNC110
-                        await asyncio.sleep(0.01)
-                    # 1.7 s after that read, something else wakes the worker
-                    seconds, micros = await redis.time()
-                    await asyncio.sleep(reads[0] + 1.7 - (seconds + micros / 1e6))
-                    await redis.publish(Keys(stack.settings.key_prefix).wake(), "queued")
-                    seconds, micros = await redis.time()
-                    woken = seconds + micros / 1e6
-                    while len(reads) < 2:  # noqa: ASYNC110
-                        await asyncio.sleep(0.01)
-                watching.cancel()
-                await asyncio.gather(watching, return_exceptions=True)
-    finally:
-        await redis.aclose()
+    redis, build = own_stack
+    # two slots, one kept for interactive jobs: no batch line to ask for meanwhile
+    stack, client = await build(MOONQ_POLL_DELAY=2, MOONQ_WORKER_CONCURRENCY=2)
+    async with worker_running(stack), _monitoring(redis) as commands:
+        await submit(client, chat("slow", fake_moonshot={"first_byte_delay": 10}))
+        while fake.stats.in_flight < 1:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        commands.clear()  # from here on
+        async with asyncio.timeout(8):
+            while not abort_reads(commands):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            # 1.7 s after that read, something else wakes the worker
+            first = abort_reads(commands)[0]
+            seconds, micros = await redis.time()
+            await asyncio.sleep(first + 1.7 - (seconds + micros / 1e6))
+            await redis.publish(Keys(stack.settings.key_prefix).wake(), "queued")
+            seconds, micros = await redis.time()
+            woken = seconds + micros / 1e6
+            while len(abort_reads(commands)) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    reads = abort_reads(commands)
     assert woken < reads[0] + 2, "the wake-up came too late to test anything"
     assert reads[1] - reads[0] < 2.5, reads
