@@ -24,7 +24,7 @@ from moonq.account import WAITING_REASON, paused_reason
 from moonq.listing import JobLister, UnknownCursor
 from moonq.models import Job, JobCreate, JobList, Status
 from moonq.store import AlreadyFinished
-from moonq.stream import RawEvent, follow_batches
+from moonq.stream import RawEvent, follow_batches, gap_before
 
 router = APIRouter()
 
@@ -244,6 +244,10 @@ async def _sse(request: Request, job_id: str, after: int) -> AsyncIterator[Serve
     svc = services(request)
     try:
         async for events in follow_batches(svc.redis, svc.hub, svc.keys, job_id, after=after):
+            gap = gap_before(job_id, events, after)
+            if gap is not None:  # the log was trimmed past events this reader never had
+                events = [gap, *events]
+            after = events[-1].seq
             yield b"".join(event.sse() for event in events)  # those at hand: one write
     except (RedisError, OSError):
         # The response has started: report the failure as an event, never raise.

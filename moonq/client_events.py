@@ -26,7 +26,8 @@ MAX_DOUBLINGS = 16  # past this the backoff is long since MAX_BACKOFF (2**1024 i
 
 class Event(BaseModel):
     """One event: `seq` (its SSE `id:`), `event` (`chunk`, `retry`, `done`, `error`,
-    `cancelled`; a batch's are `line` and `done`) and its `data`."""
+    `cancelled`, and `trimmed` in place of events the job's log no longer has; a batch's are
+    `line` and `done`) and its `data`."""
 
     model_config = ConfigDict(extra="allow")
     seq: int

@@ -60,10 +60,14 @@ class Tokens:
         self.dim = err.isatty()
         self.held: list[str] = []  # this attempt's content, until the end (not live)
         self.reasoning = False  # reasoning written since the last content
+        self.trimmed = False  # some of this attempt's chunks were gone from the job's log
 
     def show(self, event: Event) -> None:
         if event.event == "retry":
             self._retry(event.data if isinstance(event.data, dict) else {})
+            return
+        if event.event == "trimmed":
+            self._trimmed(event.data if isinstance(event.data, dict) else {})
             return
         delta = event.delta
         reasoning, content = delta.get("reasoning_content"), delta.get("content")
@@ -84,8 +88,20 @@ class Tokens:
         self.out.write(content)
         self.out.flush()
 
+    def _trimmed(self, data: dict[str, Any]) -> None:
+        """Events the log no longer has: the text shown so far misses theirs. Held output is
+        replaced at the end by the job's result, which is whole; a terminal is told."""
+        self.trimmed = True
+        gone = f"events {data.get('first_seq', '?')} to {data.get('last_seq', '?')}"
+        if self.live:
+            self.out.write("\n")
+            self.out.flush()
+            where = f"the whole answer: moonq status {self.job_id}"
+            print(f"moonq: {gone} are no longer in the job's log ({where})", file=self.err)
+
     def _retry(self, data: dict[str, Any]) -> None:
         self.held.clear()
+        self.trimmed = False
         if self.live:
             self.out.write("\n")
             self.out.flush()
@@ -94,10 +110,12 @@ class Tokens:
 
     def end(self, event: str, data: Any) -> bool:
         """Finish the output after the job's last event; whether the job completed."""
+        data = data if isinstance(data, dict) else {}
+        if self.trimmed and not self.live and event == "done":
+            self.held = [_answer(data) or ""]  # the chunks were not all there: the result is
         self.out.write("".join(self.held) + "\n")
         self.out.flush()
         self.held.clear()
-        data = data if isinstance(data, dict) else {}
         if event == "done":
             print(f"usage: {tokens(data.get('usage'))} tokens", file=self.err)
             return True
@@ -141,7 +159,12 @@ def describe(job: Job) -> list[str]:
 
 
 def _content(job: Job) -> str | None:
-    choices = (job.result or {}).get("choices")
+    return _answer(job.result or {})
+
+
+def _answer(completion: dict[str, Any]) -> str | None:
+    """A chat.completion's first choice's content."""
+    choices = completion.get("choices")
     first = choices[0] if isinstance(choices, list) and choices else {}
     message = first.get("message") if isinstance(first, dict) else None
     content = message.get("content") if isinstance(message, dict) else None

@@ -296,6 +296,28 @@ async def follow_record(
             idle.cancel()
 
 
+def trimmed(job_id: str, first: int, last: int) -> RawEvent:
+    """What an SSE reader is sent in place of events `first`..`last`, gone from the job's log
+    (`MOONQ_MAX_EVENTS` keeps the latest) before it read them. It is neither published nor
+    logged; its seq is the last missing event's, so that a reconnection with Last-Event-ID
+    resumes after the gap."""
+    message = (
+        f"Events {first} to {last} of this job are no longer in its event log "
+        f"(MOONQ_MAX_EVENTS keeps the latest); its result is whole at GET /v1/jobs/{job_id}."
+    )
+    data = {"first_seq": first, "last_seq": last, "message": message}
+    raw = json.dumps({"seq": last, "event": "trimmed", "data": data}, separators=(",", ":"))
+    return RawEvent(last, "trimmed", raw.encode())
+
+
+def gap_before(job_id: str, events: list[RawEvent], last: int) -> RawEvent | None:
+    """The `trimmed` notice for the events between `last` and these, if any are missing: the
+    log gives every event after `last` in order unless it was trimmed past them."""
+    if events and events[0].seq > last + 1:
+        return trimmed(job_id, last + 1, events[0].seq - 1)
+    return None
+
+
 def _through_terminal(events: list[RawEvent]) -> list[RawEvent]:
     for i, event in enumerate(events):
         if event.terminal:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -10,7 +11,7 @@ import pytest
 
 from api import routes
 from moonq.fake_moonshot import expected_content
-from tests.conftest import chat
+from tests.conftest import chat, submit
 
 
 async def _keys(stack: Any) -> list[bytes]:
@@ -333,3 +334,38 @@ async def test_resuming_past_the_last_event_is_400_naming_it(stack_factory: Any)
         error = response.json()["error"]
         assert error["param"] == "Last-Event-ID" and error["last_seq"] == seq
         assert f"(seq {seq})" in error["message"]
+
+
+def _sse(text: str) -> list[tuple[int, dict[str, Any]]]:
+    """An SSE body's events: (`id:`, the JSON of `data:`)."""
+    events = []
+    for block in text.split("\r\n\r\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "data" in fields:
+            events.append((int(fields["id"]), json.loads(fields["data"])))
+    return events
+
+
+async def test_events_trimmed_from_the_log_are_named_not_skipped(stack_factory: Any) -> None:
+    """The log keeps the latest MOONQ_MAX_EVENTS events: a reader that joins after the oldest
+    are gone is told which (a `trimmed` event whose id resumes past them), then gets the rest
+    in order; one resuming past the gap is told nothing."""
+    stack, client = await stack_factory(MOONQ_MAX_EVENTS=100)
+    job_id = await submit(client, chat(fake_moonshot={"chunks": 300}))
+    await stack.run_worker()
+    logged = [event["seq"] for event in await stack.events(job_id)]
+    first = logged[0]
+    assert first > 2  # the log was trimmed
+    for after in (0, first // 2, first - 1):
+        headers = {"Last-Event-ID": str(after)} if after else {}
+        response = await client.get(f"/v1/jobs/{job_id}/events", headers=headers)
+        assert response.status_code == 200
+        events = _sse(response.text)
+        assert [seq for seq, _ in events] == [event["seq"] for _, event in events]
+        if after < first - 1:
+            (seq, gap), *events = events
+            assert gap["event"] == "trimmed" and seq == first - 1
+            assert gap["data"]["first_seq"] == after + 1 and gap["data"]["last_seq"] == first - 1
+            assert f"GET /v1/jobs/{job_id}" in gap["data"]["message"]
+        assert [seq for seq, _ in events] == logged
+        assert events[-1][1]["event"] == "done"

@@ -194,9 +194,11 @@ def test_a_tenant_watches_its_jobs_and_batch_live_and_cancels_it(
 def test_an_admin_sees_every_tenant_and_the_account(
     cluster_factory: Any, browser: Any, shots: Path, request: pytest.FixtureRequest
 ) -> None:
-    cluster = cluster_factory(limit=2, MOONQ_API_KEYS=KEYS, MOONQ_ADMIN_KEYS=ADMIN_KEY)
+    env = {"MOONQ_API_KEYS": KEYS, "MOONQ_ADMIN_KEYS": ADMIN_KEY, "MOONQ_MAX_EVENTS": "100"}
+    cluster = cluster_factory(limit=2, **env)
     api = httpx.Client(base_url=cluster.api_url, timeout=10)
     request.addfinalizer(api.close)
+    long = submit(api, ACME_KEY, chat("long", fake_moonshot={"chunks": 300}))
     slow = {"fake_moonshot": {"chunks": 20, "delay": 0.2}}
     ours = [submit(api, ACME_KEY, chat(f"acme {i}", **slow)) for i in range(3)]
     theirs = [submit(api, BETA_KEY, chat(f"beta {i}", **slow)) for i in range(3)]
@@ -226,6 +228,14 @@ def test_an_admin_sees_every_tenant_and_the_account(
     wait(lambda: text(page, "#job-status") == "completed", 20, "the retried job to complete")
     assert text(page, "#job-attempts") == "2"
     assert "Attempt 1: server_error" in text(page, "#job-history")
+
+    # A job whose log was trimmed (MOONQ_MAX_EVENTS) shows its whole answer, and says so.
+    page.click(f'#jobs tr[data-job="{long}"]')
+    wait(lambda: text(page, "#job-status") == "completed", 20, "the long job to complete")
+    result = api.get(f"/v1/jobs/{long}", headers={"Authorization": f"Bearer {ACME_KEY}"}).json()
+    answer = result["result"]["choices"][0]["message"]["content"]
+    wait(lambda: page.locator("#job-output").inner_text() == answer, 10, "the whole answer")
+    assert "are no longer in the job's log" in text(page, "#job-note")
 
     # The status filter asks the feed for failed jobs only.
     page.select_option("#status-filter", "failed")

@@ -230,6 +230,43 @@ async def test_watch_into_a_file_holds_the_final_answer_alone_after_a_retry(
     assert "moonq: attempt 2 starts over (" in err
 
 
+@pytest.mark.parametrize("tty", [True, False])
+def test_chunks_trimmed_from_the_log_never_leave_a_file_with_part_of_the_answer(tty: bool) -> None:
+    """A job's log keeps its latest MOONQ_MAX_EVENTS events: `moonq watch J > answer.txt` of
+    a job whose first chunks are gone writes the job's result, which is whole; on a terminal a
+    notice on stderr says the text shown misses some, and where the whole answer is."""
+    out, err = Recorder(tty=tty), Recorder(tty=False)
+    view = job_view.Tokens("job_1", out, err)
+    gap = {"first_seq": 1, "last_seq": 40, "message": "gone"}
+    for event in (Event(seq=40, event="trimmed", data=gap), chunk(41, content=" there")):
+        view.show(event)
+    done = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi there"}}]}
+    assert view.end("done", done) is True
+    if tty:
+        assert out.writes == ["\n", " there", "\n"]
+        notice = "moonq: events 1 to 40 are no longer in the job's log"
+        assert err.getvalue().startswith(f"{notice} (the whole answer: moonq status job_1)\n")
+    else:
+        assert out.writes == ["Hi there\n"]
+        assert "no longer" not in err.getvalue()
+
+
+async def test_watch_into_a_file_of_a_job_whose_log_was_trimmed_writes_the_whole_answer(
+    stack_factory: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stack, _ = await stack_factory(MOONQ_API_KEYS=f"{KEY}=team-a", MOONQ_MAX_EVENTS=100)
+    body = body_of("long", "moonshot-v1-8k", fake_moonshot={"chunks": 300})
+    async with stack_client(stack) as api:
+        job_id = (await api.post("/v1/jobs", json={"body": body})).json()["id"]
+    await stack.run_worker()
+    assert (await stack.events(job_id))[0]["seq"] > 1  # the log was trimmed
+    async with served(stack.app) as url:
+        argv = ["watch", job_id, "--url", url, "--api-key", KEY]
+        assert await asyncio.to_thread(job_cli.main, argv) == Exit.OK
+    out, _ = capsys.readouterr()
+    assert out == expected_content(body) + "\n"  # stdout is not a terminal here
+
+
 def test_submit_sends_the_prompt_from_stdin_with_its_options(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

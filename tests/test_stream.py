@@ -14,7 +14,7 @@ from moonq.keys import Keys
 from moonq.models import JobCreate, Status
 from moonq.redis import connect
 from moonq.store import JobStore
-from moonq.stream import EventHub, follow, follow_batches
+from moonq.stream import EventHub, follow, follow_batches, gap_before
 
 
 @pytest.fixture(params=["fake", "real"])
@@ -308,3 +308,39 @@ async def test_a_reader_paused_past_its_poll_keeps_the_live_events_the_log_has_t
     async with asyncio.timeout(10):
         seqs += [e.seq async for events in batches for e in events]
     assert seqs == list(range(1, 302))
+
+
+async def test_a_reader_whose_queue_overflowed_past_a_trimmed_log_is_told_what_it_missed(
+    redis: ArqRedis, prefix: str
+) -> None:
+    """A reader that falls so far behind that its queue overflows goes back to the log; when
+    MOONQ_MAX_EVENTS has trimmed the log past what it read, `gap_before` names exactly the
+    events it can no longer have, and it gets every other one once, in order."""
+    hub = EventHub(redis, queue_size=8)
+    store = JobStore(redis, Keys(prefix), queue_name=f"{prefix}:q", result_ttl=600, max_events=100)
+    try:
+        job_id, attempt = await _running_job(store)
+        await store.append(job_id, attempt, [{"event": "chunk", "data": 0}])
+        batches = follow_batches(store.redis, hub, store.keys, job_id)
+        first = await anext(batches)
+        last, seen, gaps = first[-1].seq, [e.seq for e in first], []
+        for i in range(1, 300):  # the reader is away: 8 fit its queue, the log keeps ~100
+            await store.append(job_id, attempt, [{"event": "chunk", "data": i}])
+        await store.finish(
+            job_id, Status.COMPLETED, {"event": "done", "data": {}}, {}, attempt, tenant="t"
+        )
+        async with asyncio.timeout(10):
+            async for events in batches:
+                gap = gap_before(job_id, events, last)
+                if gap is not None:
+                    gaps.append(json.loads(gap.raw))
+                seen += [e.seq for e in events]
+                last = events[-1].seq
+    finally:
+        await hub.close()
+    assert len(gaps) == 1, gaps  # the 8 queued ones, then the log from where it was trimmed
+    missed = gaps[0]["data"]
+    assert gaps[0]["event"] == "trimmed" and gaps[0]["seq"] == missed["last_seq"]
+    assert missed["first_seq"] == 10 and missed["last_seq"] > 150 and job_id in missed["message"]
+    gone = range(missed["first_seq"], missed["last_seq"] + 1)
+    assert seen == [seq for seq in range(1, 302) if seq not in gone]

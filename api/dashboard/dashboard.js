@@ -598,6 +598,13 @@
       setText('job-attempts', num(next));
       // Each earlier attempt, and why it ended (replayed for a finished job).
       $('job-history').append(el('li', '', `Attempt ${next - 1}: ${d.reason || 'ended'}; retried`));
+    } else if (msg.event === 'trimmed') {
+      // The log keeps its latest events (MOONQ_MAX_EVENTS): the text shown misses these
+      // until the job's result, which is whole, replaces it at the end.
+      const d = msg.data || {};
+      j.trimmed = true;
+      setText('job-note', `Events ${d.first_seq}–${d.last_seq} are no longer in the job's log: ` +
+        'the text starts partway; the whole answer replaces it when the job ends.');
     } else if (TERMINAL[msg.event]) {
       j.over = true;
       setJobStatus(TERMINAL[msg.event]);
@@ -620,7 +627,7 @@
       setText('job-attempts', num(job.attempts));
       const choice = job.result && Array.isArray(job.result.choices) ? job.result.choices[0] : null;
       const message = choice && choice.message;
-      if (!j.text.data && message && typeof message.content === 'string') j.text.data = message.content;
+      if ((j.trimmed || !j.text.data) && message && typeof message.content === 'string') j.text.data = message.content;
       if (job.result || job.usage) {
         const usage = job.usage || (job.result && job.result.usage) || null;
         setText('job-result', JSON.stringify({ finish_reason: choice ? choice.finish_reason : null, usage }, null, 2));
