@@ -86,7 +86,11 @@ if ARGV[4] ~= '' then redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5]) end
 move_status(index, state[1], 'in_progress')
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'worker', ARGV[3])
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
-return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local number = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+-- What earlier attempts left, as of this start (a run's own earlier read may be stale: a
+-- stalled run may have written since).
+local past = redis.call('HMGET', KEYS[1], 'seq', 'failures', 'pauses', 'last_error')
+return {number, past[1], past[2], past[3], past[4]}
 """
 )
 

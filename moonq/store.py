@@ -251,11 +251,25 @@ class JobStore:
 
         With a `lock_token`, the attempt starts only under that lock, taking it if it is free.
         """
+        number, _ = await self.start(job_id, worker, lock_token, lock_ttl)
+        return number
+
+    async def start(
+        self, job_id: str, worker: str = "", lock_token: str = "", lock_ttl: float = 0.0
+    ) -> tuple[int, dict[str, str]]:
+        """`start_attempt`, with what earlier attempts left in the record as of the start
+        (`seq`, `failures`, `pauses`, `last_error`, where set): a record read before it may
+        be stale, as a stalled run may have written since."""
         args: list[str | int] = [self.keys.tenant_status_base(), repr(self.clock()), worker]
         args.append(lock_token)
         args.append(int(lock_ttl * 1000))
         keys = [self.keys.job(job_id), in_progress_key_prefix + job_id]
-        return int(await self._start(keys=keys, args=args))
+        reply = await self._start(keys=keys, args=args)
+        if not isinstance(reply, list):
+            return int(reply), {}
+        names = ("seq", "failures", "pauses", "last_error")
+        past = {name: value.decode() for name, value in zip(names, reply[1:], strict=True) if value}
+        return int(reply[0]), past
 
     async def append(self, job_id: str, attempt: int, events: list[dict[str, Any]]) -> int:
         """Append and publish events for a live attempt; -1 means the attempt lost the job."""

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from arq.connections import ArqRedis
+from redis.exceptions import ResponseError
 
 from moonq.fake_moonshot import FakeServer, expected_content
 from moonq.keys import Keys
@@ -19,7 +20,9 @@ from moonq.listing import JobLister
 from moonq.models import JobCreate, Status
 from moonq.store import InvalidUsage, JobStore, utc_day
 from tests.conftest import Stack, chat, submit
-from worker.main import create_worker
+from tests.serving import worker_running
+from worker.jobs import Runner
+from worker.main import ARQ_MAX_TRIES, create_worker
 
 pytestmark = pytest.mark.redis
 
@@ -417,3 +420,130 @@ async def test_a_corrupt_metrics_counter_cannot_break_a_jobs_end(real_stack: Any
     job = await _job(client, job_id)
     assert job["status"] == "completed", job
     await _assert_ended_cleanly(stack, job_id)
+
+
+def _before_start(monkeypatch: pytest.MonkeyPatch, once: Any) -> None:
+    """Run `once()` in the first run between its read of the job's record and its START:
+    where a run waits for the upstream's token count and for a permit."""
+    original = Runner._tokens
+    pending = [once]
+
+    async def tokens(self: Runner, body: dict[str, Any]) -> int:
+        if pending:
+            await pending.pop()()
+        return await original(self, body)
+
+    monkeypatch.setattr(Runner, "_tokens", tokens)
+
+
+async def test_a_run_starts_from_the_record_as_of_its_start_not_its_first_read(
+    real_stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stalled run whose lock lapsed may still write chunks after the run that took the
+    job over read its record, and before that run starts: the new attempt still begins with
+    a `retry` event, so a reader drops the first attempt's text (`moonq watch` into a file
+    would otherwise hold two answers run together)."""
+    stack, client = await real_stack()
+    store = JobStore.from_settings(stack.redis, stack.settings)
+    job_id = await submit(client, chat("taken over"))
+    assert await store.start_attempt(job_id, "stalled", "stalled-lock", 5) == 1
+    await stack.redis.delete(f"arq:in-progress:{job_id}")  # its lock lapsed
+
+    async def the_stalled_run_wakes() -> None:
+        chunk = {"event": "chunk", "attempt": 1, "data": {"choices": []}}
+        assert await store.append(job_id, 1, [chunk, chunk]) == 2
+
+    _before_start(monkeypatch, the_stalled_run_wakes)
+    await stack.run_worker()
+    events = await stack.events(job_id)
+    assert [(e["attempt"], e["event"]) for e in events[:3]] == [
+        (1, "chunk"),
+        (1, "chunk"),
+        (2, "retry"),
+    ]
+    assert events[-1]["event"] == "done" and (await _job(client, job_id))["attempts"] == 2
+
+
+async def test_a_run_that_lost_its_lock_before_starting_gives_its_permit_back(
+    real_stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that got its permit but finds at START that another run holds the job sends no
+    request: its token estimate must not stay in the account's TPM window for a minute."""
+    stack, client = await real_stack(MOONQ_UPSTREAM_TPM=4000)
+    big = "x" * 9000  # an estimate of ~3,000 tokens: two cannot share a minute
+    job_id = await submit(client, chat(big))
+
+    async def another_run_takes_the_lock() -> None:  # for a moment: then this worker may
+        await stack.redis.set(f"arq:in-progress:{job_id}", "another-run", px=300)
+
+    _before_start(monkeypatch, another_run_takes_the_lock)
+    started = asyncio.get_running_loop().time()
+    await stack.run_worker()
+    job = await _job(client, job_id)
+    assert job["status"] == "completed" and job["attempts"] == 1
+    assert asyncio.get_running_loop().time() - started < 10  # not the rest of the minute
+
+
+def _refusing_finish(monkeypatch: pytest.MonkeyPatch) -> list[Status]:
+    """FINISH refused for the job's live attempt (as Redis refuses a write it would refuse
+    again), after its fence, as the script checks: a stale attempt is still told -1."""
+    original = JobStore.finish
+    refused: list[Status] = []
+
+    async def finish(self: JobStore, job_id: str, status: Status, *args: Any, **kw: Any) -> int:
+        attempt = args[2] if len(args) > 2 else kw.get("attempt")
+        live = await self.redis.hget(self.keys.job(job_id), "attempts")  # type: ignore[misc]
+        if attempt is None or str(attempt).encode() == live:
+            refused.append(status)
+            raise ResponseError("ERR moonq: the record is malformed")
+        return await original(self, job_id, status, *args, **kw)
+
+    monkeypatch.setattr(JobStore, "finish", finish)
+    return refused
+
+
+async def test_a_job_whose_end_redis_refuses_waits_instead_of_calling_the_upstream_again(
+    real_stack: Any, fake: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When even failing the job is refused, it stays queued and is tried again only after
+    a while: never a loop that calls (and pays) the upstream again at once."""
+    stack, client = await real_stack()
+    refused = _refusing_finish(monkeypatch)
+    job_id = await submit(client, chat("refused"))
+    async with worker_running(stack):
+        await asyncio.sleep(2)
+    assert fake.stats.requests == 1
+    assert refused == [Status.COMPLETED, Status.FAILED, Status.FAILED]  # answer, fail, fail
+    score = await stack.redis.zscore(stack.settings.queue_name, job_id)
+    assert score is not None and score > (time.time() + 50) * 1000  # deferred a minute
+    assert (await _job(client, job_id))["status"] == "in_progress"
+
+
+async def test_a_job_arq_gives_up_on_that_cannot_be_failed_is_kept_for_later(
+    real_stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """arq gives up on a job tried too often; if failing it is refused too, it is not
+    forgotten (it would stay `queued` for ever with nothing to run it): it stays in arq's
+    queue, deferred, and fails once that works."""
+    stack, client = await real_stack()
+    job_id = await submit(client, chat("given up"))
+    await stack.redis.set(f"arq:retry:{job_id}", ARQ_MAX_TRIES)  # its last try was spent
+    refused = _refusing_finish(monkeypatch)
+    async with worker_running(stack):
+        for _ in range(100):
+            if refused:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+    assert refused == [Status.FAILED]
+    queue = stack.settings.queue_name
+    score = await stack.redis.zscore(queue, job_id)
+    assert score is not None and score > (time.time() + 50) * 1000  # deferred a minute
+    assert await stack.redis.exists(f"arq:job:{job_id}")
+    assert (await _job(client, job_id))["status"] == "queued"
+    monkeypatch.undo()  # the store takes writes again; the job falls due
+    await stack.redis.zadd(queue, {job_id: time.time() * 1000})
+    await stack.run_worker()
+    job = await _job(client, job_id)
+    assert job["status"] == "failed" and job["error"]["type"] == "worker_lost"
+    assert await stack.redis.zscore(queue, job_id) is None

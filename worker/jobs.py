@@ -248,14 +248,15 @@ class Runner:
         tokens = await self._tokens(body)
         batch = bool(record.get("batch_id"))
         async with self.limiter.permit(tokens, priority, self._is_draining, batch=batch) as permit:
-            number = await self.store.start_attempt(
+            number, past = await self.store.start(
                 job_id, self.worker_id, lock_token, self.settings.lock_timeout
             )
-            if number == -3:  # this run lost arq's lock (a stall): another run has the job
-                return LOST
-            if number < 0:  # over (a cancel) meanwhile: the permit goes back unused
+            if number < 0:  # no request is sent: the permit goes back unused
                 permit.used = 0
-                return "skipped"
+                # -3: this run lost arq's lock (a stall), another run has the job; else it
+                # is over (a cancel) or gone.
+                return LOST if number == -3 else "skipped"
+            record.update(past, attempts=str(number))  # the record as of this start
             started(number)
             logs.bind(attempt=number)
             publisher = self.events.publisher(job_id, number)

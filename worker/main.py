@@ -37,7 +37,7 @@ from moonq.scheduler import Scheduler, batch_cap, worker_reserve
 from moonq.serde import arq_deserialize, arq_serialize
 from moonq.settings import Settings, get_settings
 from moonq.store import JOB_FUNCTION, JobStore, arq_payload
-from worker.jobs import Runner
+from worker.jobs import BROKEN_RETRY_DELAY, Runner
 from worker.upstream import MoonshotClient
 from worker.wake import Wakeup
 
@@ -329,7 +329,13 @@ class MoonqWorker(Worker):
             try:
                 await runner.abandon(job_id)
             except (RedisError, OSError):
+                # Not failed, so not forgotten: it stays in arq's queue, deferred, and arq
+                # gives up on it (and this tries again) once it is due.
                 log.exception("job %s: arq gave up on it and it could not be failed", job_id)
+                score = await self.pool.zscore(self.queue_name, job_id)
+                later = int(BROKEN_RETRY_DELAY * 1000) + timestamp_ms() - int(score or 0)
+                await self._end_run(job_id, "0", later if score is not None else None)
+                return
         await self._end_run(job_id, "force", None)
 
     async def _end_run(self, job_id: str, outcome: str, incr_score: int | None) -> None:
