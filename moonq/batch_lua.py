@@ -10,6 +10,8 @@ Interactive jobs go straight into arq's queue and come first at the upstream per
 
 from __future__ import annotations
 
+from moonq.redis_clock import NOW_MS
+
 # The most a line can cost (and a finished job can charge) its tenant's virtual time, so that
 # one absurd request (a `max_tokens` of 10^30 with TPM off) cannot push every tenant's virtual
 # time past what a double can still tell apart.
@@ -168,14 +170,17 @@ return 1
 # KEYS: 1 active tenants, 2 virtual times, 3 the virtual clock, 4 in-flight lines, 5 arq's
 # queue. ARGV: 1 tenant line base (`Keys.sched_base`), 2 batch key base, 3 job key base,
 # 4 arq job key base, 5 how many lines the caller can take, 6 the most lines in flight
-# account-wide (0 = no cap), 7 now (ms), 8 arq's job payload with `JOBID` for the job id.
-# Hands out up to ARGV[5] lines: each goes into arq's queue (due now) and the in-flight set,
-# and its token estimate is charged to its tenant's virtual time. The tenant with the lowest
-# virtual time goes first; within a tenant, batches in the order they were created. Lines of
-# a batch no longer running (cancelled, expiring) and lines already over are dropped from
-# the pending lists (cancel and expiry end them from the batch's full list). Returns the ids.
+# account-wide (0 = no cap), 7 arq's job payload with `JOBID` for the job id.
+# Hands out up to ARGV[5] lines: each goes into arq's queue (due now, by Redis's clock) and
+# the in-flight set, and its token estimate is charged to its tenant's virtual time. The
+# tenant with the lowest virtual time goes first; within a tenant, batches in the order they
+# were created. Lines of a batch no longer running (cancelled, expiring) and lines already
+# over are dropped from the pending lists (cancel and expiry end them from the batch's full
+# list). Returns the ids.
 # Bounded: at most ARGV[5] + 64 pops. Writes: LPOP, SET, ZADD, HSET of numbers: cannot fail.
-DISPATCH = """
+DISPATCH = (
+    NOW_MS
+    + """
 local out = {}
 local inflight = redis.call('ZCARD', KEYS[4])
 for _, id in ipairs(redis.call('ZRANGE', KEYS[4], 0, 1)) do
@@ -209,9 +214,9 @@ while #out < want and steps < want + 64 do
     else
       local rec = redis.call('HMGET', ARGV[3] .. job, 'status', 'estimate')
       if rec[1] == 'queued' then
-        redis.call('SET', ARGV[4] .. job, (string.gsub(ARGV[8], 'JOBID', job)))
-        redis.call('ZADD', KEYS[5], ARGV[7], job)
-        redis.call('ZADD', KEYS[4], ARGV[7], job)
+        redis.call('SET', ARGV[4] .. job, (string.gsub(ARGV[7], 'JOBID', job)))
+        redis.call('ZADD', KEYS[5], now, job)
+        redis.call('ZADD', KEYS[4], now, job)
         local cost = math.min(tonumber(rec[2]) or 1, $MAX_COST)
         if vt > clock then clock = vt end
         redis.call('ZADD', KEYS[1], vt + cost, tenant)
@@ -224,3 +229,4 @@ end
 if #out > 0 then redis.call('SET', KEYS[3], clock) end  -- an idle worker's ask writes nothing
 return out
 """.replace("$MAX_COST", str(MAX_COST))
+)

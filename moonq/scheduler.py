@@ -66,7 +66,6 @@ class Scheduler:
                 job_key_prefix,
                 want,
                 self.cap,
-                now_ms,
                 payload,
             ],
         )

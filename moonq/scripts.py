@@ -4,6 +4,7 @@ attempts, so a worker that lost its job (or a cancelled one) can never write ove
 from __future__ import annotations
 
 from moonq.batch_lua import BATCH_HOOK
+from moonq.redis_clock import NOW_MS
 
 TERMINAL_CHECK = """
 local function terminal(s) return s == 'completed' or s == 'failed' or s == 'cancelled' end
@@ -34,36 +35,40 @@ end
 # KEYS: job, tenant index, arq job, arq queue, idempotency key, the tenant's `queued` index,
 # the tenant's custom_id index ('' key name when the job has none), the workers' wake-up
 # channel (published last: idle workers poll at once, worker/wake.py).
-# ARGV: job id, created (s), created (ms), job key prefix, arq payload, idempotency ttl (s) or
-# '0', request fingerprint, index horizon (s), then the record's field/value pairs.
+# ARGV: job id, created (s), job key prefix, arq payload, idempotency ttl (s) or '0', request
+# fingerprint, index horizon (s), then the record's field/value pairs. The queue entry is due
+# now by Redis's clock (NOW_MS).
 # Writes the record, its index entries and the queue entry together; neither expires until the
 # job ends. With an idempotency key already taken by a job that still exists, writes nothing
 # and returns "<job id> <fingerprint>" of that first job; else returns ''.
 # Cannot fail after its first write: every argument is built by moonq, every key is of the
 # type it expects (moonq's own names).
-CREATE = """
-if ARGV[6] ~= '0' then
+CREATE = (
+    NOW_MS
+    + """
+if ARGV[5] ~= '0' then
   local first = redis.call('GET', KEYS[5])
-  if first and redis.call('EXISTS', ARGV[4] .. string.match(first, '^(%S+)')) == 1 then
+  if first and redis.call('EXISTS', ARGV[3] .. string.match(first, '^(%S+)')) == 1 then
     return first
   end
-  redis.call('SET', KEYS[5], ARGV[1] .. ' ' .. ARGV[7], 'EX', ARGV[6])
+  redis.call('SET', KEYS[5], ARGV[1] .. ' ' .. ARGV[6], 'EX', ARGV[5])
 end
 local fields = {}
-for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[8])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[7])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])
 if KEYS[7] ~= '' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', ARGV[8])
+  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', ARGV[7])
   redis.call('ZADD', KEYS[7], ARGV[2], ARGV[1])
 end
-redis.call('SET', KEYS[3], ARGV[5])
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[4])
+redis.call('ZADD', KEYS[4], now, ARGV[1])
 redis.call('PUBLISH', KEYS[8], '')
 return ''
 """
+)
 
 # KEYS: job, arq's lock on it. ARGV: status index base, now, worker id, lock token ('' = do not
 # check the lock), lock ttl (ms). Returns the new attempt number, -1 if the job is already over,
@@ -335,43 +340,49 @@ return 1
 # are gone, puts them back, so a job that is not over is never left without them.
 # Returns 1 when renewed, 2 when taken back, 0 when the job is over, -1 when another run
 # holds the lock or has the job (this run is fenced at its next write).
-# KEYS: arq's queue. ARGV: arq's lock key prefix, now (ms), lock ttl (ms), the worker's lock
-# token, then job ids. Takes arq's lock on each due job nobody holds (SET PX naming the worker),
-# in one round trip for all: arq takes them one at a time, a WATCH transaction each. Returns
-# {id, score, id, score, ...} of the jobs locked. Reads before each write; SET cannot fail.
-LOCK_DUE = """
+# KEYS: arq's queue. ARGV: arq's lock key prefix, lock ttl (ms), the worker's lock token, then
+# job ids. Takes arq's lock on each due job (by Redis's clock) nobody holds (SET PX naming the
+# worker), in one round trip for all: arq takes them one at a time, a WATCH transaction each.
+# Returns {id, score, id, score, ...} of the jobs locked. Reads before each write; SET cannot fail.
+LOCK_DUE = (
+    NOW_MS
+    + """
 local taken = {}
-for i = 5, #ARGV do
+for i = 4, #ARGV do
   local id = ARGV[i]
   local score = redis.call('ZSCORE', KEYS[1], id)
-  if score and tonumber(score) <= tonumber(ARGV[2])
+  if score and tonumber(score) <= now
     and redis.call('EXISTS', ARGV[1] .. id) == 0 then
-    redis.call('SET', ARGV[1] .. id, ARGV[4], 'PX', ARGV[3])
+    redis.call('SET', ARGV[1] .. id, ARGV[3], 'PX', ARGV[2])
     taken[#taken + 1] = id
     taken[#taken + 1] = score
   end
 end
 return taken
 """
+)
 
-# KEYS: arq's queue. ARGV: arq's lock key prefix, now (ms), lock ttl (ms), the worker's lock
-# token, how many due jobs to look at, how many to take (the worker's free slots), then the
+# KEYS: arq's queue. ARGV: arq's lock key prefix, lock ttl (ms), the worker's lock token, how
+# many due jobs (by Redis's clock) to look at, how many to take (the worker's free slots), then the
 # jobs this worker runs whose lock may have lapsed (their keeper is late): those are passed
 # over, neither locked nor counted, so that a run that no longer renews can be taken over
 # elsewhere (most polls pass none). A worker's
 # whole poll in one round trip: arq's read of the due jobs, LOCK_DUE's locks on those nobody
-# holds (in queue order, up to the free slots), and the score of the next job not due yet (a
-# deferred retry: how long the worker may idle). Returns {{id, score, ...}, next score or ''}.
+# holds (in queue order, up to the free slots), and when the next job not due yet falls due (a
+# deferred retry: how long the worker may idle). Returns {{id, score, ...}, ms until the next
+# falls due or ''}.
 # arq leaves a running job in its queue, so the due jobs begin with those running (here or on
 # other workers): they are read a page at a time, each page's locks in one MGET, until the free
 # slots are filled; a queued job behind them is still found. Reads before each write; SET
 # cannot fail.
-TAKE_DUE = """
-local page, limit, want = 50, tonumber(ARGV[5]), tonumber(ARGV[6])
+TAKE_DUE = (
+    NOW_MS
+    + """
+local page, limit, want = 50, tonumber(ARGV[4]), tonumber(ARGV[5])
 local taken, offset, mine = {}, 0, {}
-for i = 7, #ARGV do mine[ARGV[i]] = true end
+for i = 6, #ARGV do mine[ARGV[i]] = true end
 while #taken < 2 * want and offset < limit do
-  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'WITHSCORES',
+  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES',
     'LIMIT', offset, math.min(page, limit - offset))
   if #due == 0 then break end
   local locks = {}
@@ -380,17 +391,18 @@ while #taken < 2 * want and offset < limit do
   for i = 1, #due, 2 do
     if #taken >= 2 * want then break end
     if not held[(i + 1) / 2] and not mine[due[i]] then
-      redis.call('SET', ARGV[1] .. due[i], ARGV[4], 'PX', ARGV[3])
+      redis.call('SET', ARGV[1] .. due[i], ARGV[3], 'PX', ARGV[2])
       taken[#taken + 1] = due[i]
       taken[#taken + 1] = due[i + 1]
     end
   end
   offset = offset + #due / 2
 end
-local later = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[2], '+inf', 'WITHSCORES',
+local later = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES',
   'LIMIT', 0, 1)
-return {taken, later[2] or ''}
+return {taken, later[2] and (tonumber(later[2]) - now) or ''}
 """
+)
 
 KEEP_LOCK = (
     TERMINAL_CHECK
@@ -415,7 +427,8 @@ return 2
 
 # KEYS: arq's lock on the job, arq's job, arq's try counter, arq's abort set, arq's queue, the
 # job. ARGV: this run's lock token, what arq makes of the run ('1': done with the job, '0': run
-# it again, 'force': arq gives up on it), queue score increment ('' = none), job id.
+# it again, 'force': arq gives up on it), how long (ms, from now by Redis's clock) until a job
+# run again falls due ('' = leave its score), job id.
 # arq's own end of a run, with two rules: the lock is released only by the run that holds it
 # (a superseded run that ends must not unlock the job under the run that took it over), and
 # arq forgets a job only once it is over (a run that ends any other way, for whatever reason,
@@ -423,6 +436,7 @@ return 2
 # failure of the job. Its writes cannot fail on arq's own keys.
 FINISH_RUN = (
     TERMINAL_CHECK
+    + NOW_MS
     + """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 local status = redis.call('HGET', KEYS[6], 'status')
@@ -431,7 +445,7 @@ if ARGV[2] == 'force' or (ARGV[2] == '1' and (not status or terminal(status))) t
   redis.call('ZREM', KEYS[4], ARGV[4])
   redis.call('ZREM', KEYS[5], ARGV[4])
 elseif ARGV[3] ~= '' then
-  redis.call('ZINCRBY', KEYS[5], ARGV[3], ARGV[4])
+  redis.call('ZADD', KEYS[5], now + tonumber(ARGV[3]), ARGV[4])
 end
 return 1
 """

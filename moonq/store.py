@@ -173,7 +173,7 @@ class JobStore:
         ]
         ttl = IDEMPOTENCY_TTL if idempotency_key else 0
         job_prefix = self.keys.job("")
-        args: list[Any] = [job_id, repr(now), now_ms, job_prefix, arq_job, ttl, fingerprint]
+        args: list[Any] = [job_id, repr(now), job_prefix, arq_job, ttl, fingerprint]
         args.append(repr(self._horizon(now)))
         for pair in fields.items():
             args += pair

@@ -547,3 +547,30 @@ async def test_a_job_arq_gives_up_on_that_cannot_be_failed_is_kept_for_later(
     job = await _job(client, job_id)
     assert job["status"] == "failed" and job["error"]["type"] == "worker_lost"
     assert await stack.redis.zscore(queue, job_id) is None
+
+
+@pytest.mark.parametrize("skew", ["api ahead", "worker behind"])
+async def test_the_queue_keeps_redis_time_whatever_the_hosts_clocks_say(
+    real_stack: Any, monkeypatch: pytest.MonkeyPatch, skew: str
+) -> None:
+    """The API and the workers may run on hosts whose clocks disagree (here by 20 s): a new
+    job still starts at once (its queue entry is not in the future of the worker that reads
+    it), and a retry still waits as long as the upstream's Retry-After asks, not 20 s less
+    (the upstream's rate limit would answer 429 again) or more."""
+    stack, client = await real_stack()
+    store = JobStore.from_settings(stack.redis, stack.settings)
+    if skew == "api ahead":
+        store.clock = lambda: time.time() + 20
+    else:
+        behind = lambda: int(time.time() * 1000) - 20_000  # noqa: E731
+        monkeypatch.setattr("arq.worker.timestamp_ms", behind)
+        monkeypatch.setattr("worker.main.timestamp_ms", behind)
+    limited = {"error": "rate_limit_reached_error", "fail_times": 1, "retry_after": 1.5}
+    limited["key"] = f"skew-{skew}-{stack.settings.key_prefix}"
+    job, _ = await store.create("default", JobCreate.model_validate(chat(fake_moonshot=limited)))
+    started = time.monotonic()
+    async with worker_running(stack):
+        ended = (await client.get(f"/v1/jobs/{job.id}", params={"wait": 15})).json()
+    took = time.monotonic() - started
+    assert ended["status"] == "completed" and ended["attempts"] == 2
+    assert 1.5 <= took < 5  # the retry waited its Retry-After, and no more

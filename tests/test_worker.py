@@ -685,24 +685,27 @@ async def test_a_poll_finds_a_queued_job_behind_many_running_ones(
     redis = either_redis
     queue = f"{prefix}:queue"
     ids = [f"{prefix}-{i:03d}" for i in range(125)]
-    await redis.zadd(queue, {job_id: 1000 + i for i, job_id in enumerate(ids)})
-    await redis.zadd(queue, {f"{prefix}-later": 9000})
+    seconds, micros = await redis.time()  # the queue's clock is Redis's
+    now = seconds * 1000 + micros // 1000
+    since = now - 60_000
+    await redis.zadd(queue, {job_id: since + i for i, job_id in enumerate(ids)})
+    await redis.zadd(queue, {f"{prefix}-later": now + 60_000})
     locks = [in_progress_key_prefix + job_id for job_id in ids]
     try:
         for lock in locks[:120]:  # running on another worker
             await redis.set(lock, "other", px=60_000)
         take = redis.register_script(scripts.TAKE_DUE)
-        args = [in_progress_key_prefix, 5000, 5000, "me", 1500]
-        found, later = await take(keys=[queue], args=[*args, 2])
+        args = [in_progress_key_prefix, 5000, "me", 1500]
+        found, due_in = await take(keys=[queue], args=[*args, 2])
         assert [x.decode() for x in found[::2]] == ids[120:122]  # the two oldest free ones
-        assert [int(s) for s in found[1::2]] == [1120, 1121] and int(later) == 9000
+        assert [int(s) for s in found[1::2]] == [since + 120, since + 121]
+        assert 55_000 < int(due_in) <= 60_000  # when the next one falls due, from now
         assert await redis.get(locks[120]) == b"me" and await redis.get(locks[0]) == b"other"
         found, _ = await take(keys=[queue], args=[*args, 10])  # more slots than jobs
         assert [x.decode() for x in found[::2]] == ids[122:]
-        found, later = await take(
-            keys=[queue], args=[in_progress_key_prefix, 10_000, 5000, "me", 1500, 1]
-        )
-        assert [x.decode() for x in found[::2]] == [f"{prefix}-later"] and later == b""
+        await redis.zadd(queue, {f"{prefix}-later": now})  # it falls due
+        found, due_in = await take(keys=[queue], args=[*args, 1])
+        assert [x.decode() for x in found[::2]] == [f"{prefix}-later"] and due_in == b""
         # the worker's own runs whose lock lapsed are passed over: not locked, not counted
         await redis.delete(*locks[118:120])
         found, _ = await take(keys=[queue], args=[*args, 1, ids[118]])

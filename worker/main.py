@@ -91,6 +91,7 @@ class MoonqWorker(Worker):
         # its take or its keeper's last renewal (`LockKeeper`); a job not in here runs no more.
         self.leases: dict[str, float] = {}
         self.ctx[LEASES] = self.leases
+        self._scores: dict[str, int] = {}  # each running job's queue score, as arq was given
         # arq stops by cancelling its main task once; a cancel that lands inside a Redis call
         # can be lost (seen: a SIGTERMed worker that went on polling). Its `on_stop` hook
         # follows every such cancel, so the poll loop also ends on this flag.
@@ -124,8 +125,8 @@ class MoonqWorker(Worker):
     async def _arq_poll(self) -> float | None:
         """arq's `_poll_iteration`, with its read of the due jobs, the locks on them and the
         look at the next deferred one made in one round trip (`scripts.TAKE_DUE`) instead of
-        three. Returns that next job's queue score (ms), or None when there is none, or when
-        no slot is free (then nothing is read)."""
+        three. Returns when that next job falls due (loop time, as of Redis's clock: the
+        queue's), or None when there is none, or when no slot is free (then nothing is read)."""
         count = self.queue_read_limit
         if self.burst and self.max_burst_jobs >= 0:
             remaining = self.max_burst_jobs - self._jobs_started()
@@ -156,9 +157,9 @@ class MoonqWorker(Worker):
         # must not lock them (a run that no longer renews could never be taken over).
         soon = taken_at + min(LEASE_MARGIN, self.in_progress_timeout_s / 4)
         late = [job_id for job_id, until in self.leases.items() if until < soon]
-        args: list[str | int] = [in_progress_key_prefix, timestamp_ms()]
-        args += [int(self.in_progress_timeout_s * 1000), self.lock_token, count, free, *late]
-        found, later = await self._take_script(keys=[self.queue_name], args=args)
+        args: list[str | int] = [in_progress_key_prefix, int(self.in_progress_timeout_s * 1000)]
+        args += [self.lock_token, count, free, *late]
+        found, due_in = await self._take_script(keys=[self.queue_name], args=args)
         pairs = iter(found)
         for raw, score in zip(pairs, pairs, strict=True):
             job_id = raw.decode()
@@ -170,7 +171,7 @@ class MoonqWorker(Worker):
             await self.sem.acquire()  # free: never waits
             self.job_counter += 1
             self._start(job_id, int(float(score)), taken_at)
-        return float(later) if later else None
+        return None if due_in == b"" else self.loop.time() + int(due_in) / 1000
 
     def _start(self, job_id: str, score: int, taken_at: float) -> None:
         """Run a job whose lock this worker took at `taken_at` (loop time) or later."""
@@ -186,7 +187,7 @@ class MoonqWorker(Worker):
 
     def _idle_for(self, later: float | None) -> float:
         """How long to wait for a wake-up before polling again: the poll delay, or less when a
-        deferred job (a retry, due at queue score `later`) falls due sooner, or when batch
+        deferred job (a retry, due at loop time `later`) falls due sooner, or when batch
         lines may be taken again (see `_feed_batches`), or when its running jobs' abort
         requests are due a look (a cancel's wake-up can be lost: see `_cancel_aborted_jobs`).
         Nothing wakes a worker for those."""
@@ -200,7 +201,7 @@ class MoonqWorker(Worker):
             wait = min(wait, max(0.0, self._next_feed - time.monotonic()))
         if later is None:
             return wait
-        return max(0.0, min(wait, (later - timestamp_ms()) / 1000))
+        return max(0.0, min(wait, later - self.loop.time()))
 
     async def close(self) -> None:
         """arq's close, which raises when a job task it cancels ends cancelled (a run that
@@ -282,21 +283,22 @@ class MoonqWorker(Worker):
         """arq's run, with the job's record read beside arq's own first round trip rather
         than after it: a job's start waits one round trip less."""
         runner: Runner | None = self.ctx.get("moonq_runner")
-        if runner is None:
-            await super().run_job(job_id, score)
-            return
-        runner.prefetch(job_id)
+        self._scores[job_id] = score
         try:
+            if runner is not None:
+                runner.prefetch(job_id)
             await super().run_job(job_id, score)
         finally:
-            runner.forget(job_id)
+            self._scores.pop(job_id, None)
+            if runner is not None:
+                runner.forget(job_id)
 
     async def _lock_due(self, job_ids: list[str]) -> dict[str, int]:
         """Take arq's lock on the due jobs nobody holds; their queue scores."""
         if self._lock_script is None:
             self._lock_script = self.pool.register_script(scripts.LOCK_DUE)
-        args: list[str | int] = [in_progress_key_prefix, int(time.time() * 1000)]
-        args += [int(self.in_progress_timeout_s * 1000), self.lock_token, *job_ids]
+        args: list[str | int] = [in_progress_key_prefix, int(self.in_progress_timeout_s * 1000)]
+        args += [self.lock_token, *job_ids]
         found = await self._lock_script(keys=[self.queue_name], args=args)
         pairs = iter(found)
         return {raw.decode(): int(float(score)) for raw, score in zip(pairs, pairs, strict=True)}
@@ -313,8 +315,14 @@ class MoonqWorker(Worker):
     ) -> None:
         """arq's end of a run (moonq keeps no arq results), by `scripts.FINISH_RUN`: the lock
         is released only if this worker holds it (a superseded run must not unlock the job
-        under the run that took it over), and arq forgets the job only once it is over."""
-        await self._end_run(job_id, "1" if finish else "0", incr_score)
+        under the run that took it over), and arq forgets the job only once it is over. A job
+        to run again after a delay is due that long from now by Redis's clock (the queue's)."""
+        due_in = None
+        score = self._scores.get(job_id)
+        if incr_score and score is not None:
+            # arq's increment takes the score to its clock's now + the Retry's delay
+            due_in = max(0, incr_score - (timestamp_ms() - score))
+        await self._end_run(job_id, "1" if finish else "0", due_in)
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
@@ -332,17 +340,15 @@ class MoonqWorker(Worker):
                 # Not failed, so not forgotten: it stays in arq's queue, deferred, and arq
                 # gives up on it (and this tries again) once it is due.
                 log.exception("job %s: arq gave up on it and it could not be failed", job_id)
-                score = await self.pool.zscore(self.queue_name, job_id)
-                later = int(BROKEN_RETRY_DELAY * 1000) + timestamp_ms() - int(score or 0)
-                await self._end_run(job_id, "0", later if score is not None else None)
+                await self._end_run(job_id, "0", int(BROKEN_RETRY_DELAY * 1000))
                 return
         await self._end_run(job_id, "force", None)
 
-    async def _end_run(self, job_id: str, outcome: str, incr_score: int | None) -> None:
+    async def _end_run(self, job_id: str, outcome: str, due_in: int | None) -> None:
         keys = [in_progress_key_prefix + job_id, job_key_prefix + job_id]
         keys += [retry_key_prefix + job_id, abort_jobs_ss, self.queue_name]
         keys.append(self.keys.job(job_id))
-        args = [self.lock_token, outcome, incr_score or "", job_id]
+        args = [self.lock_token, outcome, "" if due_in is None else due_in, job_id]
         if self._finish_run is None:
             self._finish_run = self.pool.register_script(scripts.FINISH_RUN)
         await self._finish_run(keys=keys, args=args)
