@@ -71,6 +71,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(chat.router)
     app.include_router(files.router)
+    app.include_router(batches.create_router)
     app.include_router(batches.router)
     app.include_router(account.router)
     app.include_router(metrics_router)

@@ -15,7 +15,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api import openapi as doc
 from api.auth import Tenant
 from api.budgets import batch_admission
-from api.errors import APIError, shown
+from api.errors import APIError, OpenAIRoute, resume_from, shown
 from api.errors import last_event_id as parse_last_event_id
 from api.openapi import answer, errors, request_example
 from api.services import services
@@ -25,7 +25,7 @@ from moonq.batch_models import BATCH_ID, BadWindow, Batch, BatchList, NotCancell
 from moonq.batches import BatchStore
 from moonq.files import FileObject
 from moonq.serde import dumps
-from moonq.stream import follow_record
+from moonq.stream import TERMINAL_STATUSES, follow_record
 
 router = APIRouter(tags=["batches"])
 
@@ -63,7 +63,11 @@ async def _own_batch(request: Request, batch_id: str, tenant: str) -> Batch:
     return batch
 
 
-@router.post(
+# `client.batches.create(...)`: a body it cannot take is a 400, as OpenAI answers it.
+create_router = APIRouter(tags=["batches"], route_class=OpenAIRoute)
+
+
+@create_router.post(
     "/v1/batches",
     response_model=Batch,
     responses={**answer(doc.BATCH), **errors(400, 401, 404, 413, 422, 429, 503)},
@@ -181,6 +185,11 @@ async def batch_events(
     from the start, or after `Last-Event-ID`."""
     batch = await _own_batch(request, batch_id, tenant)
     after = parse_last_event_id(last_event_id)
+    if after:
+        svc = services(request)
+        seq = await svc.redis.hget(svc.keys.batch(batch.id), "seq")  # type: ignore[misc]
+        if resume_from(after, int(seq or 0), batch.status in TERMINAL_STATUSES, "batch"):
+            return Response(status_code=204)
     return EventStream(_progress(request, batch, tenant, after), ping=15)
 
 

@@ -5,19 +5,15 @@ the job keeps running, and its result stays fetchable, whatever happens to the c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, StrictBool, model_validator
-from starlette.exceptions import HTTPException
 
 from api import chat_relay, model_list
 from api.admission import admit, is_replay
 from api.auth import Tenant
-from api.errors import APIError
+from api.errors import APIError, OpenAIRoute
 from api.openapi import ErrorResponse, errors
 from api.services import services
 from moonq.account import paused_reason
@@ -29,34 +25,7 @@ JOB_HEADER = "X-Moonq-Job-Id"
 _DELIVERY = ("stream", "stream_options")
 
 
-class _ChatRoute(APIRoute):
-    """A request the route cannot take is a 400, as OpenAI answers it (the SDK's
-    `BadRequestError`), in the app's own error shape; `POST /v1/jobs` keeps its 422."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handle = super().get_route_handler()
-
-        async def handler(request: Request) -> Response:
-            try:
-                return await handle(request)
-            except (RequestValidationError, HTTPException) as exc:
-                if isinstance(exc, APIError):  # moonq's own refusals keep their status
-                    raise
-                return await _as_400(request, exc)
-
-        return handler
-
-
-async def _as_400(request: Request, exc: Exception) -> Response:
-    """The app's answer to a body it could not parse or validate, with OpenAI's status."""
-    kind = next(k for k in type(exc).__mro__ if k in request.app.exception_handlers)
-    answer: Response = await request.app.exception_handlers[kind](request, exc)
-    if answer.status_code == 422:
-        answer.status_code = 400
-    return answer
-
-
-router = APIRouter(route_class=_ChatRoute)
+router = APIRouter(route_class=OpenAIRoute)
 router.include_router(model_list.router)  # the SDK's `models.list()` belongs to the drop-in
 
 

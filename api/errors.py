@@ -7,12 +7,13 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
@@ -55,6 +56,21 @@ def last_event_id(value: str | None) -> int:
             param="Last-Event-ID",
         )
     return int(value)
+
+
+def resume_from(after: int, last: int, ended: bool, what: str) -> bool:
+    """Whether a stream resumed after event `after` has nothing left to send (`what`, a job or
+    a batch, has ended with event `last`: answer 204, which stops an EventSource); 400 naming
+    `last_seq` for a resume past its last event."""
+    if after > last:
+        raise APIError(
+            400,
+            f"Last-Event-ID {after} is past this {what}'s last event (seq {last}); "
+            f"reconnect without it to read the {what} from the start.",
+            param="Last-Event-ID",
+            last_seq=last,
+        )
+    return bool(after) and after == last and ended
 
 
 class APIError(HTTPException):
@@ -116,6 +132,13 @@ _SHAPES = {
     "/v1/chat/completions": (
         "The request must be a JSON object: a chat completion request, "
         'like {"model": ..., "messages": [...]}'
+    ),
+    "/v1/tokenizers/estimate-token-count": (
+        'The request must be a JSON object: {"model": ..., "messages": [...]}'
+    ),
+    "/v1/batches": (
+        'The request must be a JSON object: {"input_file_id": ..., "endpoint": '
+        '"/v1/chat/completions", "completion_window": "24h"}'
     ),
 }
 
@@ -204,3 +227,31 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RedisError, _redis)  # type: ignore[arg-type]
     app.add_exception_handler(OSError, _redis)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
+
+
+class OpenAIRoute(APIRoute):
+    """For the routes of OpenAI's API: a request the route cannot take is a 400, as OpenAI
+    answers it (the SDK's `BadRequestError`), in the app's own error shape; `POST /v1/jobs`
+    keeps its 422."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                return await handle(request)
+            except (RequestValidationError, HTTPException) as exc:
+                if isinstance(exc, APIError):  # moonq's own refusals keep their status
+                    raise
+                return await _as_400(request, exc)
+
+        return handler
+
+
+async def _as_400(request: Request, exc: Exception) -> Response:
+    """The app's answer to a body it could not parse or validate, with OpenAI's status."""
+    kind = next(k for k in type(exc).__mro__ if k in request.app.exception_handlers)
+    answer: Response = await request.app.exception_handlers[kind](request, exc)
+    if answer.status_code == 422:
+        answer.status_code = 400
+    return answer

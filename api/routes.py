@@ -15,7 +15,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api import openapi as doc
 from api.admission import admit
 from api.auth import Tenant
-from api.errors import APIError, shown
+from api.errors import APIError, resume_from, shown
 from api.errors import last_event_id as parse_last_event_id
 from api.openapi import answer, errors, request_example
 from api.services import services
@@ -213,17 +213,8 @@ async def events_response(
     """A job's events as SSE (`tenant` None: any tenant's job, for the admin's dashboard)."""
     last, ended = await _own_position(request, job_id, tenant)
     after = parse_last_event_id(last_event_id)
-    if after:
-        if after > last:
-            raise APIError(
-                400,
-                f"Last-Event-ID {after} is past this job's last event (seq {last}); "
-                "reconnect without it to read the job from the start.",
-                param="Last-Event-ID",
-                last_seq=last,
-            )
-        if after == last and ended:
-            return Response(status_code=204)
+    if resume_from(after, last, ended, "job"):
+        return Response(status_code=204)
     return EventStream(_sse(request, job_id, after), ping=15)
 
 

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -140,6 +141,17 @@ def _cancel(args: argparse.Namespace, client: Client, console: Console) -> ExitC
     return ExitCode.OK
 
 
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def object_id(value: str) -> str:
+    """An id given on the command line (job_..., batch_...): it goes into a URL's path, so
+    one that is empty or has a slash or a space is refused here, not sent to another route."""
+    if not _ID.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"not an id: {value!r}")
+    return value
+
+
 def connection_options() -> argparse.ArgumentParser:
     """`--url` and `--api-key`, for every command that talks to a server (`moonq batch`, jobs)."""
     options = argparse.ArgumentParser(add_help=False)
@@ -216,12 +228,12 @@ def _add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     submit.set_defaults(batch_run=_submit)
 
     status = sub.add_parser("status", parents=[common], help="show a batch")
-    status.add_argument("id", metavar="ID", help="a batch id (batch_...)")
+    status.add_argument("id", type=object_id, metavar="ID", help="a batch id (batch_...)")
     status.add_argument("--json", action="store_true", help="print the batch object")
     status.set_defaults(batch_run=_status)
 
     results = sub.add_parser("results", parents=[common], help="print a batch's output file")
-    results.add_argument("id", metavar="ID", help="a batch id (batch_...)")
+    results.add_argument("id", type=object_id, metavar="ID", help="a batch id (batch_...)")
     results.add_argument("--errors", action="store_true", help="the error file instead")
     results.add_argument(
         "--out", type=Path, metavar="FILE", help="write to this file (default: stdout)"
@@ -229,7 +241,7 @@ def _add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     results.set_defaults(batch_run=_results)
 
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a batch")
-    cancel.add_argument("id", metavar="ID", help="a batch id (batch_...)")
+    cancel.add_argument("id", type=object_id, metavar="ID", help="a batch id (batch_...)")
     cancel.set_defaults(batch_run=_cancel)
 
 

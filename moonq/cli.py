@@ -117,10 +117,11 @@ def _settings() -> Settings:
         return get_settings()
     except ValidationError as exc:
         # Without the offending values: some settings are secrets.
-        lines = [
-            f"  {'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors(include_input=False, include_url=False)
-        ]
+        lines = []
+        for error in exc.errors(include_input=False, include_url=False):
+            name = ".".join(map(str, error["loc"]))  # none for a check of several settings
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"  {name}: {message}" if name else f"  {message}")
         _fail("invalid settings:\n" + "\n".join(lines))
 
 
@@ -219,6 +220,12 @@ def _check_redis(settings: Settings) -> None:
         client.close()
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port, 0 to 65535 (got {text!r})")
+    return int(text)
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text!r})")
@@ -231,7 +238,7 @@ def parser() -> argparse.ArgumentParser:
 
     api = sub.add_parser("api", help="run the HTTP API (uvicorn)")
     api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--port", type=_port, default=8000)
     api.add_argument(
         "--workers",
         type=_positive,
@@ -258,12 +265,12 @@ def parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="API + worker in one process, with local fallbacks")
     dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--port", type=_port, default=8000)
     dev.set_defaults(run=_dev)
 
     fake = sub.add_parser("fake-moonshot", help="run the fake Moonshot server")
     fake.add_argument("--host", default="127.0.0.1")
-    fake.add_argument("--port", type=int, default=8001)
+    fake.add_argument("--port", type=_port, default=8001)
     fake.add_argument("--chunks", type=int, default=8, help="content chunks per answer")
     fake.add_argument("--delay", type=float, default=0.0, help="seconds between chunks")
     fake.add_argument(

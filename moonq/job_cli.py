@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from moonq.batch_cli import connection_options, hidden, stdout_closed
+from moonq.batch_cli import connection_options, hidden, object_id, stdout_closed
 from moonq.batch_client import explain
 from moonq.client import Client
 from moonq.client_errors import (
@@ -281,7 +281,7 @@ def _add_job_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         json_help="print the job object",
     )
     for parser in (watch, status, cancel):
-        parser.add_argument("id", metavar="ID", help="a job id (job_...)")
+        parser.add_argument("id", type=object_id, metavar="ID", help="a job id (job_...)")
 
 
 def _add_lists(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -29,6 +29,11 @@ DEFAULT_TIER = 1
 _LIMITS = ("upstream_concurrency", "upstream_rpm", "upstream_tpm")
 
 
+# The longest a Redis key may be kept for (a TTL): any more is no TTL at all in practice, and
+# past Redis's range EXPIRE would refuse it in the middle of a job's end.
+CENTURY = 100 * 365 * 24 * 3600
+
+
 class Settings(BaseSettings):
     """Every knob moonq has. The README's settings table lists the same names and defaults."""
 
@@ -43,8 +48,8 @@ class Settings(BaseSettings):
     allow_open: bool = Field(False, alias="MOONQ_ALLOW_OPEN")
 
     key_prefix: str = Field("moonq", alias="MOONQ_KEY_PREFIX")
-    queue_name: str = Field("moonq:queue", alias="MOONQ_QUEUE_NAME")
-    result_ttl: int = Field(7 * 24 * 3600, ge=60, alias="MOONQ_RESULT_TTL")
+    queue_name: str = Field("", alias="MOONQ_QUEUE_NAME")  # unset: under MOONQ_KEY_PREFIX
+    result_ttl: int = Field(7 * 24 * 3600, ge=60, le=CENTURY, alias="MOONQ_RESULT_TTL")
     max_events: int = Field(100_000, ge=100, alias="MOONQ_MAX_EVENTS")
     worker_concurrency: int = Field(50, ge=1, le=10_000, alias="MOONQ_WORKER_CONCURRENCY")
     poll_delay: float = Field(0.5, gt=0, le=5, alias="MOONQ_POLL_DELAY")
@@ -66,7 +71,7 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(
         200 * 1024 * 1024, ge=1, le=512 * 1024 * 1024, alias="MOONQ_MAX_FILE_BYTES"
     )
-    file_ttl: int = Field(0, ge=0, alias="MOONQ_FILE_TTL")
+    file_ttl: int = Field(0, ge=0, le=CENTURY, alias="MOONQ_FILE_TTL")
     # Moonshot's own per-account file limits: 1,000 files, 10 GiB in all.
     tenant_max_files: int = Field(1000, ge=1, alias="MOONQ_TENANT_MAX_FILES")
     tenant_max_file_bytes: int = Field(10 * 1024**3, ge=1, alias="MOONQ_TENANT_MAX_FILE_BYTES")
@@ -87,7 +92,7 @@ class Settings(BaseSettings):
     log_format: str = Field("text", pattern="^(text|json)$", alias="MOONQ_LOG_FORMAT")
     access_log: bool = Field(False, alias="MOONQ_ACCESS_LOG")
     metrics_key: SecretStr | None = Field(None, alias="MOONQ_METRICS_KEY")
-    usage_retention_days: int = Field(400, ge=1, alias="MOONQ_USAGE_RETENTION_DAYS")
+    usage_retention_days: int = Field(400, ge=1, le=36_500, alias="MOONQ_USAGE_RETENTION_DAYS")
     # NoDecode: the validator below parses the JSON, so a mistake is named, not a traceback.
     prices: Annotated[dict[str, Price], NoDecode] = Field({}, alias="MOONQ_PRICES")
     price_currency: str = Field("USD", min_length=1, max_length=8, alias="MOONQ_PRICE_CURRENCY")
@@ -120,6 +125,14 @@ class Settings(BaseSettings):
         for name, value in zip(_LIMITS, MOONSHOT_TIERS[self.moonshot_tier], strict=True):
             if name not in self.model_fields_set:
                 setattr(self, name, value)
+        return self
+
+    @model_validator(mode="after")
+    def _queue_under_prefix(self) -> Self:
+        """Two deployments with their own prefixes on one Redis database must not share a
+        queue: a worker of one would take the other's jobs and find no record for them."""
+        if not self.queue_name:
+            self.queue_name = f"{self.key_prefix}:queue"
         return self
 
     @model_validator(mode="after")

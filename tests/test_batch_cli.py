@@ -715,3 +715,15 @@ def status_of(batch_id: str, url: list[str]) -> dict[str, Any]:
         assert batch_cli.main(["status", batch_id, "--json", *url]) == 0
     found: dict[str, Any] = json.loads(printed.getvalue())
     return found
+
+
+@pytest.mark.parametrize("argv", [["status", ""], ["results", "../files"], ["cancel", "a b"]])
+def test_an_id_that_is_not_one_is_a_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An id goes into the URL's path: an empty one, or one with a slash or a space, would
+    reach another route (and be reported as a server at the wrong address)."""
+    with pytest.raises(SystemExit) as exited:
+        batch_cli.main([*argv, "--url", URL])
+    assert exited.value.code == 2
+    assert "not an id" in capsys.readouterr().err

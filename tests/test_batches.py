@@ -192,23 +192,24 @@ async def test_validation_names_every_bad_line_and_enqueues_nothing(real_stack: 
 
 
 @pytest.mark.parametrize(
-    ("change", "param"),
+    ("change", "param", "status"),
     [
-        ({"endpoint": "/v1/embeddings"}, "endpoint"),
-        ({"completion_window": "8d"}, "completion_window"),
-        ({"completion_window": "soon"}, "completion_window"),
-        ({"input_file_id": "file-unknown"}, "input_file_id"),
-        ({"surprise": 1}, "surprise"),
+        ({"endpoint": "/v1/embeddings"}, "endpoint", 400),
+        ({"completion_window": "8d"}, "completion_window", 400),
+        ({"completion_window": "soon"}, "completion_window", 400),
+        ({"input_file_id": "file-unknown"}, "input_file_id", 404),
+        ({"surprise": 1}, "surprise", 400),  # as OpenAI answers: the SDK's BadRequestError
+        ({"input_file_id": 7}, "input_file_id", 400),
     ],
 )
 async def test_a_bad_batch_request_is_a_4xx(
-    real_stack: Any, change: dict[str, Any], param: str
+    real_stack: Any, change: dict[str, Any], param: str, status: int
 ) -> None:
     _stack, client = await real_stack()
     file_id = await upload(client, jsonl([line("a")]))
     payload = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", **change}
     response = await client.post("/v1/batches", json=payload)
-    assert response.status_code in (400, 404, 422), response.text
+    assert response.status_code == status, response.text
     assert param in json.dumps(response.json()["error"])
     assert (await client.get("/v1/batches")).json()["data"] == []
 
@@ -309,6 +310,12 @@ async def test_results_are_readable_while_the_batch_runs(real_stack: Any, fake: 
     assert [
         json.loads(x[5:])["seq"] for x in resumed.text.splitlines() if x.startswith("data:")
     ] == [8, 9]
+    # as a job's: at the end of a batch that has ended, 204 (an EventSource stops there);
+    # past its last event, 400 naming it
+    url = f"/v1/batches/{batch['id']}/events"
+    assert (await client.get(url, headers={"Last-Event-ID": "9"})).status_code == 204
+    past = await client.get(url, headers={"Last-Event-ID": "10"})
+    assert past.status_code == 400 and past.json()["error"]["last_seq"] == 9
     assert fake.stats.peak_in_flight == 1
 
 

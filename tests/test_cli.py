@@ -102,7 +102,17 @@ def test_a_taken_port_stops_the_process_with_one_line(
     assert "Traceback" not in out and "Starting worker" not in out
 
 
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+@pytest.mark.parametrize("command", ["api", "dev", "fake-moonshot"])
+def test_a_port_out_of_range_is_a_usage_message(tmp_path: Path, command: str, port: str) -> None:
+    proc = start(command, [command, "--port", port], clean_env(), tmp_path)
+    out = exited(proc)
+    assert proc.popen.returncode == 2, out
+    assert "must be a port, 0 to 65535" in out and "Traceback" not in out
+
+
 BAD_SETTINGS = [
+    ("MOONQ_RESULT_TTL", "99999999999999999999"),  # past what Redis's EXPIRE takes
     ("MOONQ_API_KEYS", "no-tenant-here"),
     ("MOONQ_API_KEYS", "sk-twice=alpha,sk-twice=beta"),
     ("MOONQ_RESULT_TTL", "soon"),

@@ -120,6 +120,26 @@ async def test_a_request_that_is_not_a_json_object_says_so(
         assert "Content-Type: application/json" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/v1/batches", '{"input_file_id": ..., "endpoint": "/v1/chat/completions"'),
+        ("/v1/tokenizers/estimate-token-count", '{"model": ..., "messages": [...]}'),
+        ("/v1/chat/completions", '{"model": ..., "messages": [...]}'),
+    ],
+)
+@pytest.mark.parametrize("raw", [b"[]", b"null"])
+async def test_a_route_that_is_not_sent_a_json_object_says_what_it_takes(
+    stack_factory: Any, path: str, expected: str, raw: bytes
+) -> None:
+    """Each route's advice is its own: none asks for a job submission's `body` field."""
+    _, client = await stack_factory()
+    response = await client.post(path, content=raw, headers=JSON)
+    assert response.status_code in (400, 422), response.text
+    message = response.json()["error"]["message"]
+    assert expected in message and "`body`" not in message
+
+
 async def test_an_unwrapped_chat_request_gets_a_hint(stack_factory: Any) -> None:
     stack, client = await stack_factory()
     response = await client.post("/v1/jobs", json=chat()["body"])

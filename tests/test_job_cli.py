@@ -570,6 +570,9 @@ def test_an_unreachable_server_exits_3(
         ["usage", "--end", "yesterday"],
         ["submit", "hi", "--max-tokens", "-5"],
         ["watch"],
+        ["status", ""],  # an id goes into the URL's path: never another route's
+        ["cancel", "../jobs"],
+        ["watch", "job_1 2"],
     ],
 )
 def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -152,3 +152,21 @@ def test_the_limits_come_from_the_environment_too(monkeypatch: pytest.MonkeyPatc
 def test_a_tier_moonshot_does_not_have_is_refused_by_name(tier: int) -> None:
     name, message = refusal(MOONQ_MOONSHOT_TIER=tier)
     assert name == "MOONQ_MOONSHOT_TIER" and "0 to 5" in message
+
+
+def test_the_queue_is_under_the_key_prefix_unless_named() -> None:
+    """Deployments with their own MOONQ_KEY_PREFIX on one Redis database must not share a
+    queue: a worker of one would take the other's jobs and find no record for them."""
+    assert settings().queue_name == "moonq:queue"  # where it always was
+    assert settings(MOONQ_KEY_PREFIX="team-b").queue_name == "team-b:queue"
+    named = settings(MOONQ_KEY_PREFIX="team-b", MOONQ_QUEUE_NAME="shared")
+    assert named.queue_name == "shared"
+
+
+@pytest.mark.parametrize("name", ["MOONQ_RESULT_TTL", "MOONQ_FILE_TTL"])
+def test_a_ttl_redis_could_not_take_is_refused_at_start(name: str) -> None:
+    """EXPIRE refuses a TTL past Redis's range: in the middle of a job's end, or of every
+    upload, were it let through."""
+    field, message = refusal(**{name: str(10**20)})
+    assert field == name and "less than or equal" in message
+    assert settings(**{name: str(100 * 365 * 24 * 3600)})  # a century is fine

@@ -711,6 +711,11 @@ async def test_a_poll_finds_a_queued_job_behind_many_running_ones(
         found, _ = await take(keys=[queue], args=[*args, 1, ids[118]])
         assert [x.decode() for x in found[::2]] == [ids[119]]
         assert await redis.get(locks[118]) is None
+        # jobs held do not count towards how many a poll looks at: with 118 held ahead, one
+        # that looks at 5 still finds the next queued job (it used to find none)
+        await redis.delete(*locks[119:])
+        found, _ = await take(keys=[queue], args=[in_progress_key_prefix, 5000, "me", 5, 1])
+        assert [x.decode() for x in found[::2]] == [ids[118]]
     finally:
         await redis.delete(queue, *locks, in_progress_key_prefix + f"{prefix}-later")
 
