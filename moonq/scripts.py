@@ -457,3 +457,25 @@ end
 return 1
 """
 )
+
+# KEYS: arq's abort set, the workers' wake-up channel. ARGV: job id. Asks the worker holding
+# the job to abort it, stamped with Redis's clock (workers drop requests over a minute old by
+# it: a host whose clock is behind must not have its cancels dropped unread), and wakes the
+# workers to read it at once.
+ABORT = (
+    NOW_MS
+    + """
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('PUBLISH', KEYS[2], 'abort')
+return 1
+"""
+)
+
+# KEYS: arq's abort set. ARGV: the most age (ms) of a request kept. Drops older ones, by
+# Redis's clock: those whose job no worker holds any more would stay for ever.
+TRIM_ABORTS = (
+    NOW_MS
+    + """
+return redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+"""
+)

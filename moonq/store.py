@@ -122,6 +122,7 @@ class JobStore:
         self.max_events = max_events
         self.clock = clock
         self._start = redis.register_script(scripts.START)
+        self._abort = redis.register_script(scripts.ABORT)
         self._append = redis.register_script(scripts.APPEND)
         self._finish = redis.register_script(scripts.FINISH)
         self._end_lines = redis.register_script(scripts.END_LINES)
@@ -443,10 +444,7 @@ class JobStore:
                 pipe.exists(in_progress_key_prefix + job_id)
                 *_, held = await pipe.execute()
             if held:  # and the workers polled at once: the holder stops the job now
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.zadd(abort_jobs_ss, {job_id: int(self.clock() * 1000)})
-                    pipe.publish(self.keys.wake(), "abort")
-                    await pipe.execute()
+                await self._abort(keys=[abort_jobs_ss, self.keys.wake()], args=[job_id])
         except (RedisError, OSError):
             log.warning(
                 "job %s was cancelled but arq could not be told; it stops at its next write", job_id

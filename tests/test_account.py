@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.estimates import EstimateGuard
 from moonq.account import Account, read_pause
@@ -248,6 +249,38 @@ async def test_without_a_balance_endpoint_one_job_probes_the_account(
         worker.cancel()
     assert [j["status"] for j in await _jobs(client, ids)] == ["completed"] * 3
     assert account_of(fake).balance_checks == 0  # it never had the endpoint to ask
+    assert not await _paused(client)
+
+
+async def test_a_probe_whose_resume_redis_fails_keeps_its_paid_answer(
+    real_stack: Any, fake: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe's answer came back whole; a Redis blip as the account is resumed must not
+    send the job round again (the upstream would be called, and paid, twice): the account
+    stays paused until its next check, which resumes it."""
+    stack, client = await real_stack(MOONQ_UPSTREAM_CONCURRENCY=2, **FAST_CHECKS)
+    await steer(fake, available_balance=0, account_endpoints=False)
+    original, failed = Account.resume, []
+
+    async def resume(self: Account, why: str, *, probed: bool = False) -> None:
+        if probed and not failed:
+            failed.append(why)
+            raise RedisConnectionError("Connection reset by peer")
+        await original(self, why, probed=probed)
+
+    monkeypatch.setattr(Account, "resume", resume)
+    ids = [await submit(client, chat(f"probe {n}")) for n in range(3)]
+    worker = asyncio.create_task(stack.run_worker())
+    try:
+        await eventually(lambda: _paused(client))
+        await steer(fake, available_balance=5)
+        await asyncio.wait_for(worker, 15)
+    finally:
+        worker.cancel()
+    assert failed and [j["status"] for j in await _jobs(client, ids)] == ["completed"] * 3
+    for job_id in ids:  # no attempt's answer was streamed and then thrown away
+        kinds = [e["event"] for e in await stack.events(job_id)]
+        assert "retry" not in kinds[kinds.index("chunk") :], kinds
     assert not await _paused(client)
 
 

@@ -574,3 +574,29 @@ async def test_the_queue_keeps_redis_time_whatever_the_hosts_clocks_say(
     took = time.monotonic() - started
     assert ended["status"] == "completed" and ended["attempts"] == 2
     assert 1.5 <= took < 5  # the retry waited its Retry-After, and no more
+
+
+async def test_a_cancel_from_a_host_whose_clock_is_behind_is_not_dropped_unread(
+    real_stack: Any,
+) -> None:
+    """Workers drop abort requests over a minute old; a cancel from an API host whose clock
+    is an hour behind is stamped with Redis's clock, so no worker drops it before the holder
+    of the job reads it."""
+    stack, client = await real_stack()
+    store = JobStore.from_settings(stack.redis, stack.settings)
+    store.clock = lambda: time.time() - 3600
+    job_id = await submit(client, chat("held elsewhere"))
+    lock = f"arq:in-progress:{job_id}"
+    await stack.redis.set(lock, "a-worker", px=5000)  # a worker holds it
+    worker = create_worker(stack.settings, redis=stack.redis, handle_signals=False)
+    try:
+        await store.withdraw(job_id)
+        score = await stack.redis.zscore("arq:abort", job_id)
+        assert score is not None and abs(score - time.time() * 1000) < 5000
+        worker._trim_aborts = True  # another worker's periodic trim
+        await worker._cancel_aborted_jobs()
+        assert await stack.redis.zscore("arq:abort", job_id) is not None
+    finally:
+        await worker.close()
+        await stack.redis.zrem("arq:abort", job_id)
+        await stack.redis.delete(lock)

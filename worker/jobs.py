@@ -337,7 +337,10 @@ class Runner:
             return await self._upstream_failed(attempt, error)
         self._called(attempt, None)
         if attempt.permit.probe:  # the account's probe got through: it works again
-            await self.account.resume("a probe request succeeded", probed=True)
+            try:
+                await self.account.resume("a probe request succeeded", probed=True)
+            except (RedisError, OSError) as exc:  # the answer is paid for: it is kept
+                log.warning("the account could not be resumed (%s); its next check will", exc)
         return await self._complete(attempt, assembler.result())
 
     @staticmethod

@@ -87,6 +87,7 @@ class MoonqWorker(Worker):
         self._finish_run: AsyncScript | None = None
         self._lock_script: AsyncScript | None = None
         self._take_script: AsyncScript | None = None
+        self._trim_script: AsyncScript | None = None
         # When each running job's lock is known to lapse at the earliest (loop time), as of
         # its take or its keeper's last renewal (`LockKeeper`); a job not in here runs no more.
         self.leases: dict[str, float] = {}
@@ -404,8 +405,9 @@ class MoonqWorker(Worker):
             # arq means to drop abort requests older than a minute, but its trim removes
             # nothing; one for a job no worker holds any more would stay for ever.
             self._trim_aborts = False
-            cutoff = int(time.time() * 1000) - ABORT_MAX_AGE_MS
-            await self.pool.zremrangebyscore(abort_jobs_ss, "-inf", cutoff)
+            if self._trim_script is None:
+                self._trim_script = self.pool.register_script(scripts.TRIM_ABORTS)
+            await self._trim_script(keys=[abort_jobs_ss], args=[ABORT_MAX_AGE_MS])
 
 
 def heartbeat_file(pid: int) -> Path:
