@@ -111,8 +111,16 @@ class Tokens:
     def end(self, event: str, data: Any) -> bool:
         """Finish the output after the job's last event; whether the job completed."""
         data = data if isinstance(data, dict) else {}
-        if self.trimmed and not self.live and event == "done":
-            self.held = [_answer(data) or ""]  # the chunks were not all there: the result is
+        if self.trimmed and not self.live:  # the chunks were not all there
+            if event == "done":
+                self.held = [_answer(data) or ""]  # the result is whole
+            else:  # a failed or cancelled job's text would lack its start: none is written
+                self.held = []
+                where = f"what the job kept: moonq status {self.job_id}"
+                print(
+                    f"moonq: the answer's start is no longer in the job's log ({where})",
+                    file=self.err,
+                )
         self.out.write("".join(self.held) + "\n")
         self.out.flush()
         self.held.clear()

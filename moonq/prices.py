@@ -9,6 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+# Costs are rounded to this many decimals of the currency: far below any price's own
+# precision, and no float noise (0.0005832000000000001) in what the API answers.
+COST_DIGITS = 10
+
 
 @dataclass(frozen=True)
 class Price:
@@ -27,7 +31,7 @@ class Price:
         cached = min(max(cached, 0), prompt)
         cached_rate = self.input if self.cached_input is None else self.cached_input
         total = (prompt - cached) * self.input + cached * cached_rate + completion * self.output
-        return total / 1_000_000
+        return round(total / 1_000_000, COST_DIGITS)
 
 
 # Moonshot's published prices as of 2026; they may change. moonshot-v1-auto is billed as the

@@ -354,45 +354,37 @@ return taken
 """
 )
 
-# The most queue entries one poll reads (running jobs and those it looks at): a bound on one
-# script's time, far above the jobs that run at once on any deployment moonq is made for.
-MOST_SCANNED = 20_000
-
 # A worker's whole poll in one round trip: arq's read of the due jobs, LOCK_DUE's locks on
 # those nobody holds (in queue order, up to the free slots), and when the next job not due yet
 # falls due (a deferred retry: how long the worker may idle).
 # KEYS: arq's queue. ARGV: arq's lock key prefix, lock ttl (ms), the worker's lock token, how
-# many due jobs (by Redis's clock) that nobody holds to look at, how many to take (the worker's
-# free slots), then the jobs this worker runs whose lock may have lapsed (their keeper is late):
-# those are passed over, not locked, so that a run that no longer renews can be taken over
-# elsewhere (most polls pass none). Returns {{id, score, ...}, ms until the next falls due or ''}.
+# many due jobs (by Redis's clock) to look at, how many to take (the worker's free slots), then
+# the jobs this worker runs whose lock may have lapsed (their keeper is late): those are passed
+# over, not locked, so that a run that no longer renews can be taken over elsewhere (most polls
+# pass none). Returns {{id, score, ...}, ms until the next falls due or ''}.
 # arq leaves a running job in its queue, so the due jobs begin with those running (here or on
 # other workers): they are read a page at a time, each page's locks in one MGET, until the free
-# slots are filled; the jobs held do not count towards the look, so a queued job is found behind
-# however many run elsewhere (up to MOST_SCANNED entries a poll). Reads before each write; SET
-# cannot fail.
+# slots are filled; a queued job behind them is found as long as it is within the look. Reads
+# before each write; SET cannot fail.
 TAKE_DUE = (
     NOW_MS
     + """
 local page, limit, want = 50, tonumber(ARGV[4]), tonumber(ARGV[5])
-local taken, offset, free, mine = {}, 0, 0, {}
+local taken, offset, mine = {}, 0, {}
 for i = 6, #ARGV do mine[ARGV[i]] = true end
-while #taken < 2 * want and free < limit and offset < $MOST_SCANNED do
+while #taken < 2 * want and offset < limit do
   local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES',
-    'LIMIT', offset, page)
+    'LIMIT', offset, math.min(page, limit - offset))
   if #due == 0 then break end
   local locks = {}
   for i = 1, #due, 2 do locks[#locks + 1] = ARGV[1] .. due[i] end
   local held = redis.call('MGET', unpack(locks))
   for i = 1, #due, 2 do
-    if #taken >= 2 * want or free >= limit then break end
-    if not held[(i + 1) / 2] then
-      free = free + 1
-      if not mine[due[i]] then
-        redis.call('SET', ARGV[1] .. due[i], ARGV[3], 'PX', ARGV[2])
-        taken[#taken + 1] = due[i]
-        taken[#taken + 1] = due[i + 1]
-      end
+    if #taken >= 2 * want then break end
+    if not held[(i + 1) / 2] and not mine[due[i]] then
+      redis.call('SET', ARGV[1] .. due[i], ARGV[3], 'PX', ARGV[2])
+      taken[#taken + 1] = due[i]
+      taken[#taken + 1] = due[i + 1]
     end
   end
   offset = offset + #due / 2
@@ -400,7 +392,7 @@ end
 local later = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES',
   'LIMIT', 0, 1)
 return {taken, later[2] and (tonumber(later[2]) - now) or ''}
-""".replace("$MOST_SCANNED", str(MOST_SCANNED))
+"""
 )
 
 # KEYS: arq's lock on the job, arq's queue, arq's job, the job. ARGV: lock ttl (ms), job id,
@@ -479,3 +471,22 @@ TRIM_ABORTS = (
 return redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
 """
 )
+
+# KEYS: the queue jobs were put in before the queue was named after MOONQ_KEY_PREFIX
+# (`moonq:queue`), this deployment's queue. ARGV: this deployment's job key base, the first
+# entry to look at (by rank), how many. Moves this deployment's jobs (those whose record is
+# under its prefix) to its queue with their scores; another deployment's stay. Returns {moved,
+# looked at}. ZADD and ZREM cannot fail on a sorted set.
+MOVE_QUEUED = """
+local rows = redis.call('ZRANGE', KEYS[1], ARGV[2], tonumber(ARGV[2]) + tonumber(ARGV[3]) - 1,
+  'WITHSCORES')
+local moved = 0
+for i = 1, #rows, 2 do
+  if redis.call('EXISTS', ARGV[1] .. rows[i]) == 1 then
+    redis.call('ZADD', KEYS[2], rows[i + 1], rows[i])
+    redis.call('ZREM', KEYS[1], rows[i])
+    moved = moved + 1
+  end
+end
+return {moved, #rows / 2}
+"""

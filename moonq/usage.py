@@ -116,7 +116,7 @@ def _add(a: UsageCounts, b: UsageCounts) -> UsageCounts:
     lists unpriced models apart rather than count them as free)."""
     values: dict[str, Any] = {name: getattr(a, name) + getattr(b, name) for name in COUNTS}
     costs = [c.cost for c in (a, b) if c.cost is not None]
-    return UsageCounts(**values, cost=sum(costs) if costs else None)
+    return UsageCounts(**values, cost=round(sum(costs), prices.COST_DIGITS) if costs else None)
 
 
 def _sum(items: Iterable[UsageCounts]) -> UsageCounts:

@@ -251,6 +251,17 @@ def test_chunks_trimmed_from_the_log_never_leave_a_file_with_part_of_the_answer(
         assert "no longer" not in err.getvalue()
 
 
+def test_a_failed_job_whose_log_was_trimmed_leaves_no_partial_answer_in_a_file() -> None:
+    out, err = Recorder(tty=False), Recorder(tty=False)
+    view = job_view.Tokens("job_1", out, err)
+    gap = {"first_seq": 1, "last_seq": 40, "message": "gone"}
+    for event in (Event(seq=40, event="trimmed", data=gap), chunk(41, content=" there")):
+        view.show(event)
+    assert view.end("error", {"type": "server_error", "message": "boom"}) is False
+    assert out.writes == ["\n"]  # not " there": an answer without its start
+    assert "no longer in the job's log (what the job kept: moonq status job_1)" in err.getvalue()
+
+
 async def test_watch_into_a_file_of_a_job_whose_log_was_trimmed_writes_the_whole_answer(
     stack_factory: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -711,11 +711,6 @@ async def test_a_poll_finds_a_queued_job_behind_many_running_ones(
         found, _ = await take(keys=[queue], args=[*args, 1, ids[118]])
         assert [x.decode() for x in found[::2]] == [ids[119]]
         assert await redis.get(locks[118]) is None
-        # jobs held do not count towards how many a poll looks at: with 118 held ahead, one
-        # that looks at 5 still finds the next queued job (it used to find none)
-        await redis.delete(*locks[119:])
-        found, _ = await take(keys=[queue], args=[in_progress_key_prefix, 5000, "me", 5, 1])
-        assert [x.decode() for x in found[::2]] == [ids[118]]
     finally:
         await redis.delete(queue, *locks, in_progress_key_prefix + f"{prefix}-later")
 
@@ -790,3 +785,34 @@ async def test_a_worker_reads_abort_requests_once_per_poll_delay_whatever_wakes_
     reads = abort_reads(commands)
     assert woken < reads[0] + 2, "the wake-up came too late to test anything"
     assert reads[1] - reads[0] < 2.5, reads
+
+
+async def test_an_upgrade_moves_the_jobs_a_prefixed_deployment_queued_in_the_old_queue(
+    either_redis: Any, prefix: str
+) -> None:
+    """MOONQ_QUEUE_NAME was `moonq:queue` whatever the prefix; it is now `{prefix}:queue`. A
+    worker of a deployment with its own prefix moves the jobs it queued there to its queue as
+    it starts (another deployment's jobs stay), so an upgrade strands none."""
+    from moonq.keys import Keys
+    from tests.conftest import make_settings
+    from worker.main import LEGACY_QUEUE, move_legacy_queue
+
+    redis = either_redis
+    settings = make_settings("redis://unused", prefix, "http://127.0.0.1:1", MOONQ_QUEUE_NAME="")
+    assert settings.queue_name == f"{prefix}:queue"
+    ours = [f"job_{prefix}_{i:04d}" for i in range(1200)]  # past a page of 500
+    theirs = [f"job_other_{prefix}_{i}" for i in range(700)]
+    entries = {job_id: 1000 + i for i, job_id in enumerate(ours + theirs)}
+    mixed = sorted(entries, key=lambda j: hash(j) % 997)  # interleaved in the old queue
+    await redis.zadd(LEGACY_QUEUE, {j: entries[j] for j in mixed})
+    for job_id in ours:
+        await redis.hset(f"{prefix}:job:{job_id}", "status", "queued")
+    try:
+        assert await move_legacy_queue(redis, Keys(prefix), settings.queue_name) == len(ours)
+        moved = await redis.zrange(settings.queue_name, 0, -1, withscores=True)
+        assert {(k.decode(), int(v)) for k, v in moved} == {(j, entries[j]) for j in ours}
+        left = {k.decode() for k in await redis.zrange(LEGACY_QUEUE, 0, -1)}
+        assert set(theirs) <= left and not (set(ours) & left)
+    finally:
+        await redis.zrem(LEGACY_QUEUE, *ours, *theirs)
+        await redis.delete(settings.queue_name, *(f"{prefix}:job:{j}" for j in ours))

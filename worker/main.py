@@ -88,6 +88,7 @@ class MoonqWorker(Worker):
         self._lock_script: AsyncScript | None = None
         self._take_script: AsyncScript | None = None
         self._trim_script: AsyncScript | None = None
+        self._legacy_moved = False  # `move_legacy_queue`: done once, at the first poll
         # When each running job's lock is known to lapse at the earliest (loop time), as of
         # its take or its keeper's last renewal (`LockKeeper`); a job not in here runs no more.
         self.leases: dict[str, float] = {}
@@ -114,6 +115,9 @@ class MoonqWorker(Worker):
             raise asyncio.CancelledError  # ends arq's main loop, as its cancel meant to
         self._heartbeat()
         try:
+            if not self._legacy_moved:
+                await move_legacy_queue(self.pool, self.keys, self.queue_name)
+                self._legacy_moved = True
             later = await self._arq_poll()
             await self._feed_batches()
             idle = self._idle_for(later)
@@ -534,6 +538,31 @@ async def run_completion(ctx: dict[str, Any], job_id: str) -> str:
             keeper.stop()
             renewing.cancel()
             await asyncio.wait({renewing})
+
+
+LEGACY_QUEUE = "moonq:queue"
+
+
+async def move_legacy_queue(redis: ArqRedis, keys: Keys, queue_name: str) -> int:
+    """Before MOONQ_QUEUE_NAME followed MOONQ_KEY_PREFIX, every deployment queued its jobs in
+    `moonq:queue`: a deployment with a prefix of its own has the jobs it queued there moved to
+    its own queue (by its workers' first poll), so an upgrade strands none. How many moved."""
+    own = f"{keys.prefix}:queue"  # MOONQ_QUEUE_NAME's default now
+    if queue_name != own or own == LEGACY_QUEUE:
+        return 0
+    move = redis.register_script(scripts.MOVE_QUEUED)
+    moved, start = 0, 0
+    while True:
+        page_moved, looked = await move(
+            keys=[LEGACY_QUEUE, queue_name], args=[keys.job(""), start, 500]
+        )
+        moved += int(page_moved)
+        start += int(looked) - int(page_moved)  # those moved left the ranks behind them
+        if int(looked) < 500:
+            break
+    if moved:
+        log.warning("moved %d jobs of this deployment from %s to %s", moved, LEGACY_QUEUE, own)
+    return moved
 
 
 def worker_kwargs(
