@@ -71,11 +71,12 @@ return ''
 )
 
 # KEYS: job, arq's lock on it. ARGV: status index base, now, worker id, lock token ('' = do not
-# check the lock), lock ttl (ms). Returns the new attempt number, -1 if the job is already over,
-# -2 if it does not exist, -3 if another run holds arq's lock (this run lost it in a stall:
-# starting would cut off the holder). Takes the lock if nobody holds it. Everything is read and
-# checked first; the writes (SET, the index move, HSET, HSETNX, HINCRBY of a checked integer)
-# cannot fail.
+# check the lock), lock ttl (ms). Returns {the new attempt number, and the record's seq,
+# failures, pauses and last_error as of this start (nil where unset)}; or -1 if the job is
+# already over, -2 if it does not exist, -3 if another run holds arq's lock (this run lost it
+# in a stall: starting would cut off the holder). Takes the lock if nobody holds it.
+# Everything is read and checked first; the writes (SET, the index move, HSET, HSETNX, HINCRBY
+# of a checked integer) cannot fail.
 START = (
     TERMINAL_CHECK
     + MOVE_STATUS
