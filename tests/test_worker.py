@@ -795,24 +795,26 @@ async def test_an_upgrade_moves_the_jobs_a_prefixed_deployment_queued_in_the_old
     it starts (another deployment's jobs stay), so an upgrade strands none."""
     from moonq.keys import Keys
     from tests.conftest import make_settings
-    from worker.main import LEGACY_QUEUE, move_legacy_queue
+    from worker.main import move_legacy_queue
 
     redis = either_redis
+    legacy = f"{prefix}-legacy:queue"  # `moonq:queue` itself is every test's to share
     settings = make_settings("redis://unused", prefix, "http://127.0.0.1:1", MOONQ_QUEUE_NAME="")
     assert settings.queue_name == f"{prefix}:queue"
     ours = [f"job_{prefix}_{i:04d}" for i in range(1200)]  # past a page of 500
     theirs = [f"job_other_{prefix}_{i}" for i in range(700)]
     entries = {job_id: 1000 + i for i, job_id in enumerate(ours + theirs)}
     mixed = sorted(entries, key=lambda j: hash(j) % 997)  # interleaved in the old queue
-    await redis.zadd(LEGACY_QUEUE, {j: entries[j] for j in mixed})
+    await redis.zadd(legacy, {j: entries[j] for j in mixed})
     for job_id in ours:
         await redis.hset(f"{prefix}:job:{job_id}", "status", "queued")
     try:
-        assert await move_legacy_queue(redis, Keys(prefix), settings.queue_name) == len(ours)
-        moved = await redis.zrange(settings.queue_name, 0, -1, withscores=True)
-        assert {(k.decode(), int(v)) for k, v in moved} == {(j, entries[j]) for j in ours}
-        left = {k.decode() for k in await redis.zrange(LEGACY_QUEUE, 0, -1)}
+        moved = await move_legacy_queue(redis, Keys(prefix), settings.queue_name, legacy)
+        assert moved == len(ours)
+        queued = await redis.zrange(settings.queue_name, 0, -1, withscores=True)
+        assert {(k.decode(), int(v)) for k, v in queued} == {(j, entries[j]) for j in ours}
+        left = {k.decode() for k in await redis.zrange(legacy, 0, -1)}
         assert set(theirs) <= left and not (set(ours) & left)
     finally:
-        await redis.zrem(LEGACY_QUEUE, *ours, *theirs)
+        await redis.delete(legacy)
         await redis.delete(settings.queue_name, *(f"{prefix}:job:{j}" for j in ours))

@@ -543,25 +543,25 @@ async def run_completion(ctx: dict[str, Any], job_id: str) -> str:
 LEGACY_QUEUE = "moonq:queue"
 
 
-async def move_legacy_queue(redis: ArqRedis, keys: Keys, queue_name: str) -> int:
+async def move_legacy_queue(
+    redis: ArqRedis, keys: Keys, queue_name: str, legacy: str = LEGACY_QUEUE
+) -> int:
     """Before MOONQ_QUEUE_NAME followed MOONQ_KEY_PREFIX, every deployment queued its jobs in
     `moonq:queue`: a deployment with a prefix of its own has the jobs it queued there moved to
     its own queue (by its workers' first poll), so an upgrade strands none. How many moved."""
     own = f"{keys.prefix}:queue"  # MOONQ_QUEUE_NAME's default now
-    if queue_name != own or own == LEGACY_QUEUE:
+    if queue_name != own or own == legacy:
         return 0
     move = redis.register_script(scripts.MOVE_QUEUED)
     moved, start = 0, 0
     while True:
-        page_moved, looked = await move(
-            keys=[LEGACY_QUEUE, queue_name], args=[keys.job(""), start, 500]
-        )
+        page_moved, looked = await move(keys=[legacy, queue_name], args=[keys.job(""), start, 500])
         moved += int(page_moved)
         start += int(looked) - int(page_moved)  # those moved left the ranks behind them
         if int(looked) < 500:
             break
     if moved:
-        log.warning("moved %d jobs of this deployment from %s to %s", moved, LEGACY_QUEUE, own)
+        log.warning("moved %d jobs of this deployment from %s to %s", moved, legacy, own)
     return moved
 
 
