@@ -70,7 +70,7 @@ create_router = APIRouter(tags=["batches"], route_class=OpenAIRoute)
 @create_router.post(
     "/v1/batches",
     response_model=Batch,
-    responses={**answer(doc.BATCH), **errors(400, 401, 404, 413, 422, 429, 503)},
+    responses={**answer(doc.BATCH), **errors(400, 401, 404, 413, 429, 503)},
     openapi_extra=request_example(batch=doc.BATCH_CREATE),
 )
 async def create_batch(payload: BatchCreate, request: Request, tenant: Tenant) -> Batch:

@@ -438,14 +438,16 @@ FINISH_RUN = (
     TERMINAL_CHECK
     + NOW_MS
     + """
+local delay = tonumber(ARGV[3])
+if ARGV[3] ~= '' and not delay then return redis.error_reply('FINISH_RUN: bad delay') end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 local status = redis.call('HGET', KEYS[6], 'status')
 if ARGV[2] == 'force' or (ARGV[2] == '1' and (not status or terminal(status))) then
   redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('ZREM', KEYS[4], ARGV[4])
   redis.call('ZREM', KEYS[5], ARGV[4])
-elseif ARGV[3] ~= '' then
-  redis.call('ZADD', KEYS[5], now + tonumber(ARGV[3]), ARGV[4])
+elseif delay then
+  redis.call('ZADD', KEYS[5], now + delay, ARGV[4])
 end
 return 1
 """

@@ -818,3 +818,27 @@ async def test_an_upgrade_moves_the_jobs_a_prefixed_deployment_queued_in_the_old
     finally:
         await redis.delete(legacy)
         await redis.delete(settings.queue_name, *(f"{prefix}:job:{j}" for j in ours))
+
+
+async def test_the_end_of_a_run_refuses_a_bad_delay_before_writing(
+    either_redis: Any, prefix: str
+) -> None:
+    """FINISH_RUN checks its delay before its first write (Redis keeps a script's earlier
+    writes when a later command fails): the lock is still held, the queue untouched."""
+    from redis.exceptions import ResponseError
+
+    from moonq import scripts
+
+    redis = either_redis
+    job_id, queue = f"{prefix}-job", f"{prefix}:queue"
+    lock = f"arq:in-progress:{job_id}"
+    await redis.set(lock, "me", px=5000)
+    await redis.zadd(queue, {job_id: 1000})
+    end = redis.register_script(scripts.FINISH_RUN)
+    keys = [lock, f"arq:job:{job_id}", f"arq:retry:{job_id}", "arq:abort", queue, f"{prefix}:j"]
+    try:
+        with pytest.raises(ResponseError, match="bad delay"):
+            await end(keys=keys, args=["me", "0", "soon", job_id])
+        assert await redis.get(lock) == b"me" and await redis.zscore(queue, job_id) == 1000
+    finally:
+        await redis.delete(lock, queue)
