@@ -206,3 +206,11 @@ class Keys:
     def account_check(self) -> str:
         """String: held (SET NX PX) by the one worker checking a paused account's balance."""
         return f"{self.prefix}:account:check"
+
+
+def queue_leases(queue_name: str) -> str:
+    """Sorted set beside arq's queue: the jobs workers hold, scored by when each one's lock
+    lapses at the earliest (Redis's clock, ms). A held job's queue entry is moved up by
+    `scripts.HELD` (out of the due range a poll reads); a poll puts one whose lock lapsed back
+    in its place (`scripts.TAKE_DUE`)."""
+    return f"{queue_name}:leases"

@@ -333,12 +333,40 @@ return 1
 """
 )
 
-# KEYS: arq's queue. ARGV: arq's lock key prefix, lock ttl (ms), the worker's lock token, then
-# job ids. Takes arq's lock on each due job (by Redis's clock) nobody holds (SET PX naming the
-# worker), in one round trip for all: arq takes them one at a time, a WATCH transaction each.
-# Returns {id, score, id, score, ...} of the jobs locked. Reads before each write; SET cannot fail.
-LOCK_DUE = (
+# A job a worker holds is moved out of the due range of arq's queue, up by HELD ms (score +
+# HELD: far past any due time, so its place is kept), and its lease (when its lock lapses at
+# the earliest) kept in the queue's lease set (`keys.queue_leases`). A poll then reads only the
+# jobs that wait, however many run; and it first puts back in their place the held jobs whose
+# lock lapsed (their worker died or stalled), so that one takes them over. A held job always
+# has a lease (whatever takes the lease away puts the job back first); a lease may outlive its
+# job's place in the band (a superseded run rescored it), which a poll then drops.
+HELD = 10**13
+_HOLD = (
     NOW_MS
+    + """
+local held_band = $HELD
+local function hold(queue, leases, id, score, ttl)
+  redis.call('ZADD', queue, string.format('%.0f', tonumber(score) + held_band), id)
+  redis.call('ZADD', leases, now + tonumber(ttl), id)
+end
+local function unhold(queue, leases, id)
+  local score = tonumber(redis.call('ZSCORE', queue, id))
+  if score and score >= held_band then
+    redis.call('ZADD', queue, string.format('%.0f', score - held_band), id)
+  end
+  redis.call('ZREM', leases, id)
+end
+""".replace("$HELD", str(HELD))
+)
+
+# KEYS: arq's queue, its lease set. ARGV: arq's lock key prefix, lock ttl (ms), the worker's
+# lock token, then job ids. Takes arq's lock on each due job (by Redis's clock) nobody holds
+# (SET PX naming the worker) and holds it (above), in one round trip for all: arq takes them
+# one at a time, a WATCH transaction each. Returns {id, score, id, score, ...} of the jobs
+# locked, with their scores in the queue. Reads before each write; SET and ZADD of a number
+# cannot fail.
+LOCK_DUE = (
+    _HOLD
     + """
 local taken = {}
 for i = 4, #ARGV do
@@ -347,6 +375,7 @@ for i = 4, #ARGV do
   if score and tonumber(score) <= now
     and redis.call('EXISTS', ARGV[1] .. id) == 0 then
     redis.call('SET', ARGV[1] .. id, ARGV[3], 'PX', ARGV[2])
+    hold(KEYS[1], KEYS[2], id, score, ARGV[2])
     taken[#taken + 1] = id
     taken[#taken + 1] = score
   end
@@ -355,61 +384,81 @@ return taken
 """
 )
 
-# A worker's whole poll in one round trip: arq's read of the due jobs, LOCK_DUE's locks on
-# those nobody holds (in queue order, up to the free slots), and when the next job not due yet
-# falls due (a deferred retry: how long the worker may idle).
-# KEYS: arq's queue. ARGV: arq's lock key prefix, lock ttl (ms), the worker's lock token, how
-# many due jobs (by Redis's clock) to look at, how many to take (the worker's free slots), then
-# the jobs this worker runs whose lock may have lapsed (their keeper is late): those are passed
-# over, not locked, so that a run that no longer renews can be taken over elsewhere (most polls
-# pass none). Returns {{id, score, ...}, ms until the next falls due or ''}.
-# arq leaves a running job in its queue, so the due jobs begin with those running (here or on
-# other workers): they are read a page at a time, each page's locks in one MGET, until the free
-# slots are filled; a queued job behind them is found as long as it is within the look. Reads
-# before each write; SET cannot fail.
+# A worker's whole poll in one round trip: the held jobs whose lock lapsed put back in their
+# place (at most LAPSED_PAGE a poll), arq's read of the due jobs, the locks on those nobody
+# holds (in queue order, up to the free slots), held as above, and when the next job not due
+# yet falls due (a deferred retry: how long the worker may idle).
+# KEYS: arq's queue, its lease set. ARGV: arq's lock key prefix, lock ttl (ms), the worker's
+# lock token, how many due jobs (by Redis's clock) to look at, how many to take (the worker's
+# free slots), then the jobs this worker runs whose lock may have lapsed (their keeper is
+# late): those are passed over, not locked, so that a run that no longer renews can be taken
+# over elsewhere (most polls pass none). Returns {{id, score, ...}, ms until the next falls
+# due or ''}.
+# Held jobs are out of the due range, so the look is spent on jobs that wait; one locked but
+# not held (taken back by its stalled run, or by arq's own runner) is passed over by its lock,
+# read a page at a time in one MGET. Reads before each write; SET, ZADD and ZREM cannot fail.
 TAKE_DUE = (
-    NOW_MS
+    _HOLD
     + """
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, $LAPSED_PAGE)
+for _, id in ipairs(lapsed) do
+  local ttl = redis.call('PTTL', ARGV[1] .. id)
+  if ttl == -2 then
+    unhold(KEYS[1], KEYS[2], id)
+  else  -- locked again since (its run took it back): held until that lock lapses
+    redis.call('ZADD', KEYS[2], now + math.max(ttl, 0) + 1, id)
+  end
+end
 local page, limit, want = 50, tonumber(ARGV[4]), tonumber(ARGV[5])
 local taken, offset, mine = {}, 0, {}
 for i = 6, #ARGV do mine[ARGV[i]] = true end
 while #taken < 2 * want and offset < limit do
+  local asked = math.min(page, limit - offset)
   local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES',
-    'LIMIT', offset, math.min(page, limit - offset))
+    'LIMIT', offset, asked)
   if #due == 0 then break end
   local locks = {}
   for i = 1, #due, 2 do locks[#locks + 1] = ARGV[1] .. due[i] end
-  local held = redis.call('MGET', unpack(locks))
+  local locked = redis.call('MGET', unpack(locks))
+  local skipped = 0
   for i = 1, #due, 2 do
     if #taken >= 2 * want then break end
-    if not held[(i + 1) / 2] and not mine[due[i]] then
+    if not locked[(i + 1) / 2] and not mine[due[i]] then
       redis.call('SET', ARGV[1] .. due[i], ARGV[3], 'PX', ARGV[2])
+      hold(KEYS[1], KEYS[2], due[i], due[i + 1], ARGV[2])
       taken[#taken + 1] = due[i]
       taken[#taken + 1] = due[i + 1]
+    else
+      skipped = skipped + 1
     end
   end
-  offset = offset + #due / 2
+  offset = offset + skipped  -- those taken left the due range
+  if #due / 2 < asked then break end
 end
-local later = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES',
-  'LIMIT', 0, 1)
+local later = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '(' .. held_band,
+  'WITHSCORES', 'LIMIT', 0, 1)
 return {taken, later[2] and (tonumber(later[2]) - now) or ''}
-"""
+""".replace("$LAPSED_PAGE", "100")
 )
 
-# KEYS: arq's lock on the job, arq's queue, arq's job, the job. ARGV: lock ttl (ms), job id,
-# queue score, arq payload, this run's lock token, this run's attempt ('' before it starts one).
-# Renews the lock while this run holds it. If the lock lapsed (a stall) and nobody took it
-# since, takes it back, but only while the job is still this run's: queued and not started
-# by it yet (it waits for a permit), or in progress under its attempt. Then, if arq's entries
-# are gone, puts them back, so a job that is not over is never left without them.
+# KEYS: arq's lock on the job, arq's queue, arq's job, the job, the queue's lease set. ARGV:
+# lock ttl (ms), job id, queue score, arq payload, this run's lock token, this run's attempt
+# ('' before it starts one).
+# Renews the lock (and the job's lease) while this run holds it. If the lock lapsed (a stall)
+# and nobody took it since, takes it back, but only while the job is still this run's: queued
+# and not started by it yet (it waits for a permit), or in progress under its attempt. Then, if
+# arq's entries are gone, puts them back (in the due range: it is locked, so no poll takes
+# it), so a job that is not over is never left without them.
 # Returns 1 when renewed, 2 when taken back, 0 when the job is over, -1 when another run
 # holds the lock or has the job (this run is fenced at its next write).
 KEEP_LOCK = (
     TERMINAL_CHECK
+    + NOW_MS
     + """
 local held = redis.call('GET', KEYS[1])
 if held == ARGV[5] then
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  redis.call('ZADD', KEYS[5], 'XX', now + tonumber(ARGV[1]), ARGV[2])
   return 1
 end
 if held then return -1 end
@@ -419,6 +468,7 @@ local ours = (ARGV[6] == '' and state[1] == 'queued')
   or (state[1] == 'in_progress' and state[2] == ARGV[6])
 if not ours then return -1 end
 redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[1])
+redis.call('ZADD', KEYS[5], 'XX', now + tonumber(ARGV[1]), ARGV[2])
 redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[4], 'NX')
 return 2
@@ -426,28 +476,34 @@ return 2
 )
 
 # KEYS: arq's lock on the job, arq's job, arq's try counter, arq's abort set, arq's queue, the
-# job. ARGV: this run's lock token, what arq makes of the run ('1': done with the job, '0': run
-# it again, 'force': arq gives up on it), how long (ms, from now by Redis's clock) until a job
-# run again falls due ('' = leave its score), job id.
+# job, the queue's lease set. ARGV: this run's lock token, what arq makes of the run ('1':
+# done with the job, '0': run it again, 'force': arq gives up on it), how long (ms, from now
+# by Redis's clock) until a job run again falls due ('' = its place in the queue), job id.
 # arq's own end of a run, with two rules: the lock is released only by the run that holds it
-# (a superseded run that ends must not unlock the job under the run that took it over), and
-# arq forgets a job only once it is over (a run that ends any other way, for whatever reason,
-# leaves the job in the queue), unless arq gives up on it, which moonq first records as a
-# failure of the job. Its writes cannot fail on arq's own keys.
+# (a superseded run that ends must not unlock the job under the run that took it over; it
+# lets go of its hold then too, the job back in its place), and arq forgets a job only once
+# it is over (a run that ends any other way, for whatever reason, leaves the job in the
+# queue), unless arq gives up on it, which moonq first records as a failure of the job. Its
+# writes cannot fail on arq's own keys.
 FINISH_RUN = (
     TERMINAL_CHECK
-    + NOW_MS
+    + _HOLD
     + """
 local delay = tonumber(ARGV[3])
 if ARGV[3] ~= '' and not delay then return redis.error_reply('FINISH_RUN: bad delay') end
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+local ours = redis.call('GET', KEYS[1]) == ARGV[1]
+if ours then redis.call('DEL', KEYS[1]) end
 local status = redis.call('HGET', KEYS[6], 'status')
 if ARGV[2] == 'force' or (ARGV[2] == '1' and (not status or terminal(status))) then
   redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('ZREM', KEYS[4], ARGV[4])
   redis.call('ZREM', KEYS[5], ARGV[4])
+  redis.call('ZREM', KEYS[7], ARGV[4])
 elseif delay then
   redis.call('ZADD', KEYS[5], now + delay, ARGV[4])
+  if ours then redis.call('ZREM', KEYS[7], ARGV[4]) end
+elseif ours then
+  unhold(KEYS[5], KEYS[7], ARGV[4])
 end
 return 1
 """

@@ -671,16 +671,18 @@ def either_redis(request: pytest.FixtureRequest) -> Any:
     return request.getfixturevalue(request.param)
 
 
-async def test_a_poll_finds_a_queued_job_behind_many_running_ones(
+async def test_a_poll_finds_a_queued_job_behind_many_locked_ones(
     either_redis: Any, prefix: str
 ) -> None:
-    """arq leaves running jobs in its queue, ahead of those that wait: a worker with a free
-    slot must find a queued job behind 120 running elsewhere (past a page of the scan), take
-    it in queue order, never one another worker holds, and learn when the next deferred job
-    falls due, all in the one round trip of its poll (`scripts.TAKE_DUE`)."""
+    """A job locked but left in the due range (by arq's own runner, or taken back by its
+    stalled run) sits ahead of those that wait: a worker with a free slot must find a queued
+    job behind 120 such (past a page of the scan), take it in queue order, never one another
+    worker holds, and learn when the next deferred job falls due, all in the one round trip
+    of its poll (`scripts.TAKE_DUE`)."""
     from arq.constants import in_progress_key_prefix
 
     from moonq import scripts
+    from moonq.keys import queue_leases
 
     redis = either_redis
     queue = f"{prefix}:queue"
@@ -695,24 +697,137 @@ async def test_a_poll_finds_a_queued_job_behind_many_running_ones(
         for lock in locks[:120]:  # running on another worker
             await redis.set(lock, "other", px=60_000)
         take = redis.register_script(scripts.TAKE_DUE)
-        args = [in_progress_key_prefix, 5000, "me", 1500]
-        found, due_in = await take(keys=[queue], args=[*args, 2])
+        keys, args = [queue, queue_leases(queue)], [in_progress_key_prefix, 5000, "me", 1500]
+        found, due_in = await take(keys=keys, args=[*args, 2])
         assert [x.decode() for x in found[::2]] == ids[120:122]  # the two oldest free ones
         assert [int(s) for s in found[1::2]] == [since + 120, since + 121]
         assert 55_000 < int(due_in) <= 60_000  # when the next one falls due, from now
         assert await redis.get(locks[120]) == b"me" and await redis.get(locks[0]) == b"other"
-        found, _ = await take(keys=[queue], args=[*args, 10])  # more slots than jobs
+        found, _ = await take(keys=keys, args=[*args, 10])  # more slots than jobs
         assert [x.decode() for x in found[::2]] == ids[122:]
         await redis.zadd(queue, {f"{prefix}-later": now})  # it falls due
-        found, due_in = await take(keys=[queue], args=[*args, 1])
+        found, due_in = await take(keys=keys, args=[*args, 1])
         assert [x.decode() for x in found[::2]] == [f"{prefix}-later"] and due_in == b""
         # the worker's own runs whose lock lapsed are passed over: not locked, not counted
         await redis.delete(*locks[118:120])
-        found, _ = await take(keys=[queue], args=[*args, 1, ids[118]])
+        found, _ = await take(keys=keys, args=[*args, 1, ids[118]])
         assert [x.decode() for x in found[::2]] == [ids[119]]
         assert await redis.get(locks[118]) is None
     finally:
-        await redis.delete(queue, *locks, in_progress_key_prefix + f"{prefix}-later")
+        await redis.delete(*keys, *locks, in_progress_key_prefix + f"{prefix}-later")
+
+
+def _ids(found: list[bytes]) -> list[str]:
+    return [x.decode() for x in found[::2]]
+
+
+async def test_running_jobs_leave_the_look_and_a_lapsed_one_returns_to_its_place(
+    either_redis: Any, prefix: str
+) -> None:
+    """A poll looks at a few hundred due jobs (5 × the worker's slots, at least 100): the jobs
+    running across all workers must not fill that look, or a free slot idles while jobs wait
+    behind them. With 3,000 running, a poll that looks at 100 still takes the one waiting. And
+    the jobs of a worker that died go back to their own places once their locks lapse, ahead
+    of a job queued after them (`scripts.TAKE_DUE`)."""
+    from arq.constants import in_progress_key_prefix as lock_base
+
+    from moonq import scripts
+    from moonq.keys import queue_leases
+
+    redis = either_redis
+    queue = f"{prefix}:queue"
+    keys = [queue, queue_leases(queue)]
+    seconds, micros = await redis.time()
+    now = seconds * 1000 + micros // 1000
+    dead = [f"{prefix}-dead-{i}" for i in range(2)]
+    running = [f"{prefix}-run-{i:04d}" for i in range(3000)]
+    later = [f"{prefix}-waiting", f"{prefix}-fresh"]
+    await redis.zadd(queue, {j: now - 60_000 + i for i, j in enumerate(dead + running)})
+    take = redis.register_script(scripts.TAKE_DUE)
+    try:
+        found, _ = await take(keys=keys, args=[lock_base, 200, "dead", 100, 2])
+        assert _ids(found) == dead
+        found, _ = await take(keys=keys, args=[lock_base, 60_000, "other", 100, 5000])
+        assert _ids(found) == running
+        await redis.zadd(queue, {later[0]: now})
+        found, _ = await take(keys=keys, args=[lock_base, 60_000, "me", 100, 1])
+        assert _ids(found) == later[:1]
+        await redis.zadd(queue, {later[1]: now})
+        await asyncio.sleep(0.3)  # the dead worker's locks lapse
+        found, _ = await take(keys=keys, args=[lock_base, 60_000, "me", 100, 2])
+        assert _ids(found) == dead  # in their places, ahead of the fresh one
+        assert [int(float(s)) for s in found[1::2]] == [now - 60_000, now - 59_999]
+        found, _ = await take(keys=keys, args=[lock_base, 60_000, "me", 100, 5])
+        assert _ids(found) == later[1:]
+        assert await redis.get(lock_base + running[0]) == b"other"
+    finally:
+        await redis.delete(*keys, *(lock_base + j for j in dead + running + later))
+
+
+async def test_a_held_job_goes_back_to_its_place_only_when_no_run_holds_it(
+    either_redis: Any, prefix: str
+) -> None:
+    """A held job whose lease falls due while its lock is there again (its stalled run took
+    it back before any poll) stays held; a superseded run's end leaves the holder's hold; the
+    holder's end puts the job back in its place (to run again) or forgets it (over)."""
+    from arq.constants import in_progress_key_prefix as lock_base
+
+    from moonq import scripts
+    from moonq.keys import queue_leases
+
+    redis = either_redis
+    queue, job = f"{prefix}:queue", f"{prefix}-job"
+    leases, lock, record = queue_leases(queue), lock_base + job, f"{prefix}:job:{job}"
+    seconds, _ = await redis.time()
+    score = seconds * 1000 - 1000
+    await redis.zadd(queue, {job: score})
+    await redis.hset(record, "status", "queued")
+    take = redis.register_script(scripts.TAKE_DUE)
+    keep = redis.register_script(scripts.KEEP_LOCK)
+    end = redis.register_script(scripts.FINISH_RUN)
+    end_keys = [lock, f"arq:job:{job}", f"arq:retry:{job}", f"{prefix}:abort", queue, record]
+    end_keys.append(leases)
+    try:
+        assert _ids((await take(keys=[queue, leases], args=[lock_base, 100, "a", 100, 1]))[0])
+        await asyncio.sleep(0.15)  # a's lock lapses: a stall
+        keep_keys = [lock, queue, f"arq:job:{job}", record, leases]
+        assert await keep(keys=keep_keys, args=[5000, job, score, b"{}", "a", ""]) == 2
+        await redis.zadd(leases, {job: 0})  # its lease due, whatever the clock
+        assert (await take(keys=[queue, leases], args=[lock_base, 5000, "b", 100, 1]))[0] == []
+        await end(keys=end_keys, args=["superseded", "0", "", job])
+        assert (await take(keys=[queue, leases], args=[lock_base, 5000, "b", 100, 1]))[0] == []
+        await end(keys=end_keys, args=["a", "0", "", job])  # a hands it back
+        found, _ = await take(keys=[queue, leases], args=[lock_base, 5000, "b", 100, 1])
+        assert _ids(found) == [job] and int(float(found[1])) == score  # its place
+        await redis.hset(record, "status", "completed")
+        await end(keys=end_keys, args=["b", "1", "", job])
+        assert await redis.zscore(queue, job) is None and await redis.zscore(leases, job) is None
+    finally:
+        await redis.delete(queue, leases, lock, record, f"arq:job:{job}")
+
+
+async def test_a_job_queued_behind_more_running_jobs_than_a_poll_looks_at_starts(
+    real_stack: Any, fake: Any
+) -> None:
+    """Worker A runs 120 slow jobs, all its slots; worker B, with slots free, looks at 100
+    due jobs a poll. A job queued after A's 120 must start on B at once (it waited until
+    enough of A's jobs ended: arq leaves a running job at its place in the queue)."""
+    from tests.serving import worker_running
+
+    stack, client = await real_stack(
+        MOONQ_UPSTREAM_CONCURRENCY=0, MOONQ_WORKER_CONCURRENCY=120, MOONQ_POLL_DELAY=0.1
+    )
+    slow = [chat(f"slow {i}", fake_moonshot={"first_byte_delay": 30}) for i in range(120)]
+    for payload in slow:
+        await submit(client, payload)
+    async with worker_running(stack):
+        async with asyncio.timeout(20):
+            while fake.stats.in_flight < 120:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        job_id = await submit(client, chat("behind them"))
+        async with worker_running(stack, max_jobs=2, queue_read_limit=100):
+            job = (await client.get(f"/v1/jobs/{job_id}", params={"wait": 10})).json()
+    assert job["status"] == "completed", job
 
 
 async def test_a_run_that_stopped_renewing_is_never_relocked_by_its_own_worker(

@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from moonq import logs, scripts
 from moonq.batches import BatchStore
-from moonq.keys import Keys
+from moonq.keys import Keys, queue_leases
 from moonq.limits import UpstreamLimiter
 from moonq.metrics import Recorder
 from moonq.redis import arq_settings, from_settings
@@ -164,7 +164,8 @@ class MoonqWorker(Worker):
         late = [job_id for job_id, until in self.leases.items() if until < soon]
         args: list[str | int] = [in_progress_key_prefix, int(self.in_progress_timeout_s * 1000)]
         args += [self.lock_token, count, free, *late]
-        found, due_in = await self._take_script(keys=[self.queue_name], args=args)
+        keys = [self.queue_name, queue_leases(self.queue_name)]
+        found, due_in = await self._take_script(keys=keys, args=args)
         pairs = iter(found)
         for raw, score in zip(pairs, pairs, strict=True):
             job_id = raw.decode()
@@ -304,7 +305,8 @@ class MoonqWorker(Worker):
             self._lock_script = self.pool.register_script(scripts.LOCK_DUE)
         args: list[str | int] = [in_progress_key_prefix, int(self.in_progress_timeout_s * 1000)]
         args += [self.lock_token, *job_ids]
-        found = await self._lock_script(keys=[self.queue_name], args=args)
+        keys = [self.queue_name, queue_leases(self.queue_name)]
+        found = await self._lock_script(keys=keys, args=args)
         pairs = iter(found)
         return {raw.decode(): int(float(score)) for raw, score in zip(pairs, pairs, strict=True)}
 
@@ -352,7 +354,7 @@ class MoonqWorker(Worker):
     async def _end_run(self, job_id: str, outcome: str, due_in: int | None) -> None:
         keys = [in_progress_key_prefix + job_id, job_key_prefix + job_id]
         keys += [retry_key_prefix + job_id, abort_jobs_ss, self.queue_name]
-        keys.append(self.keys.job(job_id))
+        keys += [self.keys.job(job_id), queue_leases(self.queue_name)]
         args = [self.lock_token, outcome, "" if due_in is None else due_in, job_id]
         if self._finish_run is None:
             self._finish_run = self.pool.register_script(scripts.FINISH_RUN)
@@ -476,7 +478,7 @@ class LockKeeper:
         self.job_id, self.ttl = job_id, ttl
         self.leases = {} if leases is None else leases
         self.keys = [in_progress_key_prefix + job_id, queue, job_key_prefix + job_id]
-        self.keys.append(keys.job(job_id))
+        self.keys += [keys.job(job_id), queue_leases(queue)]
         self.args: list[str | int | bytes] = [int(ttl * 1000), job_id, score]
         self.args.append(arq_payload(job_id, score))
         self.attempt = ""
