@@ -160,12 +160,22 @@ class Keys:
         return f"{self.prefix}:limit:leases"
 
     def limit_waiting(self) -> str:
-        """Sorted set: workers' requests waiting for a permit, scored by the job's age."""
+        """Sorted set: workers' requests waiting for a permit, scored by their place in line
+        (interactive jobs' in fair order across tenants, then batch lines' by age)."""
         return f"{self.prefix}:limit:waiting"
 
     def limit_seen(self) -> str:
         """Sorted set: when each waiting request last asked (ms); silent ones are dropped."""
         return f"{self.prefix}:limit:seen"
+
+    def limit_fair(self) -> str:
+        """Hash: each tenant's next place in the limiter's line (its virtual start); with
+        `limit_fair_clock`, kept while anyone waits, and forgotten together a minute after."""
+        return f"{self.prefix}:limit:fair"
+
+    def limit_fair_clock(self) -> str:
+        """String: the place in line of the latest tenant's request granted from the line."""
+        return f"{self.prefix}:limit:fair:clock"
 
     def limit_asks(self) -> str:
         """Hash: the tokens each waiting request asks for (TPM is served in order too)."""
@@ -214,3 +224,15 @@ def queue_leases(queue_name: str) -> str:
     `scripts.HELD` (out of the due range a poll reads); a poll puts one whose lock lapsed back
     in its place (`scripts.TAKE_DUE`)."""
     return f"{queue_name}:leases"
+
+
+def queue_fair(queue_name: str) -> str:
+    """Hash beside arq's queue: each tenant's next virtual start (`scripts.CREATE`), which
+    orders interactive jobs across tenants."""
+    return f"{queue_name}:fair"
+
+
+def queue_fair_clock(queue_name: str) -> str:
+    """String beside arq's queue: the virtual start of the latest interactive job a worker
+    took (`scripts.TAKE_DUE`); a tenant that was idle starts there."""
+    return f"{queue_name}:fair:clock"

@@ -32,20 +32,34 @@ local function malformed(job)
 end
 """
 
+# The scores of arq's queue fall in three bands:
+# - below FAIR_TOP: interactive jobs, in fair order across tenants. Each job's score is its
+#   virtual start: its tenant's next one, or the virtual start of the latest interactive job
+#   a worker took, whichever is later (start-time fair queuing, one unit a job). A tenant's
+#   jobs run in the order it queued them, and a job of a tenant that queues one now goes
+#   right after the jobs already taken, however many another tenant has queued: tenants'
+#   jobs alternate. Always due (a virtual time is far below any time in ms).
+# - from FAIR_TOP: jobs due at a time, in ms by Redis's clock: retries, batch lines handed
+#   to a worker, entries queued before fair order. A poll takes those due before the others.
+# - from HELD (below): jobs a worker holds.
+FAIR_TOP = 10**12
+
 # KEYS: job, tenant index, arq job, arq queue, idempotency key, the tenant's `queued` index,
 # the tenant's custom_id index ('' key name when the job has none), the workers' wake-up
-# channel (published last: idle workers poll at once, worker/wake.py).
+# channel (published last: idle workers poll at once, worker/wake.py), the queue's tenants'
+# next virtual starts, its fair clock (`keys.queue_fair*`).
 # ARGV: job id, created (s), job key prefix, arq payload, idempotency ttl (s) or '0', request
-# fingerprint, index horizon (s), then the record's field/value pairs. The queue entry is due
-# now by Redis's clock (NOW_MS).
+# fingerprint, index horizon (s), tenant, then the record's field/value pairs. The queue entry
+# is scored by the job's virtual start (above).
 # Writes the record, its index entries and the queue entry together; neither expires until the
 # job ends. With an idempotency key already taken by a job that still exists, writes nothing
 # and returns "<job id> <fingerprint>" of that first job; else returns ''.
 # Cannot fail after its first write: every argument is built by moonq, every key is of the
-# type it expects (moonq's own names).
-CREATE = (
-    NOW_MS
-    + """
+# type it expects (moonq's own names), and the virtual times are read first.
+CREATE = """
+local clock = tonumber(redis.call('GET', KEYS[10])) or 0
+local start = math.max(tonumber(redis.call('HGET', KEYS[9], ARGV[8])) or 0, clock)
+start = string.format('%.0f', math.min(start, $FAIR_TOP - 1))
 if ARGV[5] ~= '0' then
   local first = redis.call('GET', KEYS[5])
   if first and redis.call('EXISTS', ARGV[3] .. string.match(first, '^(%S+)')) == 1 then
@@ -54,7 +68,7 @@ if ARGV[5] ~= '0' then
   redis.call('SET', KEYS[5], ARGV[1] .. ' ' .. ARGV[6], 'EX', ARGV[5])
 end
 local fields = {}
-for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[7])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
@@ -64,11 +78,11 @@ if KEYS[7] ~= '' then
   redis.call('ZADD', KEYS[7], ARGV[2], ARGV[1])
 end
 redis.call('SET', KEYS[3], ARGV[4])
-redis.call('ZADD', KEYS[4], now, ARGV[1])
+redis.call('HSET', KEYS[9], ARGV[8], start + 1)
+redis.call('ZADD', KEYS[4], start, ARGV[1])
 redis.call('PUBLISH', KEYS[8], '')
 return ''
-"""
-)
+""".replace("$FAIR_TOP", str(FAIR_TOP))
 
 # KEYS: job, arq's lock on it. ARGV: status index base, now, worker id, lock token ('' = do not
 # check the lock), lock ttl (ms). Returns {the new attempt number, and the record's seq,
@@ -385,18 +399,20 @@ return taken
 )
 
 # A worker's whole poll in one round trip: the held jobs whose lock lapsed put back in their
-# place (at most LAPSED_PAGE a poll), arq's read of the due jobs, the locks on those nobody
-# holds (in queue order, up to the free slots), held as above, and when the next job not due
-# yet falls due (a deferred retry: how long the worker may idle).
-# KEYS: arq's queue, its lease set. ARGV: arq's lock key prefix, lock ttl (ms), the worker's
-# lock token, how many due jobs (by Redis's clock) to look at, how many to take (the worker's
-# free slots), then the jobs this worker runs whose lock may have lapsed (their keeper is
-# late): those are passed over, not locked, so that a run that no longer renews can be taken
-# over elsewhere (most polls pass none). Returns {{id, score, ...}, ms until the next falls
-# due or ''}.
+# place (at most LAPSED_PAGE a poll), arq's read of the due jobs (those due at a time first,
+# then interactive jobs in fair order: see CREATE), the locks on those nobody holds (in that
+# order, up to the free slots), held as above, and when the next job not due yet falls due (a
+# deferred retry: how long the worker may idle).
+# KEYS: arq's queue, its lease set, its fair clock. ARGV: arq's lock key prefix, lock ttl
+# (ms), the worker's lock token, how many due jobs (by Redis's clock) to pass over at most,
+# how many to take (the worker's free slots), then the jobs this worker runs whose lock may
+# have lapsed (their keeper is late): those are passed over, not locked, so that a run that no
+# longer renews can be taken over elsewhere (most polls pass none). Returns {{id, score, ...},
+# ms until the next falls due or ''}.
 # Held jobs are out of the due range, so the look is spent on jobs that wait; one locked but
 # not held (taken back by its stalled run, or by arq's own runner) is passed over by its lock,
-# read a page at a time in one MGET. Reads before each write; SET, ZADD and ZREM cannot fail.
+# read a page at a time in one MGET. The fair clock moves to the latest virtual start taken.
+# Reads before each write; SET, ZADD and ZREM cannot fail.
 TAKE_DUE = (
     _HOLD
     + """
@@ -410,35 +426,45 @@ for _, id in ipairs(lapsed) do
   end
 end
 local page, limit, want = 50, tonumber(ARGV[4]), tonumber(ARGV[5])
-local taken, offset, mine = {}, 0, {}
+local taken, passed, mine, latest = {}, 0, {}, nil
 for i = 6, #ARGV do mine[ARGV[i]] = true end
-while #taken < 2 * want and offset < limit do
-  local asked = math.min(page, limit - offset)
-  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES',
-    'LIMIT', offset, asked)
-  if #due == 0 then break end
-  local locks = {}
-  for i = 1, #due, 2 do locks[#locks + 1] = ARGV[1] .. due[i] end
-  local locked = redis.call('MGET', unpack(locks))
-  local skipped = 0
-  for i = 1, #due, 2 do
-    if #taken >= 2 * want then break end
-    if not locked[(i + 1) / 2] and not mine[due[i]] then
-      redis.call('SET', ARGV[1] .. due[i], ARGV[3], 'PX', ARGV[2])
-      hold(KEYS[1], KEYS[2], due[i], due[i + 1], ARGV[2])
-      taken[#taken + 1] = due[i]
-      taken[#taken + 1] = due[i + 1]
-    else
-      skipped = skipped + 1
+local function take(low, high)
+  local offset = 0
+  while #taken < 2 * want and passed < limit do
+    local asked = math.min(page, limit - passed)
+    local due = redis.call('ZRANGEBYSCORE', KEYS[1], low, high, 'WITHSCORES',
+      'LIMIT', offset, asked)
+    if #due == 0 then return end
+    local locks = {}
+    for i = 1, #due, 2 do locks[#locks + 1] = ARGV[1] .. due[i] end
+    local locked = redis.call('MGET', unpack(locks))
+    local skipped = 0
+    for i = 1, #due, 2 do
+      if #taken >= 2 * want then break end
+      if not locked[(i + 1) / 2] and not mine[due[i]] then
+        redis.call('SET', ARGV[1] .. due[i], ARGV[3], 'PX', ARGV[2])
+        hold(KEYS[1], KEYS[2], due[i], due[i + 1], ARGV[2])
+        taken[#taken + 1] = due[i]
+        taken[#taken + 1] = due[i + 1]
+        local score = tonumber(due[i + 1])
+        if score < $FAIR_TOP and (not latest or score > latest) then latest = score end
+      else
+        skipped = skipped + 1
+      end
     end
+    offset, passed = offset + skipped, passed + skipped  -- those taken left the due range
+    if #due / 2 < asked then return end
   end
-  offset = offset + skipped  -- those taken left the due range
-  if #due / 2 < asked then break end
+end
+take($FAIR_TOP, now)
+take('-inf', '($FAIR_TOP')
+if latest and latest > (tonumber(redis.call('GET', KEYS[3])) or 0) then
+  redis.call('SET', KEYS[3], string.format('%.0f', latest))
 end
 local later = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '(' .. held_band,
   'WITHSCORES', 'LIMIT', 0, 1)
 return {taken, later[2] and (tonumber(later[2]) - now) or ''}
-""".replace("$LAPSED_PAGE", "100")
+""".replace("$LAPSED_PAGE", "100").replace("$FAIR_TOP", str(FAIR_TOP))
 )
 
 # KEYS: arq's lock on the job, arq's queue, arq's job, the job, the queue's lease set. ARGV:

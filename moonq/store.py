@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from moonq import scripts
 from moonq.assemble import Assembler
-from moonq.keys import Keys
+from moonq.keys import Keys, queue_fair, queue_fair_clock
 from moonq.models import Job, JobCreate, Status
 from moonq.serde import arq_serialize, dump_bytes, dumps
 from moonq.settings import Settings
@@ -171,11 +171,13 @@ class JobStore:
             self.keys.tenant_status(tenant, Status.QUEUED.value),
             "" if custom is None else self.keys.tenant_custom_id(tenant, digest(custom)),
             self.keys.wake(),
+            queue_fair(self.queue_name),
+            queue_fair_clock(self.queue_name),
         ]
         ttl = IDEMPOTENCY_TTL if idempotency_key else 0
         job_prefix = self.keys.job("")
         args: list[Any] = [job_id, repr(now), job_prefix, arq_job, ttl, fingerprint]
-        args.append(repr(self._horizon(now)))
+        args += [repr(self._horizon(now)), tenant]
         for pair in fields.items():
             args += pair
         first = await self._create(keys=keys, args=args)

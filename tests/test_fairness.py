@@ -15,6 +15,7 @@ import pytest
 from moonq.batch_input import Limits
 from moonq.batches import BatchStore
 from moonq.fake_moonshot import FakeServer
+from moonq.keys import Keys
 from moonq.models import JobCreate, Status
 from moonq.scheduler import Scheduler
 from tests.test_batches import batch_of, create, line, slow, wait_for, worker_running
@@ -84,6 +85,117 @@ async def test_two_tenants_progress_at_the_same_rate(real_stack: Any, fake: Fake
     await bob.aclose()
     print(f"when bob's 30 lines were done, alice had {done_a} of 120")
     assert abs(done_a - 30) <= 0.2 * 30
+
+
+def _as(client: httpx.AsyncClient, key: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=client._transport,
+        base_url="http://moonq",
+        headers={"Authorization": f"Bearer {key}"},
+    )
+
+
+async def test_one_tenants_job_does_not_wait_behind_anothers_many(
+    real_stack: Any, fake: FakeServer
+) -> None:
+    """Alice queues 60 interactive jobs, then Bob one: his runs once a slot frees, not after
+    all of hers (it did: first in, first out across tenants)."""
+    stack, client = await real_stack(
+        MOONQ_API_KEYS="ka=alice,kb=bob",
+        MOONQ_UPSTREAM_CONCURRENCY=2,
+        MOONQ_UPSTREAM_RPM=0,
+        MOONQ_WORKER_CONCURRENCY=2,
+    )
+    alice, bob = _as(client, "ka"), _as(client, "kb")
+    for i in range(60):
+        response = await alice.post("/v1/jobs", json={"body": slow(f"a{i}", 0.2)["body"]})
+        assert response.status_code == 202
+    async with worker_running(stack):
+        await wait_for(lambda: _true(fake.stats.in_flight >= 2), 10)
+        created = await bob.post("/v1/jobs", json={"body": slow("b", 0.2)["body"]})
+        job_id = created.json()["id"]
+        job = (await bob.get(f"/v1/jobs/{job_id}", params={"wait": 30})).json()
+        done = await alice.get("/v1/jobs", params={"status": "completed", "limit": 100})
+    await alice.aclose()
+    await bob.aclose()
+    assert job["status"] == "completed", job
+    print(f"alice's jobs done when bob's was: {len(done.json()['data'])} of 60")
+    assert len(done.json()["data"]) <= 6
+
+
+async def test_one_tenants_job_does_not_wait_behind_anothers_at_the_limiter(
+    real_stack: Any, fake: FakeServer
+) -> None:
+    """The upstream allows 2 requests at once; the worker holds 10 of Alice's jobs, 8 waiting
+    for a permit. Bob's job, taken next, waits behind none of them: at the account's limiter a
+    tenant's request joins the line at its fair place, not behind every older job."""
+    stack, client = await real_stack(
+        MOONQ_API_KEYS="ka=alice,kb=bob",
+        MOONQ_UPSTREAM_CONCURRENCY=2,
+        MOONQ_UPSTREAM_RPM=0,
+        MOONQ_WORKER_CONCURRENCY=11,
+    )
+    alice, bob = _as(client, "ka"), _as(client, "kb")
+    for i in range(10):
+        response = await alice.post("/v1/jobs", json={"body": slow(f"a{i}", 0.3)["body"]})
+        assert response.status_code == 202
+    async with worker_running(stack):
+        limiter = Keys(stack.settings.key_prefix).limit_waiting()
+        await wait_for(lambda: _true(fake.stats.in_flight >= 2), 10)
+        await wait_for(lambda: _waiting(stack.redis, limiter, 8), 10)
+        created = await bob.post("/v1/jobs", json={"body": slow("b", 0.3)["body"]})
+        job = (await bob.get(f"/v1/jobs/{created.json()['id']}", params={"wait": 30})).json()
+        done = await alice.get("/v1/jobs", params={"status": "completed", "limit": 100})
+    await alice.aclose()
+    await bob.aclose()
+    assert job["status"] == "completed", job
+    print(f"alice's jobs done when bob's was: {len(done.json()['data'])} of 10")
+    assert len(done.json()["data"]) <= 4
+
+
+async def _waiting(redis: Any, line: str, count: int) -> bool:
+    return int(await redis.zcard(line)) >= count
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_tenants_interactive_jobs_alternate_and_an_idle_one_goes_next(
+    real_stack: Any,
+) -> None:
+    """Workers take interactive jobs in fair order: each tenant's in the order it queued
+    them, tenants' alternating, whoever queued first; a tenant idle until now goes next, with
+    no credit for its idle time; a retry that falls due goes before them all."""
+    from arq.constants import in_progress_key_prefix as lock_base
+
+    from moonq import scripts
+    from moonq.keys import queue_fair_clock, queue_leases
+
+    stack, _client = await real_stack()
+    store, queue = stack.app.state.services.store, stack.settings.queue_name
+    request = JobCreate.model_validate({"body": line("x")["body"]})
+    alice = [(await store.create("alice", request))[0].id for _ in range(30)]
+    bob = [(await store.create("bob", request))[0].id for _ in range(10)]
+    seconds, _ = await stack.redis.time()
+    await stack.redis.zadd(queue, {"retry": seconds * 1000 - 1000})
+    take = stack.redis.register_script(scripts.TAKE_DUE)
+    keys = [queue, queue_leases(queue), queue_fair_clock(queue)]
+
+    async def poll(slots: int) -> list[str]:
+        found, _ = await take(keys=keys, args=[lock_base, 5000, "test", 100, slots])
+        return [x.decode() for x in found[::2]]
+
+    order = [job_id for _ in range(21) for job_id in await poll(1)]
+    carol, _ = await store.create("carol", request)
+    after = await poll(2)
+    await stack.redis.delete(*(lock_base + j for j in [*order, *after]))
+    assert order[0] == "retry"
+    assert [j for j in order if j in alice] == alice[:10]
+    assert [j for j in order if j in bob] == bob
+    pairs = [sorted(j in bob for j in order[i : i + 2]) for i in range(1, 21, 2)]
+    assert pairs == [[False, True]] * 10  # one of each, turn by turn
+    assert after == [carol.id, alice[10]]
 
 
 async def test_a_tenant_that_used_more_recently_yields(real_stack: Any) -> None:

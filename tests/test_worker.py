@@ -732,11 +732,11 @@ async def test_running_jobs_leave_the_look_and_a_lapsed_one_returns_to_its_place
     from arq.constants import in_progress_key_prefix as lock_base
 
     from moonq import scripts
-    from moonq.keys import queue_leases
+    from moonq.keys import queue_fair_clock, queue_leases
 
     redis = either_redis
     queue = f"{prefix}:queue"
-    keys = [queue, queue_leases(queue)]
+    keys = [queue, queue_leases(queue), queue_fair_clock(queue)]
     seconds, micros = await redis.time()
     now = seconds * 1000 + micros // 1000
     dead = [f"{prefix}-dead-{i}" for i in range(2)]
@@ -745,7 +745,7 @@ async def test_running_jobs_leave_the_look_and_a_lapsed_one_returns_to_its_place
     await redis.zadd(queue, {j: now - 60_000 + i for i, j in enumerate(dead + running)})
     take = redis.register_script(scripts.TAKE_DUE)
     try:
-        found, _ = await take(keys=keys, args=[lock_base, 200, "dead", 100, 2])
+        found, _ = await take(keys=keys, args=[lock_base, 60_000, "dead", 100, 2])
         assert _ids(found) == dead
         found, _ = await take(keys=keys, args=[lock_base, 60_000, "other", 100, 5000])
         assert _ids(found) == running
@@ -753,7 +753,8 @@ async def test_running_jobs_leave_the_look_and_a_lapsed_one_returns_to_its_place
         found, _ = await take(keys=keys, args=[lock_base, 60_000, "me", 100, 1])
         assert _ids(found) == later[:1]
         await redis.zadd(queue, {later[1]: now})
-        await asyncio.sleep(0.3)  # the dead worker's locks lapse
+        await redis.delete(*(lock_base + j for j in dead))  # the dead worker's locks lapse
+        await redis.zadd(keys[1], {j: now for j in dead})
         found, _ = await take(keys=keys, args=[lock_base, 60_000, "me", 100, 2])
         assert _ids(found) == dead  # in their places, ahead of the fresh one
         assert [int(float(s)) for s in found[1::2]] == [now - 60_000, now - 59_999]

@@ -241,13 +241,16 @@ class Runner:
     ) -> str:
         """Wait for an upstream permit, then run an attempt under it."""
         body: dict[str, Any] = json.loads(record["request"])
-        # Oldest jobs get permits first; batch lines only after every interactive job.
-        priority = float(record["created_at"])
-        if record.get("batch_id"):
-            priority += BATCH_PRIORITY_OFFSET
-        tokens = await self._tokens(body)
+        # Interactive jobs get permits in fair order across tenants, batch lines (oldest
+        # first) only after every one of them.
         batch = bool(record.get("batch_id"))
-        async with self.limiter.permit(tokens, priority, self._is_draining, batch=batch) as permit:
+        priority = float(record["created_at"]) + (BATCH_PRIORITY_OFFSET if batch else 0)
+        tenant = "" if batch else record.get("tenant", "")
+        tokens = await self._tokens(body)
+        waiting = self.limiter.permit(
+            tokens, priority, self._is_draining, batch=batch, tenant=tenant
+        )
+        async with waiting as permit:
             number, past = await self.store.start(
                 job_id, self.worker_id, lock_token, self.settings.lock_timeout
             )
