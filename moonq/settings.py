@@ -37,7 +37,11 @@ CENTURY = 100 * 365 * 24 * 3600
 class Settings(BaseSettings):
     """Every knob moonq has. The README's settings table lists the same names and defaults."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+    # Hidden inputs: a traceback (`arq worker.main.WorkerSettings`, `uvicorn --factory`) must
+    # not print a key or a Redis password it refused.
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", populate_by_name=True, hide_input_in_errors=True
+    )
 
     redis_url: str = Field("redis://localhost:6379/0", alias="REDIS_URL")
     moonshot_api_key: SecretStr | None = Field(None, alias="MOONSHOT_API_KEY")
@@ -154,6 +158,27 @@ class Settings(BaseSettings):
         parse_api_keys(value.get_secret_value())
         return value
 
+    @field_validator("admin_keys")
+    @classmethod
+    def _check_admin_key_chars(cls, value: SecretStr) -> SecretStr:
+        parse_admin_keys(value.get_secret_value())
+        return value
+
+    @field_validator("metrics_key")
+    @classmethod
+    def _check_metrics_key(cls, value: SecretStr | None) -> SecretStr | None:
+        """Stripped, as the token it is compared with is: a key pasted with its line ending
+        would otherwise lock /metrics for good. Empty is unset (an open /metrics)."""
+        if value is None:
+            return None
+        raw = value.get_secret_value()
+        if raw and not raw.strip():
+            raise ValueError(
+                "is only whitespace: give a key, or leave it empty for an open /metrics"
+            )
+        check_sendable(raw.strip(), "the key")
+        return SecretStr(raw.strip())
+
     @field_validator("moonshot_base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
@@ -190,8 +215,7 @@ class Settings(BaseSettings):
 
     def admin_key_list(self) -> list[str]:
         """`MOONQ_ADMIN_KEYS` (`key,key2`): keys that see every tenant in the dashboard."""
-        raw = self.admin_keys.get_secret_value()
-        return [key for key in (part.strip() for part in raw.split(",")) if key]
+        return parse_admin_keys(self.admin_keys.get_secret_value())
 
     @property
     def upstream_key(self) -> str:
@@ -207,11 +231,39 @@ def parse_api_keys(raw: str) -> dict[str, str]:
         key, tenant = key.strip(), tenant.strip()
         if not sep or not key or not tenant:
             raise ValueError("MOONQ_API_KEYS must look like 'key=tenant,key2=tenant2'")
+        check_sendable(key, f"entry {number}'s key")
         if key in tenants:
             # A repeated key would silently belong to only one of its tenants.
             raise ValueError(f"entry {number} repeats the key of an earlier entry")
         tenants[key] = tenant
     return tenants
+
+
+def parse_admin_keys(raw: str) -> list[str]:
+    """`key,key2`; as `parse_api_keys`, an error names the entry, never the key."""
+    keys = [key for key in (part.strip() for part in raw.split(",")) if key]
+    for number, key in enumerate(keys, start=1):
+        check_sendable(key, f"entry {number}")
+    return keys
+
+
+def check_sendable(key: str, where: str) -> None:
+    """A bearer key arrives in an HTTP header, which carries printable ASCII: a key holding a
+    space, a control or a non-ASCII character is read at start but could never match. The
+    error says where the character is and what kind it is, never the key."""
+    for position, char in enumerate(key, start=1):
+        if not "!" <= char <= "~":
+            raise ValueError(
+                f"{where} holds {_kind(char)} at character {position}: a key is sent in an"
+                " Authorization header, which carries only printable ASCII without spaces,"
+                " so this key could never be accepted"
+            )
+
+
+def _kind(char: str) -> str:
+    if char.isspace():
+        return "whitespace"
+    return "a control character" if char.isascii() else "a non-ASCII character"
 
 
 def redis_database(url: str) -> int:

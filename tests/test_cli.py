@@ -115,6 +115,9 @@ BAD_SETTINGS = [
     ("MOONQ_RESULT_TTL", "99999999999999999999"),  # past what Redis's EXPIRE takes
     ("MOONQ_API_KEYS", "no-tenant-here"),
     ("MOONQ_API_KEYS", "sk-twice=alpha,sk-twice=beta"),
+    ("MOONQ_API_KEYS", "sk-ok=alpha,sk-clé=beta"),  # a header cannot carry it: never matches
+    ("MOONQ_ADMIN_KEYS", "sk-admin key"),
+    ("MOONQ_METRICS_KEY", "sk-métrics"),
     ("MOONQ_RESULT_TTL", "soon"),
     ("MOONQ_WORKER_CONCURRENCY", "0"),
     ("REDIS_URL", "localhost:6379"),

@@ -236,6 +236,14 @@ async def test_metrics_key_protects_the_route(stack_factory: Any) -> None:
     assert "moonq_jobs" in await scrape(open_client)  # no key set: open, like /healthz
 
 
+async def test_a_metrics_key_set_with_its_line_ending_still_opens_the_route(
+    stack_factory: Any,
+) -> None:
+    """A key pasted from a file with `\\r\\n`: the token sent is stripped, so must the key be."""
+    _, client = await stack_factory(MOONQ_METRICS_KEY=" scrape-secret-123\r\n")
+    assert await scrape(client, Authorization="Bearer scrape-secret-123")
+
+
 async def test_jobs_ended_by_a_cancel_or_a_batch_are_counted_too(real_stack: Any) -> None:
     """Endings that no worker sees (a cancel, a cancelled batch's lines) count by status."""
     _, client = await real_stack()

@@ -79,6 +79,43 @@ def test_a_repeated_api_key_is_refused_without_echoing_it() -> None:
     assert "entry 3" in message and "sk-first" not in message and "sk-again" not in message
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "where"),
+    [
+        ("MOONQ_API_KEYS", "sk-fine=alpha,sk-clé=beta", "entry 2's key holds a non-ASCII"),
+        ("MOONQ_API_KEYS", "sk-two words=alpha", "entry 1's key holds whitespace"),
+        ("MOONQ_ADMIN_KEYS", "sk-admin,sk-\x7fadmin", "entry 2 holds a control character"),
+        ("MOONQ_ADMIN_KEYS", "sk-\u200badmin", "entry 1 holds a non-ASCII"),
+        ("MOONQ_METRICS_KEY", "sk-métrics", "the key holds a non-ASCII"),
+        ("MOONQ_METRICS_KEY", "sk-\tmetrics", "the key holds whitespace"),
+    ],
+)
+def test_a_key_no_header_can_carry_is_refused_at_start_without_echoing_it(
+    name: str, value: str, where: str
+) -> None:
+    """HTTP headers carry printable ASCII: such a key would be taken and never match."""
+    with pytest.raises(ValidationError) as caught:
+        settings(**{name: value})
+    [error] = caught.value.errors(include_input=False, include_url=False)
+    assert error["loc"] == (name,) and where in error["msg"]
+    assert "Authorization header" in error["msg"]
+    assert "sk-" not in str(caught.value)  # nor in a traceback's text
+
+
+def test_keys_of_any_printable_ascii_are_taken() -> None:
+    taken = settings(
+        MOONQ_API_KEYS="sk-A1!#$%&'()*+-./:;<>?@[]^_`{|}~=alpha", MOONQ_ADMIN_KEYS="a~b"
+    )
+    assert taken.tenants_by_key() == {"sk-A1!#$%&'()*+-./:;<>?@[]^_`{|}~": "alpha"}
+    assert taken.admin_key_list() == ["a~b"]
+
+
+def test_a_metrics_key_of_whitespace_alone_is_refused() -> None:
+    """It could never match (the token is stripped); empty stays the documented open."""
+    name, message = refusal(MOONQ_METRICS_KEY="  ")
+    assert name == "MOONQ_METRICS_KEY" and "only whitespace" in message
+
+
 def test_distinct_api_keys_map_to_their_tenants() -> None:
     keys = settings(MOONQ_API_KEYS="k1=alpha,k2=alpha").tenants_by_key()
     assert keys == {"k1": "alpha", "k2": "alpha"}
