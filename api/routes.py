@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -90,7 +90,19 @@ async def cancel_job(job_id: str, request: Request, tenant: Tenant) -> Job:
     return job
 
 
+def _once(request: Request, names: Iterable[str]) -> None:
+    """A parameter given twice (`?wait=1&wait=60`) would be read as its last value alone,
+    silently: a 400 naming it instead, as for an unknown one."""
+    for name in names:
+        count = len(request.query_params.getlist(name))
+        if count > 1:
+            raise APIError(
+                400, f"Query parameter {name!r} is given {count} times; give it once.", param=name
+            )
+
+
 def _known_params(request: Request) -> None:
+    _once(request, sorted(_LIST_PARAMS))
     unknown = sorted(set(request.query_params) - _LIST_PARAMS)
     if unknown:
         names = ", ".join(shown(name) for name in unknown)
@@ -132,7 +144,7 @@ async def list_jobs(
     "/v1/jobs/{job_id}",
     response_model=Job,
     tags=["jobs"],
-    responses={**answer(doc.JOB_COMPLETED), **errors(401, 404, 422, 503)},
+    responses={**answer(doc.JOB_COMPLETED), **errors(400, 401, 404, 422, 503)},
 )
 async def get_job(
     job_id: str,
@@ -148,6 +160,7 @@ async def get_job(
     ] = 0,
 ) -> Job:
     """The job; with `wait`, answers as soon as it ends or after `wait` seconds (capped)."""
+    _once(request, ["wait"])
     job = await _own_job(request, job_id, tenant)
     timeout = min(wait, services(request).settings.max_wait)
     if not job.status.terminal and timeout > 0:

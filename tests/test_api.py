@@ -162,6 +162,22 @@ async def test_bad_wait_is_422(stack_factory: Any, wait: str) -> None:
     assert response.status_code == 422 and response.json()["error"]["param"] == "wait"
 
 
+async def test_a_repeated_wait_is_400_naming_it(stack_factory: Any) -> None:
+    """`?wait=1&wait=60` used to wait 60 s, the last value, without a word."""
+    _, client = await stack_factory()
+    job = (await client.post("/v1/jobs", json=chat())).json()
+    response = await client.get(f"/v1/jobs/{job['id']}?wait=1&wait=60")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error == {
+        "message": "Query parameter 'wait' is given 2 times; give it once.",
+        "type": "invalid_request_error",
+        "param": "wait",
+        "code": None,
+    }
+    assert (await client.get(f"/v1/jobs/{job['id']}?wait=0")).status_code == 200
+
+
 async def test_auth_required_when_keys_are_set(stack_factory: Any) -> None:
     _, client = await stack_factory(MOONQ_API_KEYS="key-a=alpha,key-b=beta")
     for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "key-a"}):
@@ -263,6 +279,16 @@ async def test_list_unknown_parameters_are_400_naming_them(stack_factory: Any) -
     assert error["param"] == "staus"
     assert "'staus'" in error["message"] and "'zz'" in error["message"]
     assert "limit" not in error["message"].split(";")[0]  # a known one is not blamed
+
+
+async def test_list_repeated_parameters_are_400_naming_them(stack_factory: Any) -> None:
+    """`?status=queued&status=failed` would list the failed jobs alone, as if it filtered both."""
+    _, client = await stack_factory()
+    await client.post("/v1/jobs", json=chat())
+    response = await client.get("/v1/jobs?status=queued&status=failed")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "status" and "'status' is given 2 times" in error["message"]
 
 
 async def test_redis_down_is_503_json(fake: Any, prefix: str) -> None:
