@@ -77,6 +77,11 @@ EXIT_CODES = """exit codes:
 Command = Callable[[argparse.Namespace, Client], Exit]
 
 
+class UsageError(Exception):
+    """Bad input found only once the command runs (a prompt read from stdin): exit 2, as
+    argparse's own usage errors."""
+
+
 def version() -> str:
     try:
         return metadata.version("moonq")
@@ -125,6 +130,8 @@ def follow(client: Client, job_id: str, as_json: bool) -> Exit:
 
 def _chat(args: argparse.Namespace) -> dict[str, Any]:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():  # an empty message costs a request and answers nothing asked
+        raise UsageError("the prompt read from stdin is empty: nothing to ask")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     body: dict[str, Any] = {
         "model": args.model,
@@ -203,6 +210,12 @@ def _positive(value: str) -> int:
     return int(value)
 
 
+def _prompt(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty: give the message to send, or '-' for stdin")
+    return value
+
+
 def _day(value: str) -> str:
     try:
         return dt.date.fromisoformat(value).isoformat() if len(value) == 10 else _not_a_day(value)
@@ -240,7 +253,9 @@ def _add_submit(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Queue one chat completion and print its job id.",
         json_help="print the job object; with --watch, the job and then each event as JSON lines",
     )
-    submit.add_argument("prompt", help="the user message ('-' reads it from stdin)")
+    submit.add_argument(
+        "prompt", type=_prompt, help="the user message, not empty ('-' reads it from stdin)"
+    )
     submit.add_argument("--model", default=DEFAULT_MODEL, help="the model (default: %(default)s)")
     submit.add_argument("--system", help="a system message before it (default: none)")
     submit.add_argument("--max-tokens", type=_positive, help="answer length cap (default: none)")
@@ -344,6 +359,9 @@ def execute(args: argparse.Namespace, transport: httpx.BaseTransport | None = No
     except MoonqError as exc:
         print(f"moonq: {explain(exc, _missing(args))}", file=sys.stderr)
         return int(exit_code(exc))
+    except UsageError as exc:
+        print(f"moonq: {exc}", file=sys.stderr)
+        return int(Exit.USAGE)
     except KeyboardInterrupt:
         print("moonq: interrupted (a job keeps running on the server)", file=sys.stderr)
         return int(Exit.INTERRUPTED)

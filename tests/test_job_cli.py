@@ -300,6 +300,29 @@ def test_submit_sends_the_prompt_from_stdin_with_its_options(
     assert sent == [{"body": body, "custom_id": "x"}]
 
 
+@pytest.mark.parametrize("prompt", ["", " \n"])
+def test_an_empty_prompt_is_a_usage_error_and_nothing_is_sent(
+    prompt: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to queue a job with an empty user message, paid for and answering nothing."""
+    sent: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(500)
+
+    transport = httpx.MockTransport(handle)
+    with pytest.raises(SystemExit) as exited:
+        job_cli.main(["submit", prompt], transport=transport)
+    assert exited.value.code == Exit.USAGE
+    assert "argument prompt: is empty" in capsys.readouterr().err
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(prompt))
+    assert job_cli.main(["submit", "-"], transport=transport) == Exit.USAGE
+    assert capsys.readouterr().err == "moonq: the prompt read from stdin is empty: nothing to ask\n"
+    assert sent == []
+
+
 # Listing and usage
 
 
