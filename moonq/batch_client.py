@@ -31,7 +31,15 @@ from moonq.client_errors import (
 )
 from moonq.client_errors import StreamDropped as ApiStreamDropped
 
-__all__ = ["DEFAULT_URL", "CliError", "Client", "ExitCode", "StreamDropped", "Unextractable"]
+__all__ = [
+    "DEFAULT_URL",
+    "CliError",
+    "Client",
+    "EmptyDocument",
+    "ExitCode",
+    "StreamDropped",
+    "Unextractable",
+]
 
 JSON = dict[str, Any]
 # No tokenizer on this server (or none upstream): the caller estimates locally instead.
@@ -68,8 +76,19 @@ class CliError(Exception):
 class Unextractable(CliError):
     """The server could not extract one document's text; the others go on."""
 
+    error_code = "file_extract_failed"  # on its `failed` line of the results file
+    label = "cannot extract"  # in the dry run's table
+
     def __init__(self, message: str) -> None:
         super().__init__(message, ExitCode.INVALID)
+
+
+class EmptyDocument(Unextractable):
+    """A document with no text: asking about nothing would pay for an answer to a prompt
+    alone, so it is not sent, and is a `failed` line the user sees."""
+
+    error_code = "empty_document"
+    label = "not sent"
 
 
 class StreamDropped(Exception):

@@ -37,8 +37,8 @@ class Estimator:
 @dataclass(frozen=True)
 class Row:
     document: Document
-    tokens: int | None  # None: already done, or its text cannot be extracted
-    failure: str | None = None  # why the server cannot extract it: a run records it as failed
+    tokens: int | None  # None: already done, or it has no text to send
+    failure: Unextractable | None = None  # why it has none: a run records it as failed
 
 
 def fits(tokens: int, request: Request) -> Text:
@@ -80,7 +80,7 @@ def estimate_rows(
         try:
             text = text_of(client, document)
         except Unextractable as exc:
-            rows.append(Row(document, None, str(exc)))
+            rows.append(Row(document, None, exc))
             continue
         rows.append(Row(document, estimate(request, text)))
     return rows, estimate.local
@@ -94,7 +94,7 @@ def table(rows: list[Row], request: Request, local: bool) -> Table:
     out.add_column("fits the context window")
     for row in rows:
         if row.failure is not None:
-            failure = Text.assemble(("cannot extract", "bold red"), f": {row.failure}")
+            failure = Text.assemble((row.failure.label, "bold red"), f": {row.failure}")
             out.add_row(row.document.name, "-", failure)
         elif row.tokens is None:
             out.add_row(row.document.name, "-", "done already: skipped")

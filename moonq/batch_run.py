@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from moonq.batch_client import Client, CliError, ExitCode, Unextractable
+from moonq.batch_client import Client, CliError, EmptyDocument, ExitCode, Unextractable
 from moonq.batch_results import TERMINAL, Results, State, record, state_path
 from moonq.batch_watch import Tracker, View, watch
 from moonq.documents import Document, Request, batch_line, load, named_files
@@ -45,10 +45,17 @@ def collect(paths: Sequence[Path], out: Path) -> list[Document]:
 
 
 def text_of(client: Client, document: Document) -> str:
-    """Its text: read here, or extracted by the server (PDF, DOCX, ...)."""
-    if document.text is not None:
-        return document.text
-    return client.extract(document.path.name, document.path.read_bytes())
+    """Its text: read here, or extracted by the server (PDF, DOCX, ...). `EmptyDocument`
+    for none (an empty file, or a scan without a text layer)."""
+    text = document.text
+    if text is None:
+        content = document.path.read_bytes()
+        text = client.extract(document.path.name, content) if content else ""
+    if not text.strip():
+        raise EmptyDocument(
+            "no text in it (an empty file, or a scan without a text layer): nothing to ask about"
+        )
+    return text
 
 
 def validation_details(batch: JSON) -> list[str]:
@@ -120,7 +127,7 @@ def batch_lines(
         try:
             text = text_of(client, document)
         except Unextractable as exc:
-            error = {"code": "file_extract_failed", "message": str(exc)}
+            error = {"code": exc.error_code, "message": str(exc)}
             results.append(record(document.custom_id, document.name, "failed", None, error=error))
             continue
         lines[document.custom_id] = batch_line(document.custom_id, request, text)

@@ -372,6 +372,37 @@ def test_a_document_the_server_cannot_extract_fails_alone(
     ]
 
 
+def test_a_document_without_text_is_not_sent_and_fails_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty file (or blank, or a PDF of zero bytes) is a question about nothing: paid for,
+    answered from the prompt alone. It is a `failed` line, and the others go on."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "empty.txt").write_text("")
+    (folder / "blank.md").write_text(" \n\n")
+    (folder / "empty.pdf").write_bytes(b"")
+    (folder / "note.txt").write_text("a note")
+    fake, out = FakeMoonq(), tmp_path / "answers.jsonl"
+
+    assert run(fake, folder, out, "--dry-run") == ExitCode.OK
+    shown = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line for line in shown.splitlines() if "│" in line}
+    for name in ("empty.txt", "blank.md", "empty.pdf"):
+        assert "not sent: no text in it" in rows[name]
+    assert "total (1 to send)" in shown
+
+    assert run(fake, folder, out) == ExitCode.SOME_FAILED
+    by_path = {r["path"]: r for r in results(out)}
+    assert by_path["note.txt"]["status"] == "completed"
+    for name in ("empty.txt", "blank.md", "empty.pdf"):
+        assert by_path[name]["status"] == "failed"
+        assert by_path[name]["error"]["code"] == "empty_document"
+    assert [line.custom_id.split("#")[0] for line in fake.lines["batch_1"]] == ["note.txt"]
+    assert fake.calls("POST", "/v1/files") == 1  # the batch file alone: no empty upload
+    assert "1 of 4 documents completed" in capsys.readouterr().out
+
+
 def test_other_formats_are_extracted_by_the_server_and_the_upload_deleted(
     tmp_path: Path,
 ) -> None:
