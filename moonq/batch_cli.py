@@ -22,7 +22,7 @@ from rich.console import Console
 
 from moonq.batch_client import DEFAULT_URL, Client, CliError, ExitCode
 from moonq.batch_dryrun import dry_run
-from moonq.batch_results import Results
+from moonq.batch_results import TERMINAL, Results
 from moonq.batch_run import RunOptions, collect, refused, run, validation_details
 from moonq.client_errors import one_line, printable
 from moonq.documents import Request
@@ -115,12 +115,18 @@ def _status(args: argparse.Namespace, client: Client, console: Console) -> ExitC
     return ExitCode.OK
 
 
+def _missing_file(batch: JSON, errors: bool) -> str:
+    """Why there is no such file: an ended batch without errors has no error file at all."""
+    if errors and batch.get("status") in TERMINAL and batch.get("status") != "failed":
+        return "error file: none of its lines failed, was cancelled or expired"
+    return f"{'error' if errors else 'output'} file (yet)"
+
+
 def _results(args: argparse.Namespace, client: Client, console: Console) -> ExitCode:
     batch = client.batch(args.id)
     file_id = batch.get("error_file_id" if args.errors else "output_file_id")
     if not file_id:
-        which = "error" if args.errors else "output"
-        print(f"moonq: batch {args.id} has no {which} file (yet)", file=sys.stderr)
+        print(f"moonq: batch {args.id} has no {_missing_file(batch, args.errors)}", file=sys.stderr)
         return ExitCode.OK
     sys.stdout.flush()
     with client.file_stream(file_id) as chunks:

@@ -118,7 +118,15 @@ def to_batch(fields: dict[str, str]) -> Batch:
             data[name] = json.loads(fields[name])
     if data["status"] != "failed":
         data["output_file_id"] = output_file_id(fields["id"], "output")
+    if data["status"] != "failed" and not _ended_without_errors(data["status"], counts):
         data["error_file_id"] = output_file_id(fields["id"], "errors")
     data["request_counts"] = counts
     data["usage"] = {name: int(fields.get(name, "0")) for name in USAGE}
     return Batch.model_validate(data)
+
+
+def _ended_without_errors(status: str, counts: dict[str, int]) -> bool:
+    """An ended batch none of whose lines failed, was cancelled or expired has no error file:
+    OpenAI's `error_file_id` is then null. A running batch keeps the id, to read as it grows."""
+    ended = status in ("completed", "cancelled", "expired")
+    return ended and not (counts["failed"] or counts["cancelled"] or counts["expired"])

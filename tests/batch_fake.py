@@ -136,11 +136,15 @@ class FakeMoonq:
         lines = self.lines[batch_id]
         counts = {s: sum(line.status == s for line in lines) for s in TERMINAL}
         usage = sum(20 for line in lines if line.status == "completed")
-        return {
+        shown = {
             **self.batches[batch_id],
             "request_counts": {"total": len(lines), **counts},
             "usage": {"prompt_tokens": usage // 2, "completion_tokens": usage // 2},
         }
+        errors = counts["failed"] + counts["cancelled"] + counts["expired"]
+        if shown["status"] in TERMINAL and not errors:  # as the server: no error file then
+            shown["error_file_id"] = None
+        return shown
 
     def get(self, request: httpx.Request, batch_id: str) -> httpx.Response:
         if batch_id not in self.batches:

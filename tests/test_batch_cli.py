@@ -500,6 +500,22 @@ def test_submit_status_results_and_cancel(
     assert [json.loads(line)["custom_id"] for line in saved.read_text().splitlines()] == ["r2"]
 
 
+def test_results_errors_of_a_batch_that_ended_without_one_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = FakeMoonq()
+    upload = tmp_path / "in.jsonl"
+    upload.write_text(batch_line("r0", Request("kimi-k2.5", "hi"), "doc") + "\n")
+    assert batch(fake, "submit", upload) == ExitCode.OK
+    fake.finish("batch_1", 1)
+    capsys.readouterr()
+    assert batch(fake, "results", "batch_1", "--errors") == ExitCode.OK
+    out, err = capsys.readouterr()
+    assert out == ""
+    expected = "has no error file: none of its lines failed, was cancelled or expired"
+    assert err == f"moonq: batch batch_1 {expected}\n"
+
+
 def test_a_refused_batch_file_prints_its_bad_lines(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -92,6 +92,22 @@ async def test_a_batch_runs_every_line_as_a_job(real_stack: Any, fake: FakeServe
     assert sorted(job["custom_id"] for job in jobs) == ["a", "b", "c"]
 
 
+async def test_a_batch_that_ended_without_errors_has_no_error_file(real_stack: Any) -> None:
+    """OpenAI's `error_file_id` is null when no line failed. While the batch runs the id is
+    given, to read the file as it grows; read after the end, it is empty."""
+    stack, client = await real_stack()
+    batch = await create(client, [line("a"), line("b")])
+    errors_id = f"file-{batch['id']}-errors"
+    assert batch["error_file_id"] == errors_id
+    await stack.run_worker()
+    done = (await client.get(f"/v1/batches/{batch['id']}")).json()
+    assert done["status"] == "completed" and done["request_counts"]["completed"] == 2
+    assert done["error_file_id"] is None and done["output_file_id"]
+    assert (await client.get("/v1/batches")).json()["data"][0]["error_file_id"] is None
+    assert await content(client, errors_id) == []
+    assert len(await content(client, done["output_file_id"])) == 2
+
+
 async def test_the_openai_sdk_runs_a_batch_end_to_end(real_stack: Any) -> None:
     """The official `openai` package's whole batch flow, checked against OpenAI's formats."""
     import openai
