@@ -123,10 +123,11 @@ for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - 3000)) 
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 3000)
 local place = redis.call('ZSCORE', KEYS[3], lease)
-if not place and ARGV[9] ~= '' then  -- a tenant's request joins the line: its fair place
+local tenant = ARGV[9] or ''
+if not place and tenant ~= '' then  -- a tenant's request joins the line: its fair place
   local clock = tonumber(redis.call('GET', KEYS[9])) or 0
-  priority = math.max(tonumber(redis.call('HGET', KEYS[8], ARGV[9])) or 0, clock)
-  redis.call('HSET', KEYS[8], ARGV[9], priority + 1)
+  priority = math.max(tonumber(redis.call('HGET', KEYS[8], tenant)) or 0, clock)
+  redis.call('HSET', KEYS[8], tenant, priority + 1)
 end
 if not place then redis.call('ZADD', KEYS[3], priority, lease) end
 redis.call('ZADD', KEYS[4], now, lease)
@@ -165,7 +166,7 @@ if tpm > 0 then
     return math.max(1, tonumber(oldest[#oldest]) + 60000 - now)
   end
 end
-if ARGV[9] ~= '' then
+if tenant ~= '' then
   local place = tonumber(redis.call('ZSCORE', KEYS[3], lease))
   if place > (tonumber(redis.call('GET', KEYS[9])) or 0) then
     redis.call('SET', KEYS[9], string.format('%.0f', place), 'PX', 60000)

@@ -35,7 +35,8 @@ end
 # The scores of arq's queue fall in three bands:
 # - below FAIR_TOP: interactive jobs, in fair order across tenants. Each job's score is its
 #   virtual start: its tenant's next one, or the virtual start of the latest interactive job
-#   a worker took, whichever is later (start-time fair queuing, one unit a job). A tenant's
+#   a worker took, whichever is later (start-time fair queuing, one unit a job), from 1 (arq's
+#   own runner passes over a job scored 0). A tenant's
 #   jobs run in the order it queued them, and a job of a tenant that queues one now goes
 #   right after the jobs already taken, however many another tenant has queued: tenants'
 #   jobs alternate. Always due (a virtual time is far below any time in ms).
@@ -57,8 +58,8 @@ FAIR_TOP = 10**12
 # Cannot fail after its first write: every argument is built by moonq, every key is of the
 # type it expects (moonq's own names), and the virtual times are read first.
 CREATE = """
-local clock = tonumber(redis.call('GET', KEYS[10])) or 0
-local start = math.max(tonumber(redis.call('HGET', KEYS[9], ARGV[8])) or 0, clock)
+local clock = tonumber(redis.call('GET', KEYS[10])) or 1
+local start = math.max(tonumber(redis.call('HGET', KEYS[9], ARGV[8])) or 1, clock)
 start = string.format('%.0f', math.min(start, $FAIR_TOP - 1))
 if ARGV[5] ~= '0' then
   local first = redis.call('GET', KEYS[5])
