@@ -82,6 +82,7 @@ class FileStore:
         self.redis, self.keys, self.max_bytes, self.clock = redis, keys, max_bytes, clock
         self.ttl = ttl  # seconds a file is kept; 0 keeps it until deleted, as OpenAI does
         self.quota = quota
+        self.sweep = file_quota.SWEEP  # index entries each upload looks at for expired files
         self._check = redis.register_script(file_quota.CHECK)
         self._publish_script = redis.register_script(file_quota.PUBLISH)
 
@@ -157,10 +158,15 @@ class FileStore:
             raise refused
 
     def _quota_keys(self, tenant: str) -> list[str]:
-        return [self.keys.tenant_files(tenant), self.keys.tenant_file_sizes(tenant)]
+        return [
+            self.keys.tenant_files(tenant),
+            self.keys.tenant_file_sizes(tenant),
+            self.keys.tenant_file_sweep(tenant),
+        ]
 
     def _quota_args(self, now: float, size: int) -> list[str | int]:
-        return [repr(now), self.ttl, size, self.quota.max_files, self.quota.max_bytes]
+        limits = [self.quota.max_files, self.quota.max_bytes]
+        return [repr(now), self.ttl, size, *limits, self.keys.file_base(), self.sweep]
 
     async def get(self, tenant: str, file_id: str) -> FileObject | None:
         """The tenant's file; another tenant's is None, exactly like a missing one."""

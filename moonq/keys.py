@@ -48,9 +48,13 @@ class Keys:
         """String: the job created for a tenant's Idempotency-Key (hashed), kept 24 h."""
         return f"{self.prefix}:idem:{tenant}:{digest}"
 
+    def file_base(self) -> str:
+        """What file_quota's scripts build a file's record name from (+ file id)."""
+        return f"{self.prefix}:file:"
+
     def file(self, file_id: str) -> str:
         """Hash: an uploaded file's record (its tenant and its OpenAI file object)."""
-        return f"{self.prefix}:file:{file_id}"
+        return f"{self.file_base()}{file_id}"
 
     def file_data(self, file_id: str) -> str:
         """String: an uploaded file's bytes, APPENDed in pieces as the upload streams in."""
@@ -63,6 +67,11 @@ class Keys:
     def tenant_file_sizes(self, tenant: str) -> str:
         """Hash: a tenant's file ids -> their bytes (its quota: MOONQ_TENANT_MAX_FILE*)."""
         return f"{self.prefix}:tenant:{tenant}:file-sizes"
+
+    def tenant_file_sweep(self, tenant: str) -> str:
+        """String: the rank in a tenant's file index where the next look for expired files
+        starts (moonq/file_quota.py); kept a day."""
+        return f"{self.prefix}:tenant:{tenant}:file-sweep"
 
     def extract_owner(self, upstream_id: str) -> str:
         """String: the tenant that uploaded an upstream `file-extract` file (proxied)."""

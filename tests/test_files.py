@@ -3,6 +3,7 @@ apart, limits, listing pages, `FileStore.lines`, and the official OpenAI SDK aga
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import tracemalloc
@@ -12,12 +13,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis.exceptions
 from arq.connections import ArqRedis
 
 from moonq import files as files_module
 from moonq.file_lines import LongLine
 from moonq.file_quota import OverQuota, Quota
-from moonq.files import FileStore, FileTooLarge
+from moonq.files import FileObject, FileStore, FileTooLarge
 from moonq.keys import Keys
 
 MiB = 1024 * 1024
@@ -225,6 +227,97 @@ async def test_with_a_ttl_files_expire(real_redis: ArqRedis, prefix: str) -> Non
     assert await real_redis.hlen(keys.tenant_file_sizes("t")) == 0  # and so did the quota
 
 
+async def _expire(redis: ArqRedis, keys: Keys, *files: FileObject) -> None:
+    """As Redis expires a file: its record and bytes go, the index and quota stay."""
+    await redis.delete(*[key for f in files for key in (keys.file(f.id), keys.file_data(f.id))])
+
+
+async def test_switching_a_ttl_on_keeps_the_files_uploaded_before(
+    real_redis: ArqRedis, prefix: str
+) -> None:
+    """Files uploaded without MOONQ_FILE_TTL are kept forever: a TTL switched on later (and
+    shorter than their age) must leave them listed, counted and indexed."""
+    keys, now = Keys(prefix), [1000.0]
+    kept = FileStore(real_redis, keys, max_bytes=100, clock=lambda: now[0], quota=Quota(3, 100))
+    old = []
+    for i in range(2):
+        now[0] += 1
+        old.append(await kept.create("t", "batch", f"old{i}", _one(b"x" * 10)))
+    now[0] += 3600
+    expiring = FileStore(
+        real_redis, keys, max_bytes=100, clock=lambda: now[0], ttl=60, quota=Quota(3, 100)
+    )
+    new = await expiring.create("t", "batch", "new", _one(b"y" * 10))
+    assert [f.id for f in (await expiring.page("t"))[0]] == [new.id, old[1].id, old[0].id]
+    with pytest.raises(OverQuota) as refused:  # the old files still count
+        await expiring.create("t", "batch", "one-more", _one(b"z"))
+    assert refused.value.setting == "MOONQ_TENANT_MAX_FILES"
+    assert await real_redis.ttl(keys.file(old[0].id)) == -1
+    for key in (keys.tenant_files("t"), keys.tenant_file_sizes("t")):
+        assert await real_redis.ttl(key) == -1  # they outlive the new file: they list the old
+    for f in old:
+        assert await expiring.delete("t", f.id)
+    await expiring.check_room("t", 1)  # no file without a TTL is left:
+    for key in (keys.tenant_files("t"), keys.tenant_file_sizes("t")):
+        assert 0 < await real_redis.ttl(key) <= 60  # the index goes with the last file
+
+
+async def test_changing_the_ttl_orphans_and_double_counts_nothing(
+    real_redis: ArqRedis, prefix: str
+) -> None:
+    """The TTL shortened, switched off, lengthened: each file lives as long as it was given,
+    and is listed and counted exactly as long as it lives."""
+    keys = Keys(prefix)
+
+    def store(ttl: int) -> FileStore:
+        return FileStore(real_redis, keys, max_bytes=100, ttl=ttl, quota=Quota(4, 100))
+
+    long_lived = await store(3600).create("t", "batch", "a", _one(b"a"))
+    await store(1).create("t", "batch", "b", _one(b"b"))  # shortened
+    forever = await store(0).create("t", "batch", "c", _one(b"c"))  # switched off
+    await store(1).create("t", "batch", "d", _one(b"d"))  # switched on again
+    await asyncio.sleep(1.5)
+    assert await store(1).check_room("t", 98) is None  # the two that expired count no more
+    assert [f.id for f in (await store(0).page("t"))[0]] == [forever.id, long_lived.id]
+    for n in range(2):
+        await store(3600).create("t", "batch", f"new{n}", _one(b"n"))  # lengthened
+    with pytest.raises(OverQuota):  # a, c and the two new ones: each counted once
+        await store(3600).check_room("t", 1)
+    assert await real_redis.hlen(keys.tenant_file_sizes("t")) == 4
+    assert len((await store(0).page("t"))[0]) == 4
+
+
+async def test_each_upload_looks_at_a_bounded_slice_of_the_index(
+    real_redis: ArqRedis, prefix: str
+) -> None:
+    """Forgetting expired files costs each upload `sweep` lookups at most; successive uploads
+    go on where the last one stopped, so every expired file is forgotten in time."""
+    keys = Keys(prefix)
+    store = FileStore(real_redis, keys, max_bytes=100, quota=Quota(10, 100))
+    store.sweep = 2
+    made = [await store.create("t", "batch", str(i), _one(b"x")) for i in range(5)]
+    await _expire(real_redis, keys, made[0], made[4])
+    await real_redis.delete(keys.tenant_file_sweep("t"))  # the uploads' looks start over
+    counted = []
+    for _ in range(3):
+        await store.check_room("t", 1)
+        counted.append(await real_redis.hlen(keys.tenant_file_sizes("t")))
+    assert counted == [4, 4, 3]  # ranks 0-1 (one gone), 1-2, then 3: the last one gone
+
+
+async def test_a_corrupt_size_stops_the_quota_before_any_write(
+    real_redis: ArqRedis, prefix: str
+) -> None:
+    keys = Keys(prefix)
+    store = FileStore(real_redis, keys, max_bytes=100)
+    made = [await store.create("t", "batch", str(i), _one(b"x")) for i in range(2)]
+    await _expire(real_redis, keys, made[0])
+    await real_redis.hset(keys.tenant_file_sizes("t"), made[1].id, "many")
+    with pytest.raises(redis.exceptions.ResponseError, match="is not a number"):
+        await store.check_room("t", 1)
+    assert await real_redis.zcard(keys.tenant_files("t")) == 2  # nothing was forgotten
+
+
 async def test_a_tenant_at_its_file_limit_gets_a_409(real_stack: Any, prefix: str) -> None:
     stack, client = await real_stack(
         MOONQ_API_KEYS="ka=team-a,kb=team-b",
@@ -261,7 +354,7 @@ async def test_the_quota_holds_when_the_bytes_are_published(
     assert refused.value.setting == "MOONQ_TENANT_MAX_FILES"
     assert {f.id for f in (await store.page("t"))[0]} == {first.id, second.id}
     assert len(await real_redis.keys(f"{prefix}:file:*")) == 4  # the refused bytes are gone
-    now[0] += 60  # the files' TTL is over: they no longer count
+    await _expire(real_redis, Keys(prefix), first, second)  # gone: they no longer count
     await store.create("t", "batch", "c", _one(b"z" * 10))
     with pytest.raises(OverQuota) as refused:
         await store.check_room("t", 1)
