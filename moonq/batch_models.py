@@ -32,8 +32,44 @@ class RequestCounts(BaseModel):
     expired: int = 0
 
 
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class BatchUsage(BaseModel):
+    """Token totals of a batch's completed lines, in OpenAI's names (the SDK's `BatchUsage`)
+    and in the chat completion's names moonq gave first, kept for the clients that read them.
+    Reasoning tokens are not counted apart (they are in `output_tokens`): always 0."""
+
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def batch_usage(fields: dict[str, str]) -> BatchUsage:
+    """The record's totals (FINISH adds each completed line's) as OpenAI's usage."""
+    prompt, completion, total, cached = (int(fields.get(n, "0")) for n in (*USAGE, "cached_tokens"))
+    return BatchUsage(
+        input_tokens=prompt,
+        input_tokens_details=InputTokensDetails(cached_tokens=cached),
+        output_tokens=completion,
+        output_tokens_details=OutputTokensDetails(),
+        total_tokens=total,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+    )
+
+
 class Batch(BaseModel):
-    """OpenAI's batch object, with moonq's `usage` (token totals of its completed lines)."""
+    """OpenAI's batch object; its `usage` sums its completed lines'."""
 
     id: str
     object: Literal["batch"] = "batch"
@@ -55,7 +91,7 @@ class Batch(BaseModel):
     cancelled_at: int | None = None
     request_counts: RequestCounts
     metadata: dict[str, str] | None = None
-    usage: dict[str, int]
+    usage: BatchUsage
 
 
 class BatchList(BaseModel):
@@ -121,7 +157,7 @@ def to_batch(fields: dict[str, str]) -> Batch:
     if data["status"] != "failed" and not _ended_without_errors(data["status"], counts):
         data["error_file_id"] = output_file_id(fields["id"], "errors")
     data["request_counts"] = counts
-    data["usage"] = {name: int(fields.get(name, "0")) for name in USAGE}
+    data["usage"] = batch_usage(fields)
     return Batch.model_validate(data)
 
 

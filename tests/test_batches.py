@@ -160,6 +160,43 @@ async def test_the_openai_sdk_runs_a_batch_end_to_end(real_stack: Any) -> None:
     await sdk.close()
 
 
+async def test_the_sdk_reads_the_batch_usage_in_openais_names(real_stack: Any) -> None:
+    """openai-python's `BatchUsage`: input/output tokens with their details (cached tokens
+    Moonshot's way and OpenAI's), beside the chat completion's names moonq gave first."""
+    import openai
+
+    stack, client = await real_stack()
+    sdk = openai.AsyncOpenAI(api_key="unused", base_url="http://moonq/v1", http_client=client)
+    moonshot = {"prompt_tokens": 100, "completion_tokens": 7, "total_tokens": 107}
+    rows = [
+        line("moonshot", fake_moonshot={"usage": {**moonshot, "cached_tokens": 40}}),
+        line(
+            "openai",
+            fake_moonshot={
+                "usage": {
+                    "prompt_tokens": 50,
+                    "completion_tokens": 3,
+                    "total_tokens": 53,
+                    "prompt_tokens_details": {"cached_tokens": 10},
+                }
+            },
+        ),
+        line("fails", fake_moonshot={"error": "content_filter"}),
+    ]
+    created = await create(client, rows)
+    await stack.run_worker()
+    usage = (await sdk.batches.retrieve(created["id"])).usage
+    assert usage is not None
+    assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (150, 10, 160)
+    assert usage.input_tokens_details.cached_tokens == 50
+    assert usage.output_tokens_details.reasoning_tokens == 0
+    listed = (await sdk.batches.list()).data[0].usage
+    assert listed == usage
+    assert usage.model_extra == {"prompt_tokens": 150, "completion_tokens": 10}  # kept
+    fresh = (await create(client, [line("x")]))["usage"]
+    assert fresh["input_tokens_details"] == {"cached_tokens": 0} and fresh["input_tokens"] == 0
+
+
 async def test_validation_names_every_bad_line_and_enqueues_nothing(real_stack: Any) -> None:
     stack, client = await real_stack(MOONQ_MAX_BODY_BYTES=2048, MOONQ_UPSTREAM_TPM=100_000)
     no_model = line("m")
