@@ -4,23 +4,30 @@ the refusals at the door (a request that could never run, a spent budget), then 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fastapi import Request
 
 from api.budgets import hold_job, release
 from api.errors import APIError
 from api.services import services
-from moonq.limits import estimate_tokens
+from moonq.limits import estimate_tokens, local_prompt_tokens
 from moonq.models import Job, JobCreate
 from moonq.store import IdempotencyConflict
 
 
 async def admit(
-    request: Request, tenant: str, payload: JobCreate, idempotency_key: str | None
+    request: Request,
+    tenant: str,
+    payload: JobCreate,
+    idempotency_key: str | None,
+    *,
+    drop_in: bool = False,
 ) -> tuple[Job, bool]:
     """Create the job (ahead of batch lines); returns it and whether it is an earlier job
-    replayed for the same `idempotency_key`."""
-    check_tokens(request, payload)
+    replayed for the same `idempotency_key`. `drop_in`: the client sent the chat request
+    itself (`POST /v1/chat/completions`), so a refusal names its fields, not `body`."""
+    check_tokens(request, payload, drop_in=drop_in)
     store = services(request).store
     replay = idempotency_key is not None and await store.replayed_job(tenant, idempotency_key)
     # A replay is no new work: it is answered whatever the budgets say now.
@@ -52,10 +59,11 @@ async def is_replay(request: Request, tenant: str, idempotency_key: str | None) 
     return await services(request).store.replayed_job(tenant, idempotency_key) is not None
 
 
-def check_tokens(request: Request, payload: JobCreate) -> None:
+def check_tokens(request: Request, payload: JobCreate, *, drop_in: bool = False) -> None:
     """A request larger than the account's whole TPM budget could never be given a permit."""
     tpm = services(request).settings.upstream_tpm
-    tokens = estimate_tokens(payload.body.upstream_body())
+    body = payload.body.upstream_body()
+    tokens = estimate_tokens(body)
     if tpm > 0 and tokens > tpm:
         estimate = str(tokens) if tokens < 10**15 else "more than 10^15"  # a 4000-digit max_tokens
         raise APIError(
@@ -63,5 +71,13 @@ def check_tokens(request: Request, payload: JobCreate) -> None:
             f"This request is estimated at {estimate} tokens (prompt characters / 3 + "
             f"max_tokens), more than MOONQ_UPSTREAM_TPM ({tpm} tokens per minute) allows: "
             "it could never run.",
-            param="body",
+            param=too_large_part(body, tpm) if drop_in else "body",
         )
+
+
+def too_large_part(body: dict[str, Any], tpm: int) -> str:
+    """The field to lower: the prompt when it alone passes the budget (no `max_tokens` could
+    make it fit), else the completion budget the request asked for."""
+    if local_prompt_tokens(body) > tpm:
+        return "messages"
+    return "max_tokens" if body.get("max_tokens") else "max_completion_tokens"

@@ -99,7 +99,7 @@ async def _admit(
     batch lines); returns it and whether it is an earlier job replayed for the key."""
     if not await is_replay(request, tenant, idempotency_key):  # a replay is answered anyway
         await _refuse_while_paused(request)
-    return await admit(request, tenant, payload, idempotency_key)
+    return await admit(request, tenant, payload, idempotency_key, drop_in=True)
 
 
 async def _refuse_while_paused(request: Request) -> None:

@@ -295,6 +295,27 @@ async def test_moonqs_own_refusals_are_the_sdks_error_classes(drop_in: Any) -> N
     ] == []  # nothing refused was queued
 
 
+async def test_a_request_over_the_tpm_budget_names_the_field_to_lower(drop_in: Any) -> None:
+    """An OpenAI request has no `body`: the 400 names the part that passes
+    MOONQ_UPSTREAM_TPM, the prompt when it alone does; `POST /v1/jobs` keeps naming `body`."""
+    d = await drop_in(MOONQ_UPSTREAM_TPM=1000)
+    long = [{"role": "user", "content": "x" * 4000}]  # ~1,334 tokens by the estimate
+    for messages, extra, param in (
+        (USER, {"max_tokens": 2000}, "max_tokens"),
+        (USER, {"max_completion_tokens": 2000}, "max_completion_tokens"),
+        (long, {}, "messages"),
+        (long, {"max_tokens": 10}, "messages"),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await d.sdk.chat.completions.create(model="moonshot-v1-8k", messages=messages, **extra)
+        assert refused.value.param == param, extra
+        assert "MOONQ_UPSTREAM_TPM" in refused.value.message
+    job = {"body": body(max_tokens=2000)}
+    answer = await d.client.post("/v1/jobs", json=job)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "body"
+    assert (await d.client.get("/v1/jobs")).json()["data"] == []  # nothing was queued
+
+
 async def test_bad_bodies_are_400_naming_the_field(drop_in: Any) -> None:
     """OpenAI answers a request it cannot take with a 400 (the SDK's `BadRequestError`);
     `POST /v1/jobs` keeps its 422 for the same body."""
