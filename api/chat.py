@@ -69,6 +69,7 @@ async def chat_completions(
 ) -> Response:
     """A chat completion, queued as a job (its id in `X-Moonq-Job-Id`) and answered as OpenAI
     answers: a `chat.completion`, or with `"stream": true` an SSE stream of chunks."""
+    _refuse_options_without_stream(payload)
     asked = payload.upstream_body()
     job_body = ChatRequest.model_validate({k: v for k, v in asked.items() if k not in _DELIVERY})
     job, replayed = await _admit(request, tenant, JobCreate(body=job_body), idempotency_key)
@@ -80,6 +81,17 @@ async def chat_completions(
         return await _answer(request, job, tenant, asked, headers)
     except Exception as exc:
         return chat_relay.failed_answer(exc, job.id, headers)
+
+
+def _refuse_options_without_stream(payload: ChatCompletionRequest) -> None:
+    """OpenAI refuses `stream_options` on an answer that is not streamed (they would say
+    nothing); so does moonq, rather than quietly dropping what the client asked for."""
+    if payload.stream_options is not None and payload.stream is not True:
+        raise APIError(
+            400,
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+        )
 
 
 async def _answer(

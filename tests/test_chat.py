@@ -316,6 +316,31 @@ async def test_a_request_over_the_tpm_budget_names_the_field_to_lower(drop_in: A
     assert (await d.client.get("/v1/jobs")).json()["data"] == []  # nothing was queued
 
 
+async def test_stream_options_without_stream_is_refused_as_openai_refuses_it(
+    drop_in: Any,
+) -> None:
+    """OpenAI's 400 for `stream_options` on an answer that is not streamed; `POST /v1/jobs`
+    takes it (its upstream request is always streamed: the options go with it)."""
+    d = await drop_in()
+    options = {"include_usage": True}
+    for stream in ({}, {"stream": False}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await d.sdk.chat.completions.create(
+                model="moonshot-v1-8k", messages=USER, stream_options=options, **stream
+            )
+        assert refused.value.param == "stream_options" and refused.value.code is None
+        assert refused.value.type == "invalid_request_error"
+        assert isinstance(refused.value.body, dict)
+        assert refused.value.body["message"] == (
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+        )
+    assert (await d.client.get("/v1/jobs")).json()["data"] == []  # nothing was queued
+    unset = await d.client.post("/v1/chat/completions", json=body(stream_options=None))
+    assert unset.status_code == 200 and unset.json()["object"] == "chat.completion"
+    queued = await d.client.post("/v1/jobs", json={"body": body(stream_options=options)})
+    assert queued.status_code == 202
+
+
 async def test_bad_bodies_are_400_naming_the_field(drop_in: Any) -> None:
     """OpenAI answers a request it cannot take with a 400 (the SDK's `BadRequestError`);
     `POST /v1/jobs` keeps its 422 for the same body."""
