@@ -10,7 +10,7 @@ Interactive jobs go straight into arq's queue and come first at the upstream per
 
 from __future__ import annotations
 
-from moonq.redis_clock import NOW_MS
+from moonq.redis_clock import LINES, NOW_MS
 
 # The most a line can cost (and a finished job can charge) its tenant's virtual time, so that
 # one absurd request (a `max_tokens` of 10^30 with TPM off) cannot push every tenant's virtual
@@ -171,7 +171,8 @@ return 1
 # queue. ARGV: 1 tenant line base (`Keys.sched_base`), 2 batch key base, 3 job key base,
 # 4 arq job key base, 5 how many lines the caller can take, 6 the most lines in flight
 # account-wide (0 = no cap), 7 arq's job payload with `JOBID` for the job id.
-# Hands out up to ARGV[5] lines: each goes into arq's queue (due now, by Redis's clock) and
+# Hands out up to ARGV[5] lines: each goes into arq's queue (scored LINES: one handed back
+# goes after every interactive job, see `redis_clock`) and
 # the in-flight set, and its token estimate is charged to its tenant's virtual time. The
 # tenant with the lowest virtual time goes first; within a tenant, batches in the order they
 # were created. Lines of a batch no longer running (cancelled, expiring) and lines already
@@ -215,7 +216,7 @@ while #out < want and steps < want + 64 do
       local rec = redis.call('HMGET', ARGV[3] .. job, 'status', 'estimate')
       if rec[1] == 'queued' then
         redis.call('SET', ARGV[4] .. job, (string.gsub(ARGV[7], 'JOBID', job)))
-        redis.call('ZADD', KEYS[5], now, job)
+        redis.call('ZADD', KEYS[5], $LINES, job)
         redis.call('ZADD', KEYS[4], now, job)
         local cost = math.min(tonumber(rec[2]) or 1, $MAX_COST)
         if vt > clock then clock = vt end
@@ -228,5 +229,5 @@ while #out < want and steps < want + 64 do
 end
 if #out > 0 then redis.call('SET', KEYS[3], clock) end  -- an idle worker's ask writes nothing
 return out
-""".replace("$MAX_COST", str(MAX_COST))
+""".replace("$MAX_COST", str(MAX_COST)).replace("$LINES", str(LINES))
 )

@@ -183,7 +183,7 @@ class Keys:
         return f"{self.prefix}:limit:fair"
 
     def limit_fair_clock(self) -> str:
-        """String: the place in line of the latest tenant's request granted from the line."""
+        """String: the latest turn in line given to a tenant's request."""
         return f"{self.prefix}:limit:fair:clock"
 
     def limit_asks(self) -> str:
@@ -229,19 +229,19 @@ class Keys:
 
 def queue_leases(queue_name: str) -> str:
     """Sorted set beside arq's queue: the jobs workers hold, scored by when each one's lock
-    lapses at the earliest (Redis's clock, ms). A held job's queue entry is moved up by
-    `scripts.HELD` (out of the due range a poll reads); a poll puts one whose lock lapsed back
-    in its place (`scripts.TAKE_DUE`)."""
+    lapses at the earliest (Redis's clock, ms). A held job's queue entry is moved down by
+    `scripts.HELD` (out of the ranges a poll reads); a poll puts one whose lock lapsed back in
+    its place (`scripts.TAKE_DUE`)."""
     return f"{queue_name}:leases"
 
 
 def queue_fair(queue_name: str) -> str:
-    """Hash beside arq's queue: each tenant's next virtual start (`scripts.CREATE`), which
-    orders interactive jobs across tenants."""
+    """Hash beside arq's queue: each tenant's next turn (`scripts.CREATE`), which orders
+    interactive jobs across tenants."""
     return f"{queue_name}:fair"
 
 
 def queue_fair_clock(queue_name: str) -> str:
-    """String beside arq's queue: the virtual start of the latest interactive job a worker
-    took (`scripts.TAKE_DUE`); a tenant that was idle starts there."""
+    """String beside arq's queue: the latest turn given to an interactive job
+    (`scripts.CREATE`), where a job starts when none is in the queue."""
     return f"{queue_name}:fair:clock"

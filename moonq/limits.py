@@ -41,12 +41,15 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # it from one ZRANK and wait); a TPM wait hint looks at the oldest SCAN window entries.
 HEAD = 100
 SCAN = 100
+# Tenants' places in line are turns, below this; any other priority is above it (moonq's: a
+# job's creation time, in s, or more).
+TURNS = 10**9
 
 # KEYS: 1 leases (zset lease -> expiry ms), 2 window (zset "lease:tokens" -> start ms),
 # 3 waiting (zset lease -> priority), 4 seen (zset lease -> last ask ms),
 # 5 asks (hash lease -> tokens), 6 total (string: the tokens of every entry in the window),
 # 7 the gate: the account hash, whose `paused` field closes it ('' = no gate), 8 tenants'
-# next places in line (hash), 9 the fair clock (string).
+# next turns in line (hash), 9 the latest turn given (string); 8 and 9 expire together.
 # ARGV: lease, lease ttl ms, concurrency, rpm, tpm, tokens, priority, '1' for a probe (it
 # passes a closed gate), and the tenant of an interactive job ('' for a batch line). Limits of
 # 0 are off.
@@ -59,12 +62,12 @@ SCAN = 100
 # Waiters are served strictly in priority order: one is granted only if it and every waiter
 # ahead of it fit the free permits, the minute's requests and its tokens. So no job of a
 # large batch starves, a large one under TPM included. An interactive job's priority is its
-# place in fair order across tenants, given as it joins the line: its tenant's next place,
-# or the place of the latest one granted from the line, whichever is later (start-time fair
-# queuing, one place a request): tenants' requests alternate, and one of a tenant that had
-# none waiting goes next however many another's wait. A batch line's is the priority passed
-# (moonq's: its age, after every interactive job). A waiter that stops asking for 3 s is
-# forgotten.
+# place in fair order across tenants, given as it joins the line: its tenant's next turn, or
+# the turn of the first tenant's request in line, whichever is later (with none in line, the
+# latest turn given; start-time fair queuing, a turn a request): tenants' requests alternate,
+# and one of a tenant that had none waiting goes next however many another's wait. A batch
+# line's is the priority passed (moonq's: its age, after every interactive job). A waiter that
+# stops asking for 3 s is forgotten.
 # Cost per call: O(log n) plus what expired since the last call, HEAD and SCAN. `total` is
 # kept in step with the window by this script and RELEASE, rebuilt from the window if missing.
 # Cannot fail after its first write: ARGV is checked first, and every later command gets keys
@@ -125,9 +128,13 @@ redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 3000)
 local place = redis.call('ZSCORE', KEYS[3], lease)
 local tenant = ARGV[9] or ''
 if not place and tenant ~= '' then  -- a tenant's request joins the line: its fair place
-  local clock = tonumber(redis.call('GET', KEYS[9])) or 0
-  priority = math.max(tonumber(redis.call('HGET', KEYS[8], tenant)) or 0, clock)
+  local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+  local latest = tonumber(redis.call('GET', KEYS[9])) or 1
+  local clock = tonumber(first[2])
+  if not clock or clock >= $TURNS then clock = latest end
+  priority = math.max(tonumber(redis.call('HGET', KEYS[8], tenant)) or 1, clock)
   redis.call('HSET', KEYS[8], tenant, priority + 1)
+  if priority > latest then redis.call('SET', KEYS[9], string.format('%.0f', priority)) end
 end
 if not place then redis.call('ZADD', KEYS[3], priority, lease) end
 redis.call('ZADD', KEYS[4], now, lease)
@@ -166,12 +173,6 @@ if tpm > 0 then
     return math.max(1, tonumber(oldest[#oldest]) + 60000 - now)
   end
 end
-if tenant ~= '' then
-  local place = tonumber(redis.call('ZSCORE', KEYS[3], lease))
-  if place > (tonumber(redis.call('GET', KEYS[9])) or 0) then
-    redis.call('SET', KEYS[9], string.format('%.0f', place), 'PX', 60000)
-  end
-end
 redis.call('ZREM', KEYS[3], lease)
 redis.call('ZREM', KEYS[4], lease)
 redis.call('HDEL', KEYS[5], lease)
@@ -180,6 +181,7 @@ return grant(total)
     )
     .replace("$HEAD", str(HEAD))
     .replace("$SCAN", str(SCAN))
+    .replace("$TURNS", str(TURNS))
 )
 
 # KEYS: 1 leases, 2 window, 3 total (as in ACQUIRE). ARGV: lease, tokens reserved, tokens

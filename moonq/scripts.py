@@ -4,7 +4,7 @@ attempts, so a worker that lost its job (or a cancelled one) can never write ove
 from __future__ import annotations
 
 from moonq.batch_lua import BATCH_HOOK
-from moonq.redis_clock import NOW_MS
+from moonq.redis_clock import FAIR_TOP, HELD, LINES, NOW_MS
 
 TERMINAL_CHECK = """
 local function terminal(s) return s == 'completed' or s == 'failed' or s == 'cancelled' end
@@ -32,35 +32,24 @@ local function malformed(job)
 end
 """
 
-# The scores of arq's queue fall in three bands:
-# - below FAIR_TOP: interactive jobs, in fair order across tenants. Each job's score is its
-#   virtual start: its tenant's next one, or the virtual start of the latest interactive job
-#   a worker took, whichever is later (start-time fair queuing, one unit a job), from 1 (arq's
-#   own runner passes over a job scored 0). A tenant's
-#   jobs run in the order it queued them, and a job of a tenant that queues one now goes
-#   right after the jobs already taken, however many another tenant has queued: tenants'
-#   jobs alternate. Always due (a virtual time is far below any time in ms).
-# - from FAIR_TOP: jobs due at a time, in ms by Redis's clock: retries, batch lines handed
-#   to a worker, entries queued before fair order. A poll takes those due before the others.
-# - from HELD (below): jobs a worker holds.
-FAIR_TOP = 10**12
 
 # KEYS: job, tenant index, arq job, arq queue, idempotency key, the tenant's `queued` index,
 # the tenant's custom_id index ('' key name when the job has none), the workers' wake-up
 # channel (published last: idle workers poll at once, worker/wake.py), the queue's tenants'
-# next virtual starts, its fair clock (`keys.queue_fair*`).
+# next turns, its latest turn given (`keys.queue_fair*`).
 # ARGV: job id, created (s), job key prefix, arq payload, idempotency ttl (s) or '0', request
 # fingerprint, index horizon (s), tenant, then the record's field/value pairs. The queue entry
-# is scored by the job's virtual start (above).
+# is scored by the job's turn (above).
 # Writes the record, its index entries and the queue entry together; neither expires until the
 # job ends. With an idempotency key already taken by a job that still exists, writes nothing
 # and returns "<job id> <fingerprint>" of that first job; else returns ''.
 # Cannot fail after its first write: every argument is built by moonq, every key is of the
-# type it expects (moonq's own names), and the virtual times are read first.
+# type it expects (moonq's own names), and the turns are read first.
 CREATE = """
-local clock = tonumber(redis.call('GET', KEYS[10])) or 1
+local first_in = redis.call('ZRANGEBYSCORE', KEYS[4], 1, '($LINES', 'WITHSCORES', 'LIMIT', 0, 1)
+local clock = tonumber(first_in[2]) or tonumber(redis.call('GET', KEYS[10])) or 1
 local start = math.max(tonumber(redis.call('HGET', KEYS[9], ARGV[8])) or 1, clock)
-start = string.format('%.0f', math.min(start, $FAIR_TOP - 1))
+start = string.format('%.0f', math.min(start, $LINES - 1))
 if ARGV[5] ~= '0' then
   local first = redis.call('GET', KEYS[5])
   if first and redis.call('EXISTS', ARGV[3] .. string.match(first, '^(%S+)')) == 1 then
@@ -80,10 +69,13 @@ if KEYS[7] ~= '' then
 end
 redis.call('SET', KEYS[3], ARGV[4])
 redis.call('HSET', KEYS[9], ARGV[8], start + 1)
+if tonumber(start) > (tonumber(redis.call('GET', KEYS[10])) or 0) then
+  redis.call('SET', KEYS[10], start)
+end
 redis.call('ZADD', KEYS[4], start, ARGV[1])
 redis.call('PUBLISH', KEYS[8], '')
 return ''
-""".replace("$FAIR_TOP", str(FAIR_TOP))
+""".replace("$LINES", str(LINES))
 
 # KEYS: job, arq's lock on it. ARGV: status index base, now, worker id, lock token ('' = do not
 # check the lock), lock ttl (ms). Returns {the new attempt number, and the record's seq,
@@ -348,26 +340,27 @@ return 1
 """
 )
 
-# A job a worker holds is moved out of the due range of arq's queue, up by HELD ms (score +
-# HELD: far past any due time, so its place is kept), and its lease (when its lock lapses at
-# the earliest) kept in the queue's lease set (`keys.queue_leases`). A poll then reads only the
+# A job a worker holds is moved out of the due range of arq's queue, down by HELD (score -
+# HELD: below every band, where its place is kept), and its lease (when its lock lapses at the
+# earliest) kept in the queue's lease set (`keys.queue_leases`). A poll then reads only the
 # jobs that wait, however many run; and it first puts back in their place the held jobs whose
 # lock lapsed (their worker died or stalled), so that one takes them over. A held job always
 # has a lease (whatever takes the lease away puts the job back first); a lease may outlive its
-# job's place in the band (a superseded run rescored it), which a poll then drops.
-HELD = 10**13
+# job's place in the band (a superseded run rescored it), which a poll then drops. A poll of an
+# earlier moonq, or arq's own runner, reads held jobs as due (as all running jobs were) and
+# takes one only once its lock is gone: a rollback strands nothing.
 _HOLD = (
     NOW_MS
     + """
 local held_band = $HELD
 local function hold(queue, leases, id, score, ttl)
-  redis.call('ZADD', queue, string.format('%.0f', tonumber(score) + held_band), id)
+  redis.call('ZADD', queue, string.format('%.0f', tonumber(score) - held_band), id)
   redis.call('ZADD', leases, now + tonumber(ttl), id)
 end
 local function unhold(queue, leases, id)
   local score = tonumber(redis.call('ZSCORE', queue, id))
-  if score and score >= held_band then
-    redis.call('ZADD', queue, string.format('%.0f', score - held_band), id)
+  if score and score < 0 then
+    redis.call('ZADD', queue, string.format('%.0f', score + held_band), id)
   end
   redis.call('ZREM', leases, id)
 end
@@ -401,19 +394,18 @@ return taken
 
 # A worker's whole poll in one round trip: the held jobs whose lock lapsed put back in their
 # place (at most LAPSED_PAGE a poll), arq's read of the due jobs (those due at a time first,
-# then interactive jobs in fair order: see CREATE), the locks on those nobody holds (in that
-# order, up to the free slots), held as above, and when the next job not due yet falls due (a
-# deferred retry: how long the worker may idle).
-# KEYS: arq's queue, its lease set, its fair clock. ARGV: arq's lock key prefix, lock ttl
-# (ms), the worker's lock token, how many due jobs (by Redis's clock) to pass over at most,
-# how many to take (the worker's free slots), then the jobs this worker runs whose lock may
-# have lapsed (their keeper is late): those are passed over, not locked, so that a run that no
-# longer renews can be taken over elsewhere (most polls pass none). Returns {{id, score, ...},
-# ms until the next falls due or ''}.
+# then those in fair order: see CREATE), the locks on those nobody holds (in that order, up to
+# the free slots), held as above, and when the next job not due yet falls due (a deferred
+# retry: how long the worker may idle).
+# KEYS: arq's queue, its lease set. ARGV: arq's lock key prefix, lock ttl (ms), the worker's
+# lock token, how many due jobs (by Redis's clock) to pass over at most, how many to take (the
+# worker's free slots), then the jobs this worker runs whose lock may have lapsed (their keeper
+# is late): those are passed over, not locked, so that a run that no longer renews can be
+# taken over elsewhere (most polls pass none). Returns {{id, score, ...}, ms until the next
+# falls due or ''}.
 # Held jobs are out of the due range, so the look is spent on jobs that wait; one locked but
 # not held (taken back by its stalled run, or by arq's own runner) is passed over by its lock,
-# read a page at a time in one MGET. The fair clock moves to the latest virtual start taken.
-# Reads before each write; SET, ZADD and ZREM cannot fail.
+# read a page at a time in one MGET. Reads before each write; SET, ZADD and ZREM cannot fail.
 TAKE_DUE = (
     _HOLD
     + """
@@ -427,7 +419,7 @@ for _, id in ipairs(lapsed) do
   end
 end
 local page, limit, want = 50, tonumber(ARGV[4]), tonumber(ARGV[5])
-local taken, passed, mine, latest = {}, 0, {}, nil
+local taken, passed, mine = {}, 0, {}
 for i = 6, #ARGV do mine[ARGV[i]] = true end
 local function take(low, high)
   local offset = 0
@@ -447,8 +439,6 @@ local function take(low, high)
         hold(KEYS[1], KEYS[2], due[i], due[i + 1], ARGV[2])
         taken[#taken + 1] = due[i]
         taken[#taken + 1] = due[i + 1]
-        local score = tonumber(due[i + 1])
-        if score < $FAIR_TOP and (not latest or score > latest) then latest = score end
       else
         skipped = skipped + 1
       end
@@ -458,12 +448,8 @@ local function take(low, high)
   end
 end
 take($FAIR_TOP, now)
-take('-inf', '($FAIR_TOP')
-if latest and latest > (tonumber(redis.call('GET', KEYS[3])) or 0) then
-  redis.call('SET', KEYS[3], string.format('%.0f', latest))
-end
-local later = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '(' .. held_band,
-  'WITHSCORES', 'LIMIT', 0, 1)
+take(0, '($FAIR_TOP')
+local later = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
 return {taken, later[2] and (tonumber(later[2]) - now) or ''}
 """.replace("$LAPSED_PAGE", "100").replace("$FAIR_TOP", str(FAIR_TOP))
 )
@@ -506,19 +492,20 @@ return 2
 # job, the queue's lease set. ARGV: this run's lock token, what arq makes of the run ('1':
 # done with the job, '0': run it again, 'force': arq gives up on it), how long (ms, from now
 # by Redis's clock) until a job run again falls due ('' = its place in the queue), job id.
-# arq's own end of a run, with two rules: the lock is released only by the run that holds it
-# (a superseded run that ends must not unlock the job under the run that took it over; it
-# lets go of its hold then too, the job back in its place), and arq forgets a job only once
-# it is over (a run that ends any other way, for whatever reason, leaves the job in the
-# queue), unless arq gives up on it, which moonq first records as a failure of the job. Its
-# writes cannot fail on arq's own keys.
+# arq's own end of a run, with two rules: the lock is released, and the job put back in its
+# place or deferred, only by the run that holds it (deferred also when nobody does): a
+# superseded run that ends must not unlock or move the job under the run that took it over;
+# and arq forgets a job only once it is over (a run that ends any other way, for whatever
+# reason, leaves the job in the queue), unless arq gives up on it, which moonq first records
+# as a failure of the job. Its writes cannot fail on arq's own keys.
 FINISH_RUN = (
     TERMINAL_CHECK
     + _HOLD
     + """
 local delay = tonumber(ARGV[3])
 if ARGV[3] ~= '' and not delay then return redis.error_reply('FINISH_RUN: bad delay') end
-local ours = redis.call('GET', KEYS[1]) == ARGV[1]
+local holder = redis.call('GET', KEYS[1])
+local ours = holder == ARGV[1]
 if ours then redis.call('DEL', KEYS[1]) end
 local status = redis.call('HGET', KEYS[6], 'status')
 if ARGV[2] == 'force' or (ARGV[2] == '1' and (not status or terminal(status))) then
@@ -526,9 +513,9 @@ if ARGV[2] == 'force' or (ARGV[2] == '1' and (not status or terminal(status))) t
   redis.call('ZREM', KEYS[4], ARGV[4])
   redis.call('ZREM', KEYS[5], ARGV[4])
   redis.call('ZREM', KEYS[7], ARGV[4])
-elseif delay then
+elseif delay and (ours or not holder) then  -- never under the run that took the job over
   redis.call('ZADD', KEYS[5], now + delay, ARGV[4])
-  if ours then redis.call('ZREM', KEYS[7], ARGV[4]) end
+  redis.call('ZREM', KEYS[7], ARGV[4])
 elseif ours then
   unhold(KEYS[5], KEYS[7], ARGV[4])
 end

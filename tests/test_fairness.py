@@ -165,12 +165,13 @@ async def test_tenants_interactive_jobs_alternate_and_an_idle_one_goes_next(
     real_stack: Any,
 ) -> None:
     """Workers take interactive jobs in fair order: each tenant's in the order it queued
-    them, tenants' alternating, whoever queued first; a tenant idle until now goes next, with
-    no credit for its idle time; a retry that falls due goes before them all."""
+    them, tenants' alternating, whoever queued first; a tenant idle until now takes its turn
+    beside the next one waiting, with no credit for its idle time; a retry that falls due
+    goes before them all."""
     from arq.constants import in_progress_key_prefix as lock_base
 
     from moonq import scripts
-    from moonq.keys import queue_fair_clock, queue_leases
+    from moonq.keys import queue_leases
 
     stack, _client = await real_stack()
     store, queue = stack.app.state.services.store, stack.settings.queue_name
@@ -180,7 +181,7 @@ async def test_tenants_interactive_jobs_alternate_and_an_idle_one_goes_next(
     seconds, _ = await stack.redis.time()
     await stack.redis.zadd(queue, {"retry": seconds * 1000 - 1000})
     take = stack.redis.register_script(scripts.TAKE_DUE)
-    keys = [queue, queue_leases(queue), queue_fair_clock(queue)]
+    keys = [queue, queue_leases(queue)]
 
     async def poll(slots: int) -> list[str]:
         found, _ = await take(keys=keys, args=[lock_base, 5000, "test", 100, slots])
@@ -195,7 +196,37 @@ async def test_tenants_interactive_jobs_alternate_and_an_idle_one_goes_next(
     assert [j for j in order if j in bob] == bob
     pairs = [sorted(j in bob for j in order[i : i + 2]) for i in range(1, 21, 2)]
     assert pairs == [[False, True]] * 10  # one of each, turn by turn
-    assert after == [carol.id, alice[10]]
+    assert sorted(after) == sorted([carol.id, alice[10]])
+
+
+async def test_fair_order_holds_whoever_runs_the_jobs_and_whatever_was_cancelled(
+    real_stack: Any,
+) -> None:
+    """Alice's 100 jobs ran (by any runner, arq's own included: their entries are gone) and
+    300 more were cancelled; Bob now has 100 waiting. Alice's next job goes right after Bob's
+    first, not behind all of his; and a batch line handed back waits for both."""
+    from arq.constants import in_progress_key_prefix as lock_base
+
+    from moonq import scripts
+    from moonq.keys import queue_leases
+    from moonq.redis_clock import LINES
+
+    stack, _client = await real_stack()
+    store, queue = stack.app.state.services.store, stack.settings.queue_name
+    request = JobCreate.model_validate({"body": line("x")["body"]})
+    ran = [(await store.create("alice", request))[0].id for _ in range(100)]
+    await stack.redis.zrem(queue, *ran)  # done, by whichever runner
+    for _ in range(300):
+        job, _ = await store.create("alice", request)
+        assert (await store.cancel(job.id, "alice")) is not None
+    bob = [(await store.create("bob", request))[0].id for _ in range(100)]
+    await stack.redis.zadd(queue, {"line": LINES})  # a batch line handed back
+    late, _ = await store.create("alice", request)
+    take = stack.redis.register_script(scripts.TAKE_DUE)
+    found, _ = await take(keys=[queue, queue_leases(queue)], args=[lock_base, 5000, "t", 100, 2])
+    first = [x.decode() for x in found[::2]]
+    await stack.redis.delete(*(lock_base + j for j in first))
+    assert sorted(first) == sorted([bob[0], late.id])
 
 
 async def test_a_tenant_that_used_more_recently_yields(real_stack: Any) -> None:

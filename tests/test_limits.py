@@ -405,3 +405,39 @@ async def test_an_uncontended_permit_costs_redis_half_the_work(own_redis: Any) -
     assert calls.pop("evalsha") == 1  # one round trip: the gate is read in it
     assert 8 <= sum(calls.values()) <= 13, calls
     assert "zrank" not in calls and "hset" not in calls  # it never joined the line
+
+
+async def test_a_tenants_request_takes_its_turn_in_line_after_its_earlier_ones_left(
+    redis: ArqRedis, prefix: str
+) -> None:
+    """The line is in fair order across tenants: Alice's and Bob's requests alternate. And
+    once Alice's 20 waiting requests left the line unserved (a drain, a give-up), Bob's 20
+    that came next do not take their turns ahead of hers: her next request goes right after
+    his first, not behind all of his."""
+    limiter = _limiter(redis, prefix, concurrency=1)
+    keys, waiting = limiter._keys(), Keys(prefix).limit_waiting()
+
+    async def ask(lease: str, tenant: str) -> int:
+        args = [lease, 10_000, 1, 0, 0, 10, 0, "0", tenant]
+        return int(await limiter._acquire(keys=keys, args=args))
+
+    async def line() -> list[str]:
+        return [x.decode() for x in await redis.zrange(waiting, 0, -1)]
+
+    assert await ask("holder", "carol") == 0  # the one permit: everyone else waits
+    for i in range(5):
+        assert await ask(f"alice-{i}", "alice") > 0
+    for i in range(5):
+        assert await ask(f"bob-{i}", "bob") > 0
+    pairs = [sorted(x.split("-")[0] for x in (await line())[i : i + 2]) for i in range(0, 10, 2)]
+    assert pairs == [["alice", "bob"]] * 5  # one of each, turn by turn
+    for lease in await line():
+        await limiter._leave_line(lease)
+    for i in range(20):
+        assert await ask(f"alice-{i}", "alice") > 0
+    for i in range(20):
+        await limiter._leave_line(f"alice-{i}")
+    for i in range(20):
+        assert await ask(f"bob-{i}", "bob") > 0
+    assert await ask("alice-late", "alice") > 0
+    assert (await line()).index("alice-late") <= 1

@@ -732,11 +732,11 @@ async def test_running_jobs_leave_the_look_and_a_lapsed_one_returns_to_its_place
     from arq.constants import in_progress_key_prefix as lock_base
 
     from moonq import scripts
-    from moonq.keys import queue_fair_clock, queue_leases
+    from moonq.keys import queue_leases
 
     redis = either_redis
     queue = f"{prefix}:queue"
-    keys = [queue, queue_leases(queue), queue_fair_clock(queue)]
+    keys = [queue, queue_leases(queue)]
     seconds, micros = await redis.time()
     now = seconds * 1000 + micros // 1000
     dead = [f"{prefix}-dead-{i}" for i in range(2)]
@@ -769,8 +769,9 @@ async def test_a_held_job_goes_back_to_its_place_only_when_no_run_holds_it(
     either_redis: Any, prefix: str
 ) -> None:
     """A held job whose lease falls due while its lock is there again (its stalled run took
-    it back before any poll) stays held; a superseded run's end leaves the holder's hold; the
-    holder's end puts the job back in its place (to run again) or forgets it (over)."""
+    it back before any poll) stays held; a superseded run's end, deferred or not, leaves the
+    holder's hold; the holder's end puts the job back in its place (to run again) or forgets
+    it (over)."""
     from arq.constants import in_progress_key_prefix as lock_base
 
     from moonq import scripts
@@ -795,8 +796,11 @@ async def test_a_held_job_goes_back_to_its_place_only_when_no_run_holds_it(
         assert await keep(keys=keep_keys, args=[5000, job, score, b"{}", "a", ""]) == 2
         await redis.zadd(leases, {job: 0})  # its lease due, whatever the clock
         assert (await take(keys=[queue, leases], args=[lock_base, 5000, "b", 100, 1]))[0] == []
+        assert await redis.zscore(queue, job) < 0  # still held: out of every poll's look
         await end(keys=end_keys, args=["superseded", "0", "", job])
+        await end(keys=end_keys, args=["superseded", "0", "60000", job])  # nor deferred
         assert (await take(keys=[queue, leases], args=[lock_base, 5000, "b", 100, 1]))[0] == []
+        assert await redis.zscore(queue, job) < 0 and await redis.zscore(leases, job)
         await end(keys=end_keys, args=["a", "0", "", job])  # a hands it back
         found, _ = await take(keys=[queue, leases], args=[lock_base, 5000, "b", 100, 1])
         assert _ids(found) == [job] and int(float(found[1])) == score  # its place
@@ -805,6 +809,41 @@ async def test_a_held_job_goes_back_to_its_place_only_when_no_run_holds_it(
         assert await redis.zscore(queue, job) is None and await redis.zscore(leases, job) is None
     finally:
         await redis.delete(queue, leases, lock, record, f"arq:job:{job}")
+
+
+async def test_a_job_held_by_a_worker_that_died_is_run_by_arqs_own_runner(
+    real_stack: Any,
+) -> None:
+    """A rollback to an earlier moonq, or arq's own runner left alone, must not strand the
+    jobs a worker of this one held when it died: they read a held job as due, as they read
+    running jobs, and take it once its lock is gone."""
+    import inspect
+
+    from arq import Worker
+    from arq.constants import in_progress_key_prefix as lock_base
+
+    from moonq import scripts
+    from moonq.keys import queue_leases
+    from worker.main import worker_kwargs
+
+    stack, client = await real_stack()
+    job_id = await submit(client, chat("held when its worker died"))
+    queue = stack.settings.queue_name
+    take = stack.redis.register_script(scripts.TAKE_DUE)
+    found, _ = await take(keys=[queue, queue_leases(queue)], args=[lock_base, 60_000, "d", 100, 1])
+    assert found[::2] == [job_id.encode()] and await stack.redis.zscore(queue, job_id) < 0
+    await stack.redis.delete(lock_base + job_id)  # the worker died: its lock lapsed
+    known = inspect.signature(Worker).parameters  # what arq's own runner is given
+    kwargs = {
+        k: v for k, v in worker_kwargs(stack.settings, redis=stack.redis).items() if k in known
+    }
+    plain = Worker(**kwargs, burst=True, handle_signals=False)
+    try:
+        await asyncio.wait_for(plain.main(), 30)
+    finally:
+        await plain.close()
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] == "completed" and job["attempts"] == 1, job
 
 
 async def test_a_job_queued_behind_more_running_jobs_than_a_poll_looks_at_starts(

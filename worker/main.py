@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from moonq import logs, scripts
 from moonq.batches import BatchStore
-from moonq.keys import Keys, queue_fair_clock, queue_leases
+from moonq.keys import Keys, queue_leases
 from moonq.limits import UpstreamLimiter
 from moonq.metrics import Recorder
 from moonq.redis import arq_settings, from_settings
@@ -164,7 +164,7 @@ class MoonqWorker(Worker):
         late = [job_id for job_id, until in self.leases.items() if until < soon]
         args: list[str | int] = [in_progress_key_prefix, int(self.in_progress_timeout_s * 1000)]
         args += [self.lock_token, count, free, *late]
-        keys = [self.queue_name, queue_leases(self.queue_name), queue_fair_clock(self.queue_name)]
+        keys = [self.queue_name, queue_leases(self.queue_name)]
         found, due_in = await self._take_script(keys=keys, args=args)
         pairs = iter(found)
         for raw, score in zip(pairs, pairs, strict=True):
