@@ -51,8 +51,8 @@ TURNS = 10**9
 # 7 the gate: the account hash, whose `paused` field closes it ('' = no gate), 8 tenants'
 # next turns in line (hash), 9 the latest turn given (string); 8 and 9 expire together.
 # ARGV: lease, lease ttl ms, concurrency, rpm, tpm, tokens, priority, '1' for a probe (it
-# passes a closed gate), and the tenant of an interactive job ('' for a batch line). Limits of
-# 0 are off.
+# passes a closed gate), the tenant of an interactive job ('' for a batch line), and '1' for a
+# job set back (an earlier attempt of it started). Limits of 0 are off.
 # Returns 0 when the permit is granted, -1 when the gate is closed (nothing written: the
 # caller asks the gate how long to wait), else the milliseconds worth waiting before asking
 # again; an error reply, before any write, when an ARGV is malformed. Reading the gate here
@@ -65,7 +65,8 @@ TURNS = 10**9
 # place in fair order across tenants, given as it joins the line: its tenant's next turn, or
 # the turn of the first tenant's request in line, whichever is later (with none in line, the
 # latest turn given; start-time fair queuing, a turn a request): tenants' requests alternate,
-# and one of a tenant that had none waiting goes next however many another's wait. A batch
+# and one of a tenant that had none waiting goes next however many another's wait; a job set
+# back takes the first turn, so it is not overtaken by newer ones. A batch
 # line's is the priority passed (moonq's: its age, after every interactive job). A waiter that
 # stops asking for 3 s is forgotten.
 # Cost per call: O(log n) plus what expired since the last call, HEAD and SCAN. `total` is
@@ -132,9 +133,13 @@ if not place and tenant ~= '' then  -- a tenant's request joins the line: its fa
   local latest = tonumber(redis.call('GET', KEYS[9])) or 1
   local clock = tonumber(first[2])
   if not clock or clock >= $TURNS then clock = latest end
-  priority = math.max(tonumber(redis.call('HGET', KEYS[8], tenant)) or 1, clock)
-  redis.call('HSET', KEYS[8], tenant, priority + 1)
-  if priority > latest then redis.call('SET', KEYS[9], string.format('%.0f', priority)) end
+  if ARGV[10] == '1' then  -- a job set back (by a crash, a retry) goes first, as it came
+    priority = clock
+  else
+    priority = math.max(tonumber(redis.call('HGET', KEYS[8], tenant)) or 1, clock)
+    redis.call('HSET', KEYS[8], tenant, priority + 1)
+    if priority > latest then redis.call('SET', KEYS[9], string.format('%.0f', priority)) end
+  end
 end
 if not place then redis.call('ZADD', KEYS[3], priority, lease) end
 redis.call('ZADD', KEYS[4], now, lease)
@@ -296,6 +301,7 @@ class Permit:
     used: int | None = None
     priority: float = 0.0
     tenant: str = ""  # an interactive job's: its place in line is fair across tenants
+    again: bool = False  # a job set back (an attempt of it started before): it goes first
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     probe: bool = False  # let through a closed gate, to learn whether the account works
 
@@ -336,13 +342,14 @@ class UpstreamLimiter:
         *,
         batch: bool = False,
         tenant: str = "",
+        again: bool = False,
     ) -> AsyncIterator[Permit]:
         """Hold one upstream request's permit; set `permit.used` to the real token count
         (0 when the attempt ended without usage: its estimate leaves the TPM window).
 
         Waiters are served lowest `priority` first, a `tenant`'s request at its place in fair
-        order across tenants instead (see ACQUIRE), and only while the `gate` (the account's
-        pause) is open, limits on or off.
+        order across tenants instead (see ACQUIRE; the first turn if `again`), and only while
+        the `gate` (the account's pause) is open, limits on or off.
         Raises `PermitImpossible` at once when `tokens` exceeds the TPM limit, and
         `PermitAbandoned` when `give_up()` turns true while waiting. While held, watch
         `permit.lost`: it is set if the lease lapsed and was not renewed. A `batch` request
@@ -354,7 +361,7 @@ class UpstreamLimiter:
                 f"the request needs about {tokens} tokens, more than "
                 f"MOONQ_UPSTREAM_TPM={self.tpm} allows in a minute"
             )
-        permit = Permit(uuid.uuid4().hex, tokens, priority=priority, tenant=tenant)
+        permit = Permit(uuid.uuid4().hex, tokens, priority=priority, tenant=tenant, again=again)
         try:
             await self._wait_for(permit, give_up, batch)
         except BaseException:
@@ -399,7 +406,10 @@ class UpstreamLimiter:
                     return
                 probe = "1" if permit.probe else "0"
                 wait_ms = int(
-                    await self._acquire(keys=self._keys(), args=[*args, probe, permit.tenant])
+                    await self._acquire(
+                        keys=self._keys(),
+                        args=[*args, probe, permit.tenant, "1" if permit.again else "0"],
+                    )
                 )
                 closed = wait_ms == -1
                 if closed:

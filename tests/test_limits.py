@@ -441,3 +441,22 @@ async def test_a_tenants_request_takes_its_turn_in_line_after_its_earlier_ones_l
         assert await ask(f"bob-{i}", "bob") > 0
     assert await ask("alice-late", "alice") > 0
     assert (await line()).index("alice-late") <= 1
+
+
+async def test_a_job_set_back_takes_the_first_turn_in_line(redis: ArqRedis, prefix: str) -> None:
+    """A job whose attempt was cut short (its worker died, a retry) asks again: it is not
+    overtaken by the newer requests of its own tenant or of others, as it came first."""
+    limiter = _limiter(redis, prefix, concurrency=1)
+    keys, waiting = limiter._keys(), Keys(prefix).limit_waiting()
+
+    async def ask(lease: str, tenant: str, again: str = "0") -> int:
+        args = [lease, 10_000, 1, 0, 0, 10, 0, "0", tenant, again]
+        return int(await limiter._acquire(keys=keys, args=args))
+
+    assert await ask("holder", "carol") == 0
+    for i in range(10):
+        assert await ask(f"alice-{i}", "alice") > 0
+        assert await ask(f"bob-{i}", "bob") > 0
+    assert await ask("alice-again", "alice", again="1") > 0
+    line = [x.decode() for x in await redis.zrange(waiting, 0, -1)]
+    assert line.index("alice-again") <= 2, line
