@@ -170,21 +170,12 @@ class Keys:
 
     def limit_waiting(self) -> str:
         """Sorted set: workers' requests waiting for a permit, scored by their place in line
-        (interactive jobs' in fair order across tenants, then batch lines' by age)."""
+        (interactive jobs' turns in fair order across tenants, then batch lines' by age)."""
         return f"{self.prefix}:limit:waiting"
 
     def limit_seen(self) -> str:
         """Sorted set: when each waiting request last asked (ms); silent ones are dropped."""
         return f"{self.prefix}:limit:seen"
-
-    def limit_fair(self) -> str:
-        """Hash: each tenant's next place in the limiter's line (its virtual start); with
-        `limit_fair_clock`, kept while anyone waits, and forgotten together a minute after."""
-        return f"{self.prefix}:limit:fair"
-
-    def limit_fair_clock(self) -> str:
-        """String: the latest turn in line given to a tenant's request."""
-        return f"{self.prefix}:limit:fair:clock"
 
     def limit_asks(self) -> str:
         """Hash: the tokens each waiting request asks for (TPM is served in order too)."""
@@ -242,6 +233,6 @@ def queue_fair(queue_name: str) -> str:
 
 
 def queue_fair_clock(queue_name: str) -> str:
-    """String beside arq's queue: the latest turn given to an interactive job
-    (`scripts.CREATE`), where a job starts when none is in the queue."""
+    """String beside arq's queue: the latest turn of an interactive job whose attempt started
+    (`scripts.START`); a job queued now takes its turn no earlier."""
     return f"{queue_name}:fair:clock"

@@ -41,34 +41,23 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # it from one ZRANK and wait); a TPM wait hint looks at the oldest SCAN window entries.
 HEAD = 100
 SCAN = 100
-# Tenants' places in line are turns, below this; any other priority is above it (moonq's: a
-# job's creation time, in s, or more).
-TURNS = 10**9
 
 # KEYS: 1 leases (zset lease -> expiry ms), 2 window (zset "lease:tokens" -> start ms),
 # 3 waiting (zset lease -> priority), 4 seen (zset lease -> last ask ms),
 # 5 asks (hash lease -> tokens), 6 total (string: the tokens of every entry in the window),
-# 7 the gate: the account hash, whose `paused` field closes it ('' = no gate), 8 tenants'
-# next turns in line (hash), 9 the latest turn given (string); 8 and 9 expire together.
-# ARGV: lease, lease ttl ms, concurrency, rpm, tpm, tokens, priority, '1' for a probe (it
-# passes a closed gate), the tenant of an interactive job ('' for a batch line), and '1' for a
-# job set back (an earlier attempt of it started). Limits of 0 are off.
+# 7 the gate: the account hash, whose `paused` field closes it ('' = no gate).
+# ARGV: lease, lease ttl ms, concurrency, rpm, tpm, tokens, priority, and '1' for a probe (it
+# passes a closed gate). Limits of 0 are off.
 # Returns 0 when the permit is granted, -1 when the gate is closed (nothing written: the
 # caller asks the gate how long to wait), else the milliseconds worth waiting before asking
 # again; an error reply, before any write, when an ARGV is malformed. Reading the gate here
 # spares every ask a round trip of its own, and a pause can no longer slip in between the two.
 # Nobody waiting is the common case: a permit that fits is then granted at once, without
 # joining the line (the same answer the line would give its only member, for half the work).
-# Waiters are served strictly in priority order: one is granted only if it and every waiter
-# ahead of it fit the free permits, the minute's requests and its tokens. So no job of a
-# large batch starves, a large one under TPM included. An interactive job's priority is its
-# place in fair order across tenants, given as it joins the line: its tenant's next turn, or
-# the turn of the first tenant's request in line, whichever is later (with none in line, the
-# latest turn given; start-time fair queuing, a turn a request): tenants' requests alternate,
-# and one of a tenant that had none waiting goes next however many another's wait; a job set
-# back takes the first turn, so it is not overtaken by newer ones. A batch
-# line's is the priority passed (moonq's: its age, after every interactive job). A waiter that
-# stops asking for 3 s is forgotten.
+# Waiters are served strictly in priority order (the job's age): one is granted only if it
+# and every waiter ahead of it fit the free permits, the minute's requests and its tokens. So
+# a job set back by a crash is not overtaken by newer ones, and no job of a large batch
+# starves, a large one under TPM included. A waiter that stops asking for 3 s is forgotten.
 # Cost per call: O(log n) plus what expired since the last call, HEAD and SCAN. `total` is
 # kept in step with the window by this script and RELEASE, rebuilt from the window if missing.
 # Cannot fail after its first write: ARGV is checked first, and every later command gets keys
@@ -126,26 +115,10 @@ for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - 3000)) 
   redis.call('HDEL', KEYS[5], gone)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - 3000)
-local place = redis.call('ZSCORE', KEYS[3], lease)
-local tenant = ARGV[9] or ''
-if not place and tenant ~= '' then  -- a tenant's request joins the line: its fair place
-  local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-  local latest = tonumber(redis.call('GET', KEYS[9])) or 1
-  local clock = tonumber(first[2])
-  if not clock or clock >= $TURNS then clock = latest end
-  if ARGV[10] == '1' then  -- a job set back (by a crash, a retry) goes first, as it came
-    priority = clock
-  else
-    priority = math.max(tonumber(redis.call('HGET', KEYS[8], tenant)) or 1, clock)
-    redis.call('HSET', KEYS[8], tenant, priority + 1)
-    if priority > latest then redis.call('SET', KEYS[9], string.format('%.0f', priority)) end
-  end
-end
-if not place then redis.call('ZADD', KEYS[3], priority, lease) end
+redis.call('ZADD', KEYS[3], 'NX', priority, lease)
 redis.call('ZADD', KEYS[4], now, lease)
 redis.call('HSET', KEYS[5], lease, tokens)
 for i = 3, 5 do redis.call('PEXPIRE', KEYS[i], 60000) end
-for i = 8, 9 do redis.call('PEXPIRE', KEYS[i], 60000) end
 local free = 1e12
 if concurrency > 0 then free = concurrency - redis.call('ZCARD', KEYS[1]) end
 local rank = redis.call('ZRANK', KEYS[3], lease)
@@ -186,7 +159,6 @@ return grant(total)
     )
     .replace("$HEAD", str(HEAD))
     .replace("$SCAN", str(SCAN))
-    .replace("$TURNS", str(TURNS))
 )
 
 # KEYS: 1 leases, 2 window, 3 total (as in ACQUIRE). ARGV: lease, tokens reserved, tokens
@@ -300,8 +272,6 @@ class Permit:
     tokens: int
     used: int | None = None
     priority: float = 0.0
-    tenant: str = ""  # an interactive job's: its place in line is fair across tenants
-    again: bool = False  # a job set back (an attempt of it started before): it goes first
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     probe: bool = False  # let through a closed gate, to learn whether the account works
 
@@ -341,15 +311,12 @@ class UpstreamLimiter:
         give_up: Callable[[], bool] = lambda: False,
         *,
         batch: bool = False,
-        tenant: str = "",
-        again: bool = False,
     ) -> AsyncIterator[Permit]:
         """Hold one upstream request's permit; set `permit.used` to the real token count
         (0 when the attempt ended without usage: its estimate leaves the TPM window).
 
-        Waiters are served lowest `priority` first, a `tenant`'s request at its place in fair
-        order across tenants instead (see ACQUIRE; the first turn if `again`), and only while
-        the `gate` (the account's pause) is open, limits on or off.
+        Waiters are served lowest `priority` first (moonq passes the job's creation time),
+        and only while the `gate` (the account's pause) is open, limits on or off.
         Raises `PermitImpossible` at once when `tokens` exceeds the TPM limit, and
         `PermitAbandoned` when `give_up()` turns true while waiting. While held, watch
         `permit.lost`: it is set if the lease lapsed and was not renewed. A `batch` request
@@ -361,7 +328,7 @@ class UpstreamLimiter:
                 f"the request needs about {tokens} tokens, more than "
                 f"MOONQ_UPSTREAM_TPM={self.tpm} allows in a minute"
             )
-        permit = Permit(uuid.uuid4().hex, tokens, priority=priority, tenant=tenant, again=again)
+        permit = Permit(uuid.uuid4().hex, tokens, priority=priority)
         try:
             await self._wait_for(permit, give_up, batch)
         except BaseException:
@@ -405,12 +372,7 @@ class UpstreamLimiter:
                 if not self.enabled:
                     return
                 probe = "1" if permit.probe else "0"
-                wait_ms = int(
-                    await self._acquire(
-                        keys=self._keys(),
-                        args=[*args, probe, permit.tenant, "1" if permit.again else "0"],
-                    )
-                )
+                wait_ms = int(await self._acquire(keys=self._keys(), args=[*args, probe]))
                 closed = wait_ms == -1
                 if closed:
                     continue
@@ -448,8 +410,6 @@ class UpstreamLimiter:
             k.limit_asks(),
             k.limit_window_tokens(),
             "" if self.gate is None else self.gate.key,
-            k.limit_fair(),
-            k.limit_fair_clock(),
         ]
 
     def _release_keys(self) -> list[str]:

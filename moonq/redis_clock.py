@@ -13,13 +13,14 @@ local now = tonumber(redis_time[1]) * 1000 + math.floor(tonumber(redis_time[2]) 
 # The scores of arq's queue fall in three bands:
 # - below FAIR_TOP: jobs in fair order. An interactive job's score is its turn (start-time
 #   fair queuing, a turn per job, from 1: arq's own runner passes over a job scored 0): its
-#   tenant's next turn, or the turn of the first interactive job still in the queue (waiting,
-#   or run by arq's own runner), whichever is later; with none in the queue, the latest turn
-#   given. A tenant's jobs run in the order it queued them, and one of a tenant that queues
-#   one now goes right after the interactive jobs already taken, however many another tenant
-#   has queued: tenants' jobs alternate, and idling earns no credit. Batch lines, which
-#   DISPATCH hands to a worker that takes them at once, are scored LINES: one handed back
-#   goes after every interactive job. Always due (far below any time in ms).
+#   tenant's next turn, or the latest turn whose attempt started, whichever is later
+#   (`scripts.CREATE`). A tenant's jobs run in the order it queued them, and one of a tenant
+#   that queues one now goes right after the jobs that started, however many another tenant
+#   has queued: tenants' jobs alternate, and idling earns no credit. The turn is the job's
+#   place at the upstream limiter too, so a job put back (its worker died, stopped or
+#   stalled) keeps it there and here. Batch lines, which DISPATCH hands to a worker that takes
+#   them at once, are scored LINES: one handed back goes after every interactive job. Always
+#   due (far below any time in ms).
 # - from FAIR_TOP: jobs due at a time, in ms by Redis's clock: retries, hand-backs with a
 #   delay, entries queued before fair order. A poll takes those due before the others.
 # - below 0: jobs a worker holds, their score less HELD (`scripts.TAKE_DUE`).

@@ -36,20 +36,24 @@ end
 # KEYS: job, tenant index, arq job, arq queue, idempotency key, the tenant's `queued` index,
 # the tenant's custom_id index ('' key name when the job has none), the workers' wake-up
 # channel (published last: idle workers poll at once, worker/wake.py), the queue's tenants'
-# next turns, its latest turn given (`keys.queue_fair*`).
+# next turns, the latest turn started (`keys.queue_fair*`).
 # ARGV: job id, created (s), job key prefix, arq payload, idempotency ttl (s) or '0', request
-# fingerprint, index horizon (s), tenant, then the record's field/value pairs. The queue entry
-# is scored by the job's turn (above).
+# fingerprint, index horizon (s), tenant, then the record's field/value pairs. The job's turn
+# (see `redis_clock`) scores its queue entry and is kept in its record as `order`, its place
+# at the upstream limiter too. A tenant's next turn is never ahead of the latest turn started
+# by more than the jobs it has queued (+1): the turns of its jobs cancelled before they
+# started are given back.
 # Writes the record, its index entries and the queue entry together; neither expires until the
 # job ends. With an idempotency key already taken by a job that still exists, writes nothing
 # and returns "<job id> <fingerprint>" of that first job; else returns ''.
 # Cannot fail after its first write: every argument is built by moonq, every key is of the
 # type it expects (moonq's own names), and the turns are read first.
 CREATE = """
-local first_in = redis.call('ZRANGEBYSCORE', KEYS[4], 1, '($LINES', 'WITHSCORES', 'LIMIT', 0, 1)
-local clock = tonumber(first_in[2]) or tonumber(redis.call('GET', KEYS[10])) or 1
-local start = math.max(tonumber(redis.call('HGET', KEYS[9], ARGV[8])) or 1, clock)
-start = string.format('%.0f', math.min(start, $LINES - 1))
+local clock = tonumber(redis.call('GET', KEYS[10])) or 1
+local next_turn = tonumber(redis.call('HGET', KEYS[9], ARGV[8])) or 1
+local waiting = redis.call('ZCARD', KEYS[6])
+local turn = math.max(math.min(next_turn, clock + waiting + 1), clock)
+turn = string.format('%.0f', math.min(turn, $LINES - 1))
 if ARGV[5] ~= '0' then
   local first = redis.call('GET', KEYS[5])
   if first and redis.call('EXISTS', ARGV[3] .. string.match(first, '^(%S+)')) == 1 then
@@ -57,7 +61,7 @@ if ARGV[5] ~= '0' then
   end
   redis.call('SET', KEYS[5], ARGV[1] .. ' ' .. ARGV[6], 'EX', ARGV[5])
 end
-local fields = {}
+local fields = {'order', turn}
 for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[7])
@@ -68,34 +72,35 @@ if KEYS[7] ~= '' then
   redis.call('ZADD', KEYS[7], ARGV[2], ARGV[1])
 end
 redis.call('SET', KEYS[3], ARGV[4])
-redis.call('HSET', KEYS[9], ARGV[8], start + 1)
-if tonumber(start) > (tonumber(redis.call('GET', KEYS[10])) or 0) then
-  redis.call('SET', KEYS[10], start)
-end
-redis.call('ZADD', KEYS[4], start, ARGV[1])
+redis.call('HSET', KEYS[9], ARGV[8], turn + 1)
+redis.call('ZADD', KEYS[4], turn, ARGV[1])
 redis.call('PUBLISH', KEYS[8], '')
 return ''
 """.replace("$LINES", str(LINES))
 
-# KEYS: job, arq's lock on it. ARGV: status index base, now, worker id, lock token ('' = do not
-# check the lock), lock ttl (ms). Returns {the new attempt number, and the record's seq,
-# failures, pauses and last_error as of this start (nil where unset)}; or -1 if the job is
-# already over, -2 if it does not exist, -3 if another run holds arq's lock (this run lost it
-# in a stall: starting would cut off the holder). Takes the lock if nobody holds it.
+# KEYS: job, arq's lock on it, the latest turn started (`keys.queue_fair_clock`). ARGV: status
+# index base, now, worker id, lock token ('' = do not check the lock), lock ttl (ms). Returns
+# {the new attempt number, and the record's seq, failures, pauses and last_error as of this
+# start (nil where unset)}; or -1 if the job is already over, -2 if it does not exist, -3 if
+# another run holds arq's lock (this run lost it in a stall: starting would cut off the
+# holder). Takes the lock if nobody holds it. Moves the latest turn started up to the job's.
 # Everything is read and checked first; the writes (SET, the index move, HSET, HSETNX, HINCRBY
 # of a checked integer) cannot fail.
 START = (
     TERMINAL_CHECK
     + MOVE_STATUS
     + """
-local state = redis.call('HMGET', KEYS[1], 'status', 'attempts')
+local state = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'order')
 if not state[1] then return -2 end
 if terminal(state[1]) then return -1 end
 local held = ARGV[4] ~= '' and redis.call('GET', KEYS[2])
 if held and held ~= ARGV[4] then return -3 end
 local index = status_index(KEYS[1])
 if not index or not string.match(state[2] or '0', '^%d+$') then return malformed(KEYS[1]) end
+local turn = tonumber(state[3])
+if turn and turn <= (tonumber(redis.call('GET', KEYS[3])) or 0) then turn = nil end
 if ARGV[4] ~= '' then redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5]) end
+if turn then redis.call('SET', KEYS[3], string.format('%.0f', turn)) end
 move_status(index, state[1], 'in_progress')
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'worker', ARGV[3])
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
@@ -368,9 +373,10 @@ end
 )
 
 # KEYS: arq's queue, its lease set. ARGV: arq's lock key prefix, lock ttl (ms), the worker's
-# lock token, then job ids. Takes arq's lock on each due job (by Redis's clock) nobody holds
-# (SET PX naming the worker) and holds it (above), in one round trip for all: arq takes them
-# one at a time, a WATCH transaction each. Returns {id, score, id, score, ...} of the jobs
+# lock token, then job ids. Takes arq's lock on each due job (by Redis's clock) that nobody
+# holds, nor held before (below 0: its lock may have lapsed, the poll puts it back), with SET
+# PX naming the worker, and holds it (above), in one round trip for all: arq takes them one
+# at a time, a WATCH transaction each. Returns {id, score, id, score, ...} of the jobs
 # locked, with their scores in the queue. Reads before each write; SET and ZADD of a number
 # cannot fail.
 LOCK_DUE = (
@@ -380,7 +386,7 @@ local taken = {}
 for i = 4, #ARGV do
   local id = ARGV[i]
   local score = redis.call('ZSCORE', KEYS[1], id)
-  if score and tonumber(score) <= now
+  if score and tonumber(score) >= 0 and tonumber(score) <= now
     and redis.call('EXISTS', ARGV[1] .. id) == 0 then
     redis.call('SET', ARGV[1] .. id, ARGV[3], 'PX', ARGV[2])
     hold(KEYS[1], KEYS[2], id, score, ARGV[2])
@@ -459,14 +465,14 @@ return {taken, later[2] and (tonumber(later[2]) - now) or ''}
 # ('' before it starts one).
 # Renews the lock (and the job's lease) while this run holds it. If the lock lapsed (a stall)
 # and nobody took it since, takes it back, but only while the job is still this run's: queued
-# and not started by it yet (it waits for a permit), or in progress under its attempt. Then, if
-# arq's entries are gone, puts them back (in the due range: it is locked, so no poll takes
-# it), so a job that is not over is never left without them.
+# and not started by it yet (it waits for a permit), or in progress under its attempt, and
+# holds it again (a poll may have put it back in its place), so a job that is not over is
+# never left without arq's entries.
 # Returns 1 when renewed, 2 when taken back, 0 when the job is over, -1 when another run
 # holds the lock or has the job (this run is fenced at its next write).
 KEEP_LOCK = (
     TERMINAL_CHECK
-    + NOW_MS
+    + _HOLD
     + """
 local held = redis.call('GET', KEYS[1])
 if held == ARGV[5] then
@@ -480,9 +486,13 @@ if not state[1] or terminal(state[1]) then return 0 end
 local ours = (ARGV[6] == '' and state[1] == 'queued')
   or (state[1] == 'in_progress' and state[2] == ARGV[6])
 if not ours then return -1 end
+local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]))
 redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[1])
-redis.call('ZADD', KEYS[5], 'XX', now + tonumber(ARGV[1]), ARGV[2])
-redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[2])
+if score and score < 0 then
+  redis.call('ZADD', KEYS[5], now + tonumber(ARGV[1]), ARGV[2])
+else  -- put back in its place since, or gone: held again
+  hold(KEYS[2], KEYS[5], ARGV[2], score or ARGV[3], ARGV[1])
+end
 redis.call('SET', KEYS[3], ARGV[4], 'NX')
 return 2
 """

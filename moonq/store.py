@@ -267,6 +267,7 @@ class JobStore:
         args.append(lock_token)
         args.append(int(lock_ttl * 1000))
         keys = [self.keys.job(job_id), in_progress_key_prefix + job_id]
+        keys.append(queue_fair_clock(self.queue_name))
         reply = await self._start(keys=keys, args=args)
         if not isinstance(reply, list):
             return int(reply), {}

@@ -188,6 +188,8 @@ async def test_tenants_interactive_jobs_alternate_and_an_idle_one_goes_next(
         return [x.decode() for x in found[::2]]
 
     order = [job_id for _ in range(21) for job_id in await poll(1)]
+    for job_id in order[1:]:  # their attempts start
+        assert await store.start_attempt(job_id) == 1
     carol, _ = await store.create("carol", request)
     after = await poll(2)
     await stack.redis.delete(*(lock_base + j for j in [*order, *after]))
@@ -202,9 +204,10 @@ async def test_tenants_interactive_jobs_alternate_and_an_idle_one_goes_next(
 async def test_fair_order_holds_whoever_runs_the_jobs_and_whatever_was_cancelled(
     real_stack: Any,
 ) -> None:
-    """Alice's 100 jobs ran (by any runner, arq's own included: their entries are gone) and
-    300 more were cancelled; Bob now has 100 waiting. Alice's next job goes right after Bob's
-    first, not behind all of his; and a batch line handed back waits for both."""
+    """Alice's 100 jobs ran (by any runner, arq's own included) and 300 more were cancelled;
+    Bob now has 100 waiting. Alice's next job goes right after Bob's first, not behind all of
+    his (the cancelled jobs' turns were given back); and a batch line handed back waits for
+    both."""
     from arq.constants import in_progress_key_prefix as lock_base
 
     from moonq import scripts
@@ -215,7 +218,9 @@ async def test_fair_order_holds_whoever_runs_the_jobs_and_whatever_was_cancelled
     store, queue = stack.app.state.services.store, stack.settings.queue_name
     request = JobCreate.model_validate({"body": line("x")["body"]})
     ran = [(await store.create("alice", request))[0].id for _ in range(100)]
-    await stack.redis.zrem(queue, *ran)  # done, by whichever runner
+    for job_id in ran:  # run by whichever runner: started, then out of the queue
+        assert await store.start_attempt(job_id) == 1
+    await stack.redis.zrem(queue, *ran)
     for _ in range(300):
         job, _ = await store.create("alice", request)
         assert (await store.cancel(job.id, "alice")) is not None
@@ -223,10 +228,54 @@ async def test_fair_order_holds_whoever_runs_the_jobs_and_whatever_was_cancelled
     await stack.redis.zadd(queue, {"line": LINES})  # a batch line handed back
     late, _ = await store.create("alice", request)
     take = stack.redis.register_script(scripts.TAKE_DUE)
-    found, _ = await take(keys=[queue, queue_leases(queue)], args=[lock_base, 5000, "t", 100, 2])
+    found, _ = await take(keys=[queue, queue_leases(queue)], args=[lock_base, 5000, "t", 100, 3])
     first = [x.decode() for x in found[::2]]
     await stack.redis.delete(*(lock_base + j for j in first))
-    assert sorted(first) == sorted([bob[0], late.id])
+    assert first[0] == bob[0] and sorted(first[1:]) == sorted([bob[1], late.id])
+
+
+async def test_jobs_put_back_keep_their_turns_and_newcomers_start_at_the_latest(
+    real_stack: Any,
+) -> None:
+    """Alice's and Bob's 20 jobs each; 30 were taken and started, and a worker that stopped
+    put 10 of them back (their turns 1-5). Erin queues 15 now: the jobs put back go first,
+    then Erin's alternate with Alice's and Bob's from the latest turn started; hers do not
+    jump ahead of theirs."""
+    from arq.constants import in_progress_key_prefix as lock_base
+
+    from moonq import scripts
+    from moonq.keys import queue_leases
+
+    stack, _client = await real_stack()
+    store, queue = stack.app.state.services.store, stack.settings.queue_name
+    request = JobCreate.model_validate({"body": line("x")["body"]})
+    for _ in range(20):
+        await store.create("alice", request)
+        await store.create("bob", request)
+    keys = [queue, queue_leases(queue)]
+    take = stack.redis.register_script(scripts.TAKE_DUE)
+    end = stack.redis.register_script(scripts.FINISH_RUN)
+
+    async def poll(slots: int, token: str) -> list[str]:
+        found, _ = await take(keys=keys, args=[lock_base, 60_000, token, 100, slots])
+        return [x.decode() for x in found[::2]]
+
+    first, later = await poll(10, "w1"), await poll(20, "w2")
+    for job_id in first + later:
+        assert await store.start_attempt(job_id) == 1
+    for job_id in first:  # w1 stops: they go back, in their places
+        await stack.redis.hset(store.keys.job(job_id), "status", "queued")
+        run_keys = [lock_base + job_id, f"arq:job:{job_id}", f"arq:retry:{job_id}", "arq:abort"]
+        await end(
+            keys=[*run_keys, queue, store.keys.job(job_id), keys[1]], args=["w1", "0", "", job_id]
+        )
+    erin = [(await store.create("erin", request))[0].id for _ in range(15)]
+    order = await poll(100, "w3")
+    await stack.redis.delete(*(lock_base + j for j in first + later + order))
+    assert sorted(order[:10]) == sorted(first)
+    owners = [(await stack.redis.hget(store.keys.job(j), "tenant")).decode() for j in order[10:19]]
+    assert owners.count("erin") <= 4, owners  # a turn each, not all of hers first
+    assert set(erin) <= set(order)
 
 
 async def test_a_tenant_that_used_more_recently_yields(real_stack: Any) -> None:

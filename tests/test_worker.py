@@ -804,6 +804,17 @@ async def test_a_held_job_goes_back_to_its_place_only_when_no_run_holds_it(
         await end(keys=end_keys, args=["a", "0", "", job])  # a hands it back
         found, _ = await take(keys=[queue, leases], args=[lock_base, 5000, "b", 100, 1])
         assert _ids(found) == [job] and int(float(found[1])) == score  # its place
+        await redis.delete(lock)  # b stalls: its lock lapses, a poll puts the job back...
+        await redis.zadd(leases, {job: 0})
+        assert (await take(keys=[queue, leases], args=[lock_base, 5000, "c", 100, 0]))[0] == []
+        assert await redis.zscore(queue, job) == score
+        assert await keep(keys=keep_keys, args=[5000, job, score, b"{}", "b", ""]) == 2
+        assert await redis.zscore(queue, job) < 0  # ...and b, awake, holds it again
+        assert await redis.zscore(leases, job)
+        lock_due = redis.register_script(scripts.LOCK_DUE)  # nor can a batch hand-out take it
+        await redis.delete(lock)
+        assert await lock_due(keys=[queue, leases], args=[lock_base, 5000, "d", job]) == []
+        await redis.set(lock, "b")
         await redis.hset(record, "status", "completed")
         await end(keys=end_keys, args=["b", "1", "", job])
         assert await redis.zscore(queue, job) is None and await redis.zscore(leases, job) is None

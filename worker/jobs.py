@@ -241,17 +241,14 @@ class Runner:
     ) -> str:
         """Wait for an upstream permit, then run an attempt under it."""
         body: dict[str, Any] = json.loads(record["request"])
-        # Interactive jobs get permits in fair order across tenants (one set back by a crash
-        # or a retry first), batch lines (oldest first) only after every one of them.
+        # Interactive jobs get permits by their turn, in fair order across tenants (a job
+        # queued before turns, by age), batch lines (oldest first) only after every one.
         batch = bool(record.get("batch_id"))
-        priority = float(record["created_at"]) + (BATCH_PRIORITY_OFFSET if batch else 0)
-        tenant = "" if batch else record.get("tenant", "")
-        again = int(record.get("attempts") or 0) > 0
+        priority = float(record.get("order") or record["created_at"])
+        if batch:
+            priority = float(record["created_at"]) + BATCH_PRIORITY_OFFSET
         tokens = await self._tokens(body)
-        waiting = self.limiter.permit(
-            tokens, priority, self._is_draining, batch=batch, tenant=tenant, again=again
-        )
-        async with waiting as permit:
+        async with self.limiter.permit(tokens, priority, self._is_draining, batch=batch) as permit:
             number, past = await self.store.start(
                 job_id, self.worker_id, lock_token, self.settings.lock_timeout
             )
