@@ -332,3 +332,16 @@ async def test_a_batch_that_fills_the_minute_leaves_room_for_interactive_jobs(
         await client.post(f"/v1/batches/{batch['id']}/cancel")
     print(f"first chunks with the minute's window full of batch lines: {waits}")
     assert max(waits) < 1.0
+
+
+def test_a_jobs_place_at_the_limiter_is_its_turn() -> None:
+    """At the upstream limiter, interactive jobs wait by turn, a job queued before turns
+    existed (an upgrade) ahead of them all, as it is older: behind them it could starve under
+    load. Batch lines wait after every interactive job, oldest first."""
+    from worker.jobs import permit_priority
+
+    created = "1795767183.5"
+    before = permit_priority({"created_at": created, "tenant": "a"})
+    turns = [permit_priority({"created_at": created, "order": str(n)}) for n in (1, 2, 10**9)]
+    lines = [permit_priority({"created_at": str(t), "batch_id": "b"}) for t in (1.0e9, 2.0e9)]
+    assert before < turns[0] < turns[1] < turns[2] < lines[0] < lines[1]

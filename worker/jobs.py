@@ -81,6 +81,15 @@ class Attempt:
         return {"event": kind, "attempt": self.number, "data": data}
 
 
+def permit_priority(record: dict[str, str]) -> float:
+    """A job's place in the upstream limiter's line: an interactive job's turn, in fair order
+    across tenants (one queued before turns existed first: it is older than any with one),
+    batch lines (oldest first) after every interactive job."""
+    if record.get("batch_id"):
+        return float(record["created_at"]) + BATCH_PRIORITY_OFFSET
+    return float(record.get("order") or 0)
+
+
 class Runner:
     """Runs jobs for one worker process; built once in the worker's `on_startup`."""
 
@@ -241,12 +250,8 @@ class Runner:
     ) -> str:
         """Wait for an upstream permit, then run an attempt under it."""
         body: dict[str, Any] = json.loads(record["request"])
-        # Interactive jobs get permits by their turn, in fair order across tenants (a job
-        # queued before turns, by age), batch lines (oldest first) only after every one.
         batch = bool(record.get("batch_id"))
-        priority = float(record.get("order") or record["created_at"])
-        if batch:
-            priority = float(record["created_at"]) + BATCH_PRIORITY_OFFSET
+        priority = permit_priority(record)
         tokens = await self._tokens(body)
         async with self.limiter.permit(tokens, priority, self._is_draining, batch=batch) as permit:
             number, past = await self.store.start(
