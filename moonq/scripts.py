@@ -411,10 +411,15 @@ return taken
 # falls due or ''}.
 # Held jobs are out of the due range, so the look is spent on jobs that wait; one locked but
 # not held (taken back by its stalled run, or by arq's own runner) is passed over by its lock,
-# read a page at a time in one MGET. Reads before each write; SET, ZADD and ZREM cannot fail.
+# read a page at a time in one MGET. Its numbers are checked before the first write (putting a
+# lapsed job back); after that, SET, ZADD and ZREM cannot fail.
 TAKE_DUE = (
     _HOLD
     + """
+local page, limit, want = 50, tonumber(ARGV[4]), tonumber(ARGV[5])
+if not (tonumber(ARGV[2]) and limit and want) then
+  return redis.error_reply('ERR moonq: bad TAKE_DUE ARGV')
+end
 local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, $LAPSED_PAGE)
 for _, id in ipairs(lapsed) do
   local ttl = redis.call('PTTL', ARGV[1] .. id)
@@ -424,7 +429,6 @@ for _, id in ipairs(lapsed) do
     redis.call('ZADD', KEYS[2], now + math.max(ttl, 0) + 1, id)
   end
 end
-local page, limit, want = 50, tonumber(ARGV[4]), tonumber(ARGV[5])
 local taken, passed, mine = {}, 0, {}
 for i = 6, #ARGV do mine[ARGV[i]] = true end
 local function take(low, high)

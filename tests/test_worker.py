@@ -822,6 +822,34 @@ async def test_a_held_job_goes_back_to_its_place_only_when_no_run_holds_it(
         await redis.delete(queue, leases, lock, record, f"arq:job:{job}")
 
 
+async def test_a_poll_refuses_bad_numbers_before_putting_anything_back(
+    either_redis: Any, prefix: str
+) -> None:
+    """TAKE_DUE checks its numbers before its first write (Redis keeps a script's earlier
+    writes when a later command fails): a lapsed job stays held, its lease kept."""
+    from redis.exceptions import ResponseError
+
+    from moonq import scripts
+    from moonq.keys import queue_leases
+
+    redis = either_redis
+    queue, job = f"{prefix}:queue", f"{prefix}-job"
+    await redis.zadd(queue, {job: 5 - 10**13})  # held, its lock gone, its lease due
+    await redis.zadd(queue_leases(queue), {job: 0})
+    take = redis.register_script(scripts.TAKE_DUE)
+    try:
+        for bad in (["soon", 100, 1], [5000, "many", 1], [5000, 100, ""]):
+            with pytest.raises(ResponseError, match="bad TAKE_DUE"):
+                await take(
+                    keys=[queue, queue_leases(queue)],
+                    args=["arq:in-progress:", *bad[:1], "me", *bad[1:]],
+                )
+            assert await redis.zscore(queue, job) == 5 - 10**13
+            assert await redis.zscore(queue_leases(queue), job) == 0
+    finally:
+        await redis.delete(queue, queue_leases(queue))
+
+
 async def test_a_job_held_by_a_worker_that_died_is_run_by_arqs_own_runner(
     real_stack: Any,
 ) -> None:
