@@ -96,11 +96,11 @@ def _as(client: httpx.AsyncClient, key: str) -> httpx.AsyncClient:
 
 
 @pytest.mark.parametrize(
-    ("where", "slots", "most_done"),
-    [("in the queue", 2, 6), ("at the limiter", 11, 4)],
+    ("where", "slots", "seconds", "most_done"),
+    [("in the queue", 2, 0.25, 6), ("at the limiter", 11, 1.0, 4)],
 )
 async def test_one_tenants_job_does_not_wait_behind_anothers_many(
-    real_stack: Any, fake: FakeServer, where: str, slots: int, most_done: int
+    real_stack: Any, fake: FakeServer, where: str, slots: int, seconds: float, most_done: int
 ) -> None:
     """Alice queues her jobs, then Bob one; the upstream allows 2 requests at once. In the
     queue (2 worker slots, 60 of hers), his runs once a slot frees, not after all of hers
@@ -115,13 +115,13 @@ async def test_one_tenants_job_does_not_wait_behind_anothers_many(
     alice, bob = _as(client, "ka"), _as(client, "kb")
     queued = 60 if slots == 2 else 10
     for i in range(queued):
-        response = await alice.post("/v1/jobs", json={"body": slow(f"a{i}", 0.25)["body"]})
+        response = await alice.post("/v1/jobs", json={"body": slow(f"a{i}", seconds)["body"]})
         assert response.status_code == 202
     async with worker_running(stack):
         await wait_for(lambda: _true(fake.stats.in_flight >= 2), 10)
         line = Keys(stack.settings.key_prefix).limit_waiting()
         await wait_for(lambda: _waiting(stack.redis, line, min(8, slots - 2)), 10)
-        created = await bob.post("/v1/jobs", json={"body": slow("b", 0.25)["body"]})
+        created = await bob.post("/v1/jobs", json={"body": slow("b", seconds)["body"]})
         job = (await bob.get(f"/v1/jobs/{created.json()['id']}", params={"wait": 30})).json()
         done = await alice.get("/v1/jobs", params={"status": "completed", "limit": 100})
     await alice.aclose()
