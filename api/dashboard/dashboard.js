@@ -608,6 +608,8 @@
     } else if (TERMINAL[msg.event]) {
       j.over = true;
       setJobStatus(TERMINAL[msg.event]);
+      // The attempt that ended, with the status: the record's read below comes a moment later.
+      if (msg.attempt) setText('job-attempts', num(msg.attempt));
       loadJob(j);
       return false;
     }
