@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.measure import Run, Sample, Shape, batch, chat, moonq_one
+from bench.measure import Run, Sample, Shape, batch, chat, closed_loop, moonq_one
 from bench.run import Stack
 
 FILTERS = ["", "queued", "in_progress", "completed", "failed", "cancelled"]
@@ -86,9 +86,9 @@ async def measure(stack: Stack, args: argparse.Namespace) -> list[tuple[str, str
 
     async def load(n: int, shape: Shape) -> Run:
         def one(i: int) -> Awaitable[Sample]:
-            return moonq_one(http, stack, chat(i, shape), False)
+            return moonq_one(http, stack.job_ids, chat(i, shape), False)
 
-        return await batch(stack, n, args.level, shape.chunks, one)
+        return await batch(stack, n, shape.chunks, closed_loop(n, args.level, one))
 
     await load(100, Shape(2, 0.0, 0.0))  # warm-up: every connection pool on the way
     shape = Shape(args.chunks, args.delay, 0.1)

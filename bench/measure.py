@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import httpx
+from httpx_aiohttp import AiohttpTransport
 from httpx_sse import aconnect_sse
 
 from bench.stack import Stack
@@ -94,6 +95,17 @@ def chat(i: int, shape: Shape) -> Body:
     return {"model": "moonshot-v1-8k", "messages": [message], "fake_moonshot": steer}
 
 
+def api_client(url: str, n: int) -> httpx.AsyncClient:
+    """A client of the API at `url` for `n` requests at once. Idle connections are dropped
+    before uvicorn's 5 s keep-alive closes them: reusing one the server is closing at that
+    moment fails the POST ("Server disconnected")."""
+    limits = httpx.Limits(
+        max_connections=2 * n, max_keepalive_connections=2 * n, keepalive_expiry=2.0
+    )
+    transport, timeout = AiohttpTransport(limits=limits), httpx.Timeout(90, connect=10)
+    return httpx.AsyncClient(base_url=url, transport=transport, timeout=timeout)
+
+
 async def direct_one(client: MoonshotClient, body: Body) -> Sample:
     t0, s = time.perf_counter(), Sample(math.nan, math.nan)
     async with contextlib.aclosing(client.stream(body)) as chunks:
@@ -105,12 +117,13 @@ async def direct_one(client: MoonshotClient, body: Body) -> Sample:
     return s
 
 
-async def moonq_one(http: httpx.AsyncClient, stack: Stack, body: Body, poll: bool) -> Sample:
-    """Submit, then read the job's SSE events to `done` (or long-poll `?wait=`, when `poll`)."""
+async def moonq_one(http: httpx.AsyncClient, ids: set[str], body: Body, poll: bool) -> Sample:
+    """Submit, then read the job's SSE events to `done` (or long-poll `?wait=`, when `poll`);
+    the job's id goes into `ids` (the benchmark deletes those jobs at the end)."""
     t0 = time.perf_counter()
     response = await http.post("/v1/jobs", json={"body": body})
     response.raise_for_status()
-    stack.job_ids.add(job_id := response.json()["id"])
+    ids.add(job_id := response.json()["id"])
     s, end = Sample(math.nan, math.nan, time.perf_counter() - t0, job_id), "no terminal event"
     if poll:
         end = (await http.get(f"/v1/jobs/{job_id}", params={"wait": 60})).json()["status"]
@@ -133,7 +146,7 @@ async def moonq_one(http: httpx.AsyncClient, stack: Stack, body: Body, poll: boo
     return s
 
 
-async def chat_one(http: httpx.AsyncClient, stack: Stack, body: Body) -> Sample:
+async def chat_one(http: httpx.AsyncClient, ids: set[str], body: Body) -> Sample:
     """The OpenAI drop-in: `POST /v1/chat/completions` with `"stream": true`, read as plain
     SSE lines to `data: [DONE]`; the job's id comes in `X-Moonq-Job-Id`."""
     t0, s = time.perf_counter(), Sample(math.nan, math.nan)
@@ -143,7 +156,7 @@ async def chat_one(http: httpx.AsyncClient, stack: Stack, body: Body) -> Sample:
             raise RuntimeError(
                 f"chat completion: {response.status_code} {await response.aread()!r}"
             )
-        stack.job_ids.add(job_id := response.headers["X-Moonq-Job-Id"])
+        ids.add(job_id := response.headers["X-Moonq-Job-Id"])
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -162,23 +175,40 @@ async def chat_one(http: httpx.AsyncClient, stack: Stack, body: Body) -> Sample:
     return s
 
 
-async def batch(
-    stack: Stack, n: int, c: int, chunks: int, one: Callable[[int], Awaitable[Sample]]
-) -> Run:
-    """`n` requests, `c` at a time (a closed loop), with what they cost each process."""
+class Sent(NamedTuple):
+    """What a run's clients brought back, and the CPU seconds of the load processes that sent
+    it (0 when this process sent it: its CPU is counted as the client's)."""
+
+    samples: list[Sample]
+    cpu: float = 0.0
+
+
+async def closed_loop(n: int, c: int, one: Callable[[int], Awaitable[Sample]]) -> Sent:
+    """`n` requests, `c` at a time, from this process."""
     limit = asyncio.Semaphore(c)
 
     async def guarded(i: int) -> Sample:
         async with limit:
             return await one(i)
 
-    async with httpx.AsyncClient(base_url=stack.fake_url) as fake:
-        await fake.post("/_fake/reset")
+    return Sent(list(await asyncio.gather(*map(guarded, range(n)))))
+
+
+async def batch(stack: Stack, n: int, chunks: int, send: Awaitable[Sent]) -> Run:
+    """The `n` requests that `send` makes (a closed loop, here or in the load processes), with
+    what they cost each process."""
+    async with httpx.AsyncClient() as fake:
+        for url in stack.fake_urls:
+            await fake.post(f"{url}/_fake/reset")
         calls, before, t0 = stack.redis_calls(), stack.cpu(), time.perf_counter()
-        run = Run(list(await asyncio.gather(*map(guarded, range(n)))), time.perf_counter() - t0)
+        sent = await send
+        run = Run(sent.samples, time.perf_counter() - t0)
         after = stack.cpu()
         run.redis_per_chunk = (stack.redis_calls() - calls) / (n * chunks)
-        run.peak = (await fake.get("/_fake/stats")).json()["peak_in_flight"]
+        # Each fake's own peak, summed: at most the upstream's (they may peak apart).
+        peaks = [(await fake.get(f"{url}/_fake/stats")).json() for url in stack.fake_urls]
+        run.peak = sum(p["peak_in_flight"] for p in peaks)
+    after["client"] += sent.cpu
     run.cpu = {k: (after[k] - before[k]) * 1000 / n for k in before}
     rest = (run.cpu.pop("machine") - sum(run.cpu.values())) * n / run.wall / 1000
     run.cpu["rest"] = max(0.0, rest)  # ticks are 10 ms: tiny negatives are rounding
@@ -212,6 +242,16 @@ class Crowd:
     errors: Counter[str]
     wall: float  # s until the last one ended
     rss: dict[str, float] = field(default_factory=dict)  # moonq: peak RSS (MiB) meanwhile
+    rss_since: str = "the crowd began"  # or "the start", where the kernel cannot reset it
+
+    @classmethod
+    def merge(cls, parts: list[Crowd]) -> Crowd:
+        """One crowd of the parts sent by the load processes, all started together."""
+        errors: Counter[str] = Counter()
+        for part in parts:
+            errors.update(part.errors)
+        samples = [s for part in parts for s in part.samples]
+        return cls(sum(p.n for p in parts), samples, errors, max(p.wall for p in parts))
 
 
 async def crowd(n: int, one: Callable[[int], Awaitable[Sample]]) -> Crowd:

@@ -236,6 +236,7 @@ def report(args: argparse.Namespace, result: Result, elapsed: float, redis_versi
         parts.append(
             f"**{args.slow} slow streams at once** ({args.slow_chunks} chunks "
             f"{args.slow_delay:g} s apart, all started together; one run; peak RSS summed over "
-            "each server's processes, since the crowd began)\n\n" + crowd_table(*result.crowds)
+            f"each server's processes, since {result.crowds[1].rss_since})\n\n"
+            + crowd_table(*result.crowds)
         )
     return "\n\n".join(part.rstrip("\n") for part in parts) + "\n"

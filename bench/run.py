@@ -21,19 +21,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import httpx
-from httpx_aiohttp import AiohttpTransport
-
+from bench.load import Load
 from bench.measure import (
     Body,
     Crowd,
     Row,
     Run,
     Sample,
+    Sent,
     Shape,
+    api_client,
     batch,
     chat,
     chat_one,
+    closed_loop,
     crowd,
     direct_one,
     moonq_one,
@@ -56,33 +57,32 @@ class Bench:
         self.stack, self.args = stack, args
         self.top = top_level(args)
         self.direct = MoonshotClient(f"{stack.fake_url}/v1", "sk-bench", concurrency=self.top)
-        self.http = self.connect(self.top)
+        self.http = api_client(stack.api_url, self.top)
         self.shape = Shape(args.chunks, args.delay, args.first_byte, stamp=args.relay)
-
-    def connect(self, n: int) -> httpx.AsyncClient:
-        """A client of the API for `n` requests at once. Idle connections are dropped before
-        uvicorn's 5 s keep-alive closes them: reusing one the server is closing at that moment
-        fails the POST ("Server disconnected")."""
-        limits = httpx.Limits(
-            max_connections=2 * n, max_keepalive_connections=2 * n, keepalive_expiry=2.0
-        )
-        transport, timeout = AiohttpTransport(limits=limits), httpx.Timeout(90, connect=10)
-        return httpx.AsyncClient(base_url=self.stack.api_url, transport=transport, timeout=timeout)
+        self.load = Load(args.clients, stack.fake_urls) if args.clients > 1 else None
 
     async def aclose(self) -> None:
         await self.http.aclose()
         await self.direct.aclose()
+        if self.load is not None:
+            await asyncio.to_thread(self.load.close)
 
     def one(self, kind: str) -> Callable[[Body], Awaitable[Sample]]:
+        ids = self.stack.job_ids
         if kind == "direct":
             return partial(direct_one, self.direct)
         if kind == "chat":
-            return partial(chat_one, self.http, self.stack)
-        return partial(moonq_one, self.http, self.stack, poll=kind == "wait")
+            return partial(chat_one, self.http, ids)
+        return partial(moonq_one, self.http, ids, poll=kind == "wait")
 
     def run(self, kind: str, c: int, n: int, shape: Shape) -> Awaitable[Run]:
-        one = self.one(kind)
-        return batch(self.stack, n, c, shape.chunks, lambda i: one(chat(i, shape)))
+        send: Awaitable[Sent]
+        if self.load is not None:
+            send = self.load.run(kind, shape, n, c, self.stack.api_url, self.stack.job_ids)
+        else:
+            one = self.one(kind)
+            send = closed_loop(n, c, lambda i: one(chat(i, shape)))
+        return batch(self.stack, n, shape.chunks, send)
 
     def requests(self, c: int) -> int:
         return int(self.args.requests or max(10, 2 * c))
@@ -144,11 +144,11 @@ class Bench:
             found.append(("worker", count, await self.ceiling(f"workers ×{count}")))
         if stack.workers != self.args.workers:
             await asyncio.to_thread(stack.start_worker, *stack.slots, self.args.workers)
-        for count in self.args.scaling:
+        for count in self.args.api_scaling:
             if count != stack.api_procs:
                 await asyncio.to_thread(stack.start_api, count)
                 await self.http.aclose()  # its connections were to the processes just stopped
-                self.http = self.connect(self.top)
+                self.http = api_client(stack.api_url, self.top)
             await self.warm_up()
             found.append(("API", count, await self.ceiling(f"API ×{count}")))
         return found
@@ -159,16 +159,23 @@ class Bench:
         args, stack, n = self.args, self.stack, self.args.slow
         await asyncio.to_thread(stack.start_worker, n, n)
         shape = Shape(args.slow_chunks, args.slow_delay, 0.0, spread=False, stamp=args.relay)
-        direct = MoonshotClient(f"{stack.fake_url}/v1", "sk-bench", concurrency=n)
-        http = self.connect(n)
-        try:
-            straight = await crowd(n, lambda i: direct_one(direct, chat(i, shape)))
+        if self.load is not None:
+            straight = await self.load.crowd("direct", shape, n, stack.api_url, stack.job_ids)
             await asyncio.to_thread(stack.reset_peak_rss)
-            queued = await crowd(n, lambda i: moonq_one(http, stack, chat(i, shape), False))
-            queued.rss = await asyncio.to_thread(stack.peak_rss)
-        finally:
-            await http.aclose()
-            await direct.aclose()
+            queued = await self.load.crowd("sse", shape, n, stack.api_url, stack.job_ids)
+        else:
+            direct = MoonshotClient(f"{stack.fake_url}/v1", "sk-bench", concurrency=n)
+            http, ids = api_client(stack.api_url, n), stack.job_ids
+            try:
+                straight = await crowd(n, lambda i: direct_one(direct, chat(i, shape)))
+                await asyncio.to_thread(stack.reset_peak_rss)
+                queued = await crowd(n, lambda i: moonq_one(http, ids, chat(i, shape), False))
+            finally:
+                await http.aclose()
+                await direct.aclose()
+        queued.rss = await asyncio.to_thread(stack.peak_rss)
+        if stack.rss_since_start:
+            queued.rss_since = "the processes started"
         return straight, queued
 
 
@@ -228,6 +235,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--ceiling", type=int, default=200, help="in flight in the ceiling row (0: no row)")
     add("--ceiling-requests", type=int, default=1200, help="requests of a ceiling run")
     add("--ceiling-chunks", type=int, default=20, help="chunks of a ceiling answer")
+    add("--clients", type=int, default=1, help="processes that send the load (1: this one)")
+    add("--fakes", type=int, default=1, help="fake upstream processes (worker i calls i mod F)")
     add("--workers", type=int, default=1, help="worker processes")
     add("--api-procs", type=int, default=1, help="API processes (`moonq api --workers N`)")
     add(
@@ -237,6 +246,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="e.g. 1,2: only the ceiling row, with that "
         "many worker processes, then API processes; a table of jobs/s by processes",
     )
+    add("--api-scaling", type=ints, help="the API processes of --scaling (default: the same)")
     add("--slow", type=int, default=0, help="a row of N slow streams at once (0: none)")
     add("--slow-chunks", type=int, default=20, help="chunks of a slow stream")
     add("--slow-delay", type=float, default=1.0, help="seconds between a slow stream's chunks")
@@ -250,8 +260,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         cli.error("the benchmark talks only to 127.0.0.1")
     if args.scaling and not args.ceiling:
         cli.error("--scaling measures the ceiling row: --ceiling must not be 0")
-    if min(args.repeat, args.workers, args.api_procs, *args.levels, *args.scaling) < 1:
-        cli.error("--repeat, --workers, --api-procs, --levels and --scaling count from 1")
+    if args.api_scaling is None:
+        args.api_scaling = args.scaling
+    elif not args.scaling:
+        cli.error("--api-scaling comes with --scaling")
+    counts = [args.repeat, args.workers, args.api_procs, args.clients, args.fakes, *args.levels]
+    if min(*counts, *args.scaling, *args.api_scaling) < 1:
+        cli.error(
+            "--repeat, --workers, --api-procs, --clients, --fakes, --levels and the scaling "
+            "counts count from 1"
+        )
     if args.chat_level is None:
         args.chat_level = args.levels[len(args.levels) // 2]
     return args

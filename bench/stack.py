@@ -64,22 +64,26 @@ class Stack:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.prefix = args, f"bench{uuid.uuid4().hex[:10]}"
         self.workdir = Path(tempfile.mkdtemp(prefix="moonq-bench-"))
-        self.ports = {"fake": free_port(), "api": free_port()}
-        self.fake_url, self.api_url = (f"http://127.0.0.1:{p}" for p in self.ports.values())
+        self.fake_ports = [free_port() for _ in range(getattr(args, "fakes", 1))]
+        self.api_port = free_port()
+        self.fake_urls = [f"http://127.0.0.1:{p}" for p in self.fake_ports]
+        self.fake_url, self.api_url = self.fake_urls[0], f"http://127.0.0.1:{self.api_port}"
         self.procs: dict[str, Proc] = {}
         self.job_ids: set[str] = set()
         self.redis = redis.Redis.from_url(args.redis_url)
         self.api_procs: int = getattr(args, "api_procs", 1)
         self.workers: int = getattr(args, "workers", 1)
         self.slots = (0, 0)  # each worker's concurrency, the limiter's
+        self.rss_since_start = False  # the kernel could not start the peak RSS afresh
 
-    def env(self, worker: int, limit: int) -> dict[str, str]:
-        """RPM and TPM limits off: the benchmark sends far more than a real account may."""
+    def env(self, worker: int, limit: int, fake: int = 0) -> dict[str, str]:
+        """RPM and TPM limits off: the benchmark sends far more than a real account may.
+        `fake`: which of the fake upstream's processes this process calls."""
         env = {
             "REDIS_URL": self.args.redis_url,
             "MOONQ_KEY_PREFIX": self.prefix,
             "MOONQ_QUEUE_NAME": f"{self.prefix}:queue",
-            "MOONSHOT_BASE_URL": f"{self.fake_url}/v1",
+            "MOONSHOT_BASE_URL": f"{self.fake_urls[fake % len(self.fake_urls)]}/v1",
             "MOONSHOT_API_KEY": "sk-bench",
             "MOONQ_API_KEYS": "",
             "MOONQ_WORKER_CONCURRENCY": str(worker),
@@ -90,9 +94,15 @@ class Stack:
         return clean_env(**env | dict(item.split("=", 1) for item in self.args.env))
 
     def up(self, concurrency: int) -> None:
-        args = ["fake-moonshot", "--port", str(self.ports["fake"])]
-        self.procs["fake"] = start("fake", args, self.env(concurrency, concurrency), self.workdir)
-        wait_http(f"{self.fake_url}/_fake/stats", self.procs["fake"])
+        """The fake upstream (one process on a port of its own for each of `--fakes`; worker
+        i calls fake i mod F), the API and the workers."""
+        for i, port in enumerate(self.fake_ports):
+            name = "fake" if i == 0 else f"fake{i + 1}"
+            args = ["fake-moonshot", "--port", str(port)]
+            self.procs[name] = start(name, args, self.env(concurrency, concurrency), self.workdir)
+        fakes = [name for name in self.procs if group_of(name) == "fake"]
+        for name, url in zip(fakes, self.fake_urls, strict=True):
+            wait_http(f"{url}/_fake/stats", self.procs[name])
         self.slots = (concurrency, concurrency)
         self.start_api(self.api_procs)
         self.start_worker(concurrency, concurrency)
@@ -102,7 +112,7 @@ class Stack:
         if "api" in self.procs:
             self.procs.pop("api").stop()
         self.api_procs = procs
-        args = ["api", "--port", str(self.ports["api"]), "--workers", str(procs)]
+        args = ["api", "--port", str(self.api_port), "--workers", str(procs)]
         proc = start(f"api-x{procs}", args, self.env(*self.slots), self.workdir)
         self.procs["api"], deadline = proc, time.monotonic() + 30
         wait_http(f"{self.api_url}/readyz", proc)
@@ -120,7 +130,7 @@ class Stack:
         started = []
         for i in range(self.workers):
             log = f"worker{i + 1}-{worker}-{limit}"
-            proc = start(log, ["worker"], self.env(worker, limit), self.workdir)
+            proc = start(log, ["worker"], self.env(worker, limit, fake=i), self.workdir)
             self.procs["worker" if i == 0 else f"worker{i + 1}"] = proc
             started.append(proc)
         deadline = time.monotonic() + 20
@@ -167,7 +177,10 @@ class Stack:
         """Start the API's and the workers' VmHWM afresh (from their present RSS)."""
         table = process_table()
         for pid in self.pids("api", table) + self.pids("worker", table):
-            Path(f"/proc/{pid}/clear_refs").write_text("5")
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:  # a kernel without it (gVisor): the peak since the start, then
+                self.rss_since_start = True
 
     def down(self) -> None:
         for proc in reversed(list(self.procs.values())):
