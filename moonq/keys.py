@@ -232,6 +232,13 @@ def queue_fair(queue_name: str) -> str:
     return f"{queue_name}:fair"
 
 
+def queue_fair_waiting(queue_name: str, tenant: str) -> str:
+    """Sorted set beside arq's queue: a tenant's interactive jobs that have not ended (their
+    record keys, by turn); those with turns past `queue_fair_clock` are its jobs that wait,
+    which `scripts.CREATE` counts. Marked as in use by the member '' (at -inf)."""
+    return f"{queue_name}:fair:waiting:{tenant}"
+
+
 def queue_fair_clock(queue_name: str) -> str:
     """String beside arq's queue: the latest turn of an interactive job whose attempt started
     (`scripts.START`); a job queued now takes its turn no earlier."""

@@ -41,8 +41,12 @@ end
 # fingerprint, index horizon (s), tenant, then the record's field/value pairs. The job's turn
 # (see `redis_clock`) scores its queue entry and is kept in its record as `order`, its place
 # at the upstream limiter too. A tenant's next turn is never ahead of the latest turn started
-# by more than the jobs it has queued (+1): the turns of its jobs cancelled before they
-# started are given back.
+# by more than its interactive jobs that wait (+1): the turns of its jobs cancelled before
+# they started are given back. Those that wait are counted in its waiting set (KEYS[11],
+# `keys.queue_fair_waiting`: each job is added here and taken out by FINISH; one whose turn
+# the clock passed has started); a tenant whose set is not in use yet (queued before it
+# existed) is counted by its queued index, as before, until the clock passes its last turn
+# from then (the member '~').
 # Writes the record, its index entries and the queue entry together; neither expires until the
 # job ends. With an idempotency key already taken by a job that still exists, writes nothing
 # and returns "<job id> <fingerprint>" of that first job; else returns ''.
@@ -51,7 +55,14 @@ end
 CREATE = """
 local clock = tonumber(redis.call('GET', KEYS[10])) or 1
 local next_turn = tonumber(redis.call('HGET', KEYS[9], ARGV[8])) or 1
-local waiting = redis.call('ZCARD', KEYS[6])
+local known = redis.call('ZSCORE', KEYS[11], '')
+local before = known and redis.call('ZSCORE', KEYS[11], '~')
+local waiting
+if not known or (before and tonumber(before) > clock) then
+  waiting = redis.call('ZCARD', KEYS[6])
+else
+  waiting = redis.call('ZCOUNT', KEYS[11], '(' .. string.format('%.0f', clock), '+inf')
+end
 local turn = math.max(math.min(next_turn, clock + waiting + 1), clock)
 turn = string.format('%.0f', math.min(turn, $LINES - 1))
 if ARGV[5] ~= '0' then
@@ -73,6 +84,12 @@ if KEYS[7] ~= '' then
 end
 redis.call('SET', KEYS[3], ARGV[4])
 redis.call('HSET', KEYS[9], ARGV[8], turn + 1)
+if not known then
+  redis.call('ZADD', KEYS[11], '-inf', '')
+  if next_turn - 1 > clock then redis.call('ZADD', KEYS[11], next_turn - 1, '~') end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[11], '(-inf', string.format('%.0f', clock))
+redis.call('ZADD', KEYS[11], turn, KEYS[1])
 redis.call('ZADD', KEYS[4], turn, ARGV[1])
 redis.call('PUBLISH', KEYS[8], '')
 return ''
@@ -189,7 +206,8 @@ end
 
 # KEYS: job, log, channel, the tenant's usage of the day, then the scheduler's in-flight set,
 # virtual times and active tenants (see batch_lua.BATCH_HOOK), then the metrics hash (every
-# ending counted by status, whoever ends the job: a worker, a cancel, a batch's end).
+# ending counted by status, whoever ends the job: a worker, a cancel, a batch's end), then the
+# tenant's fair waiting set ('' or none for a batch line: `keys.queue_fair_waiting`).
 # ARGV: 1 status index base, 2 attempt ('' = any), 3 status, 4 ttl, 5 maxlen, 6 event body,
 # 7 expected seq ('' = any), 8 index horizon (s), 9 batch key base, 10 the line's outcome for
 # its batch ('' = the status), 11 number of field pairs N, 12 the usage hash's ttl (s), 13 the
@@ -262,6 +280,7 @@ if last_field < #ARGV then redis.call('EXPIRE', KEYS[4], ARGV[12]) end
 redis.call('ZREMRANGEBYSCORE', move_status(index, state[1], ARGV[3]), '-inf', ARGV[8])
 redis.call('PUBLISH', KEYS[3], event)
 if countable then redis.call('HINCRBY', KEYS[8], ended, 1) end  -- checked: cannot fail
+if KEYS[9] and KEYS[9] ~= '' then redis.call('ZREM', KEYS[9], KEYS[1]) end
 local now = tonumber(redis.call('TIME')[1])
 local keep = ARGV[4]
 if line then

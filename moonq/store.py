@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from moonq import scripts
 from moonq.assemble import Assembler
-from moonq.keys import Keys, queue_fair, queue_fair_clock
+from moonq.keys import Keys, queue_fair, queue_fair_clock, queue_fair_waiting
 from moonq.models import Job, JobCreate, Status
 from moonq.serde import arq_serialize, dump_bytes, dumps
 from moonq.settings import Settings
@@ -173,6 +173,7 @@ class JobStore:
             self.keys.wake(),
             queue_fair(self.queue_name),
             queue_fair_clock(self.queue_name),
+            queue_fair_waiting(self.queue_name, tenant),
         ]
         ttl = IDEMPOTENCY_TTL if idempotency_key else 0
         job_prefix = self.keys.job("")
@@ -358,7 +359,7 @@ class JobStore:
         fields = {} if status == Status.CANCELLED else {"error": error}
         keys, template = self._finish_call("", status, event, fields, None, tenant, None, outcome)
         k = self.keys
-        args: list[Any] = [k.job(""), k.log(""), k.channel(""), keys[3], *keys[4:], lines_key]
+        args: list[Any] = [k.job(""), k.log(""), k.channel(""), keys[3], *keys[4:8], lines_key]
         args += [first, count, "1" if keep_running else "0", len(template), *template]
         read, handed, running = await self._end_lines(args=args)
         return int(read), [i.decode() for i in handed], [i.decode() for i in running]
@@ -389,6 +390,7 @@ class JobStore:
         k = self.keys
         keys = [*self._event_keys(job_id), k.usage(tenant, utc_day(now))]
         keys += [k.sched_inflight(), k.sched_vtime(), k.sched_active(), k.metrics()]
+        keys.append(queue_fair_waiting(self.queue_name, tenant) if job_id else "")
         return keys, args
 
     async def cancel(self, job_id: str, tenant: str) -> Job | None:

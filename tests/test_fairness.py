@@ -183,22 +183,28 @@ async def test_tenants_interactive_jobs_alternate_and_an_idle_one_goes_next(
     assert sorted(after) == sorted([carol.id, alice[10]])
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["", "with a batch of hers queued"])
 async def test_fair_order_holds_whoever_runs_the_jobs_and_whatever_was_cancelled(
-    real_stack: Any,
+    real_stack: Any, batch: bool
 ) -> None:
     """Alice's 100 jobs ran (by any runner, arq's own included) and 300 more were cancelled;
     Bob now has 100 waiting. Alice's next job goes right after Bob's first, not behind all of
-    his (the cancelled jobs' turns were given back); and a batch line handed back waits for
-    both."""
+    his (the cancelled jobs' turns were given back, whatever else of hers waits: a batch's
+    lines have no turns); and a batch line handed back waits for both."""
     from arq.constants import in_progress_key_prefix as lock_base
 
     from moonq import scripts
     from moonq.keys import queue_leases
     from moonq.redis_clock import LINES
 
-    stack, _client = await real_stack()
+    stack, client = await real_stack(MOONQ_API_KEYS="ka=alice,kb=bob")
     store, queue = stack.app.state.services.store, stack.settings.queue_name
     request = JobCreate.model_validate({"body": line("x")["body"]})
+    if batch:  # its 200 lines wait, queued (no worker hands them out here)
+        client.headers["Authorization"] = "Bearer ka"
+        await create(client, [line(f"l{i}") for i in range(200)])
+        queued = store.keys.tenant_status("alice", Status.QUEUED.value)
+        assert await stack.redis.zcard(queued) == 200
     ran = [(await store.create("alice", request))[0].id for _ in range(100)]
     for job_id in ran:  # run by whichever runner: started, then out of the queue
         assert await store.start_attempt(job_id) == 1
@@ -214,6 +220,32 @@ async def test_fair_order_holds_whoever_runs_the_jobs_and_whatever_was_cancelled
     first = [x.decode() for x in found[::2]]
     await stack.redis.delete(*(lock_base + j for j in first))
     assert first[0] == bob[0] and sorted(first[1:]) == sorted([bob[1], late.id])
+
+
+async def test_a_tenant_queued_before_the_waiting_count_keeps_its_order(real_stack: Any) -> None:
+    """Jobs queued by an earlier moonq, which kept no set of a tenant's waiting jobs: the
+    tenant's new jobs still take turns after them, counted by its queued index, until the
+    clock passes its last turn of then; from there its cancelled jobs' turns are given
+    back."""
+    from moonq.keys import queue_fair_waiting
+
+    stack, _client = await real_stack()
+    store, queue = stack.app.state.services.store, stack.settings.queue_name
+    request = JobCreate.model_validate({"body": line("x")["body"]})
+
+    async def turn(job_id: str) -> int:
+        return int(await stack.redis.hget(store.keys.job(job_id), "order"))
+
+    before = [(await store.create("alice", request))[0].id for _ in range(10)]
+    await stack.redis.delete(queue_fair_waiting(queue, "alice"))  # as an earlier moonq left it
+    new = [(await store.create("alice", request))[0].id for _ in range(2)]
+    assert [await turn(j) for j in before + new] == list(range(1, 13))
+    for job_id in before:
+        assert await store.start_attempt(job_id) == 1
+    for job_id in new:
+        assert (await store.cancel(job_id, "alice")) is not None
+    late, _ = await store.create("alice", request)
+    assert await turn(late.id) == 11  # right after the latest started: 11 and 12 given back
 
 
 async def test_jobs_put_back_keep_their_turns_and_newcomers_start_at_the_latest(
