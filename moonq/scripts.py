@@ -36,7 +36,8 @@ end
 # KEYS: job, tenant index, arq job, arq queue, idempotency key, the tenant's `queued` index,
 # the tenant's custom_id index ('' key name when the job has none), the workers' wake-up
 # channel (published last: idle workers poll at once, worker/wake.py), the queue's tenants'
-# next turns, the latest turn started (`keys.queue_fair*`).
+# next turns, the latest turn started, the tenant's waiting set (`keys.queue_fair*`), the
+# upstream limiter's line (`keys.limit_waiting`).
 # ARGV: job id, created (s), job key prefix, arq payload, idempotency ttl (s) or '0', request
 # fingerprint, index horizon (s), tenant, then the record's field/value pairs. The job's turn
 # (see `redis_clock`) scores its queue entry and is kept in its record as `order`, its place
@@ -63,7 +64,14 @@ if not known or (before and tonumber(before) > clock) then
 else
   waiting = redis.call('ZCOUNT', KEYS[11], '(' .. string.format('%.0f', clock), '+inf')
 end
-local turn = math.max(math.min(next_turn, clock + waiting + 1), clock)
+-- Jobs reach the limiter out of turn (a free permit goes to whichever asks first while
+-- nobody waits), so the latest turn started may be ahead of turns still waiting there: a
+-- newcomer goes no later than the first of those (a batch line's place is far above every
+-- turn; a job queued before turns waits at 0), not behind them all.
+local floor = clock
+local lowest = tonumber(redis.call('ZRANGE', KEYS[12], 0, 0, 'WITHSCORES')[2])
+if lowest and lowest >= 1 and lowest < floor then floor = lowest end
+local turn = math.max(math.min(next_turn, clock + waiting + 1), floor)
 turn = string.format('%.0f', math.min(turn, $LINES - 1))
 if ARGV[5] ~= '0' then
   local first = redis.call('GET', KEYS[5])
@@ -486,11 +494,13 @@ return {taken, later[2] and (tonumber(later[2]) - now) or ''}
 # KEYS: arq's lock on the job, arq's queue, arq's job, the job, the queue's lease set. ARGV:
 # lock ttl (ms), job id, queue score, arq payload, this run's lock token, this run's attempt
 # ('' before it starts one).
-# Renews the lock (and the job's lease) while this run holds it. If the lock lapsed (a stall)
-# and nobody took it since, takes it back, but only while the job is still this run's: queued
-# and not started by it yet (it waits for a permit), or in progress under its attempt, and
-# holds it again (a poll may have put it back in its place), so a job that is not over is
-# never left without arq's entries.
+# Renews the lock (and the job's lease) while this run holds it, and holds the job again if
+# a poll put it back meanwhile (its lock lapsed in a stall and this run's START took the free
+# lock: the job would otherwise take up each poll's look until it ends). If the lock lapsed
+# (a stall) and nobody took it since, takes it back, but only while the job is still this
+# run's: queued and not started by it yet (it waits for a permit), or in progress under its
+# attempt, and holds it again (a poll may have put it back in its place), so a job that is
+# not over is never left without arq's entries.
 # Returns 1 when renewed, 2 when taken back, 0 when the job is over, -1 when another run
 # holds the lock or has the job (this run is fenced at its next write).
 KEEP_LOCK = (
@@ -500,7 +510,12 @@ KEEP_LOCK = (
 local held = redis.call('GET', KEYS[1])
 if held == ARGV[5] then
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
-  redis.call('ZADD', KEYS[5], 'XX', now + tonumber(ARGV[1]), ARGV[2])
+  local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]))
+  if score and score >= 0 then  -- put back while its lock was free, then taken at its start
+    hold(KEYS[2], KEYS[5], ARGV[2], score, ARGV[1])
+  else
+    redis.call('ZADD', KEYS[5], 'XX', now + tonumber(ARGV[1]), ARGV[2])
+  end
   return 1
 end
 if held then return -1 end

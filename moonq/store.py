@@ -174,6 +174,7 @@ class JobStore:
             queue_fair(self.queue_name),
             queue_fair_clock(self.queue_name),
             queue_fair_waiting(self.queue_name, tenant),
+            self.keys.limit_waiting(),
         ]
         ttl = IDEMPOTENCY_TTL if idempotency_key else 0
         job_prefix = self.keys.job("")

@@ -359,3 +359,22 @@ def test_a_jobs_place_at_the_limiter_is_its_turn() -> None:
     turns = [permit_priority({"created_at": created, "order": str(n)}) for n in (1, 2, 10**9)]
     lines = [permit_priority({"created_at": str(t), "batch_id": "b"}) for t in (1.0e9, 2.0e9)]
     assert before < turns[0] < turns[1] < turns[2] < lines[0] < lines[1]
+
+
+async def test_a_newcomer_goes_no_later_than_the_first_turn_waiting_at_the_limiter(
+    real_stack: Any,
+) -> None:
+    """Alice's 10 jobs were taken at once; her 7th and 10th asked for the limiter's permits
+    first (its line was empty) and started, the others wait there by turn. Bob's job queued
+    now waits behind none of hers: not behind every turn below the latest started."""
+    stack, _client = await real_stack()
+    store = stack.app.state.services.store
+    request = JobCreate.model_validate({"body": line("x")["body"]})
+    alice = [(await store.create("alice", request))[0].id for _ in range(10)]
+    for job_id in (alice[6], alice[9]):
+        assert await store.start_attempt(job_id) == 1
+    waiting = {f"lease-{n}": n + 1 for n in range(10) if n not in (6, 9)}
+    await stack.redis.zadd(store.keys.limit_waiting(), waiting)
+    bob, _ = await store.create("bob", request)
+    turn = int(await stack.redis.hget(store.keys.job(bob.id), "order"))
+    assert turn <= min(waiting.values()), turn

@@ -822,6 +822,43 @@ async def test_a_held_job_goes_back_to_its_place_only_when_no_run_holds_it(
         await redis.delete(queue, leases, lock, record, f"arq:job:{job}")
 
 
+async def test_a_run_that_took_its_lock_back_at_its_start_holds_its_job_again(
+    either_redis: Any, prefix: str
+) -> None:
+    """A run stalls past its lock, a poll puts its job back in its place, and the run, awake,
+    takes the free lock again as its attempt starts (not by renewing): its next renewal holds
+    the job again, out of every poll's look, rather than leaving it among the jobs that wait
+    until it ends."""
+    from arq.constants import in_progress_key_prefix as lock_base
+
+    from moonq import scripts
+    from moonq.keys import queue_leases
+
+    redis = either_redis
+    queue, job = f"{prefix}:queue", f"{prefix}-job"
+    leases, lock, record = queue_leases(queue), lock_base + job, f"{prefix}:job:{job}"
+    seconds, _ = await redis.time()
+    score = seconds * 1000 - 1000
+    await redis.zadd(queue, {job: score})
+    await redis.hset(record, mapping={"status": "in_progress", "attempts": "1"})
+    take = redis.register_script(scripts.TAKE_DUE)
+    keep = redis.register_script(scripts.KEEP_LOCK)
+    try:
+        assert _ids((await take(keys=[queue, leases], args=[lock_base, 5000, "a", 100, 1]))[0])
+        await redis.delete(lock)  # a stalls: its lock lapses, a poll puts the job back
+        await redis.zadd(leases, {job: 0})
+        assert (await take(keys=[queue, leases], args=[lock_base, 5000, "c", 100, 0]))[0] == []
+        assert await redis.zscore(queue, job) == score
+        await redis.set(lock, "a", px=5000)  # a's attempt starts: START takes the free lock
+        keep_keys = [lock, queue, f"arq:job:{job}", record, leases]
+        assert await keep(keys=keep_keys, args=[5000, job, score, b"{}", "a", "1"]) == 1
+        assert await redis.zscore(queue, job) < 0  # held again, its place kept
+        assert await redis.zscore(leases, job)
+        assert (await take(keys=[queue, leases], args=[lock_base, 5000, "c", 100, 1]))[0] == []
+    finally:
+        await redis.delete(queue, leases, lock, record, f"arq:job:{job}")
+
+
 async def test_a_poll_refuses_bad_numbers_before_putting_anything_back(
     either_redis: Any, prefix: str
 ) -> None:
