@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from moonq.redis_clock import FAIR_TOP
 from moonq.settings import Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -68,10 +70,24 @@ def bind(*, tenant: str | None = None, attempt: int | None = None) -> None:
         context.attempt = attempt
 
 
+# arq's line as a job starts, whose last argument may say how long the job was due.
+_ARQ_START = "%6.2fs → %s(%s)%s"
+_DELAYED = re.compile(r" delayed=(\d+(?:\.\d+)?)s")
+
+
 class JobFilter(logging.Filter):
-    """Puts the running job's fields on each record (`job_id`, `tenant`, `attempt`)."""
+    """Puts the running job's fields on each record (`job_id`, `tenant`, `attempt`); and drops
+    the "delayed=" of arq's start line for a job scored by its turn, not a time (see
+    `moonq.redis_clock`): arq reads every queue score as a time, and the line said the job had
+    been due for decades."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == _ARQ_START and isinstance(record.args, tuple) and len(record.args) == 4:
+            extra = record.args[3]
+            found = _DELAYED.search(extra) if isinstance(extra, str) else None
+            # due for longer than since FAIR_TOP's instant: its score was no time
+            if found and float(found.group(1)) * 1000 > record.created * 1000 - FAIR_TOP:
+                record.args = (*record.args[:3], found.string.replace(found.group(0), ""))
         context = _job.get()
         if context is not None and context.active:
             record.job_id = context.job_id

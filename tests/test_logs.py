@@ -109,6 +109,32 @@ async def test_lines_logged_while_a_job_runs_name_it(
     assert {(retried, 1), (failed, 1)} <= set(said)
 
 
+async def test_a_job_started_says_no_absurd_delay(
+    stack_factory: Any, captured: io.StringIO
+) -> None:
+    """arq's start line says how long a job was due by reading its queue score as a time; a
+    job scored by its turn was said to be "delayed=1795772900.00s"."""
+    stack, client = await stack_factory()
+    await submit(client, chat("fine"))
+    await stack.run_worker()
+    started = [row["message"] for row in lines(captured) if row["logger"] == "arq.worker"]
+    started = [text for text in started if "→" in text]
+    assert started, "arq's start line was captured"
+    for text in started:
+        delayed = re.search(r"delayed=([\d.]+)s", text)
+        assert delayed is None or float(delayed.group(1)) < 3600, text
+
+
+def test_a_genuine_delay_stays_in_arqs_start_line() -> None:
+    """A job due at a time (a retry) that waited keeps what arq says of it."""
+    args = (0.5, "job_1:run_completion", "'job_1'", " try=2 delayed=3.50s")
+    record = logging.LogRecord(
+        "arq.worker", logging.INFO, __file__, 1, "%6.2fs → %s(%s)%s", args, None
+    )
+    JobFilter().filter(record)
+    assert record.getMessage().endswith("try=2 delayed=3.50s")
+
+
 def test_the_formatter_redacts_known_secrets_and_adds_the_job() -> None:
     record = logging.LogRecord(
         "moonq.worker", logging.WARNING, __file__, 1, "upstream said %s", (UPSTREAM_KEY,), None
