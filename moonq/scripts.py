@@ -41,13 +41,17 @@ end
 # ARGV: job id, created (s), job key prefix, arq payload, idempotency ttl (s) or '0', request
 # fingerprint, index horizon (s), tenant, then the record's field/value pairs. The job's turn
 # (see `redis_clock`) scores its queue entry and is kept in its record as `order`, its place
-# at the upstream limiter too. A tenant's next turn is never ahead of the latest turn started
-# by more than its interactive jobs that wait (+1): the turns of its jobs cancelled before
-# they started are given back. Those that wait are counted in its waiting set (KEYS[11],
+# at the upstream limiter too. A tenant's next turn is right after the latest of its
+# interactive jobs that wait, or after the latest turn started if none waits: the turns of
+# its last jobs cancelled before they started are given back, and a new job never goes
+# before its tenant's older ones. Those that wait are in its waiting set (KEYS[11],
 # `keys.queue_fair_waiting`: each job is added here and taken out by FINISH; one whose turn
-# the clock passed has started); a tenant whose set is not in use yet (queued before it
-# existed) is counted by its queued index, as before, until the clock passes its last turn
-# from then (the member '~').
+# the clock passed has started). A tenant whose set is not in use yet (jobs queued before it
+# existed), or whose next turn is past the last this script gave it (member '^': an earlier
+# CREATE, beside this one in a rolling upgrade, queued jobs the set lacks), is counted by
+# its queued index, as before, until the clock passes its last turn from then (member '~').
+# A tenant's next turn after a turn below the clock (the floor below) is past the clock: one
+# job at most takes a turn from the limiter's line.
 # Writes the record, its index entries and the queue entry together; neither expires until the
 # job ends. With an idempotency key already taken by a job that still exists, writes nothing
 # and returns "<job id> <fingerprint>" of that first job; else returns ''.
@@ -58,20 +62,31 @@ local clock = tonumber(redis.call('GET', KEYS[10])) or 1
 local next_turn = tonumber(redis.call('HGET', KEYS[9], ARGV[8])) or 1
 local known = redis.call('ZSCORE', KEYS[11], '')
 local before = known and redis.call('ZSCORE', KEYS[11], '~')
-local waiting
+-- the tenant's next turn past the last this script gave ('^'): an earlier CREATE, beside
+-- this one, queued jobs the set lacks: counted as before until the clock passes them
+local unseen = known and next_turn - 1 > clock
+  and tonumber(redis.call('ZSCORE', KEYS[11], '^')) ~= next_turn - 1
+if unseen then before = next_turn - 1 end
+local last
 if not known or (before and tonumber(before) > clock) then
-  waiting = redis.call('ZCARD', KEYS[6])
-else
-  waiting = redis.call('ZCOUNT', KEYS[11], '(' .. string.format('%.0f', clock), '+inf')
+  last = clock + redis.call('ZCARD', KEYS[6])
+else  -- the tenant's latest turn still waiting (markers skipped), or the clock
+  last = clock
+  local top = redis.call('ZREVRANGEBYSCORE', KEYS[11], '+inf',
+    '(' .. string.format('%.0f', clock), 'WITHSCORES', 'LIMIT', 0, 3)
+  for i = 1, #top, 2 do
+    if top[i] ~= '~' and top[i] ~= '^' then last = math.max(last, tonumber(top[i + 1])) break end
+  end
 end
 -- Jobs reach the limiter out of turn (a free permit goes to whichever asks first while
 -- nobody waits), so the latest turn started may be ahead of turns still waiting there: a
 -- newcomer goes no later than the first of those (a batch line's place is far above every
 -- turn; a job queued before turns waits at 0), not behind them all.
 local floor = clock
-local lowest = tonumber(redis.call('ZRANGE', KEYS[12], 0, 0, 'WITHSCORES')[2])
-if lowest and lowest >= 1 and lowest < floor then floor = lowest end
-local turn = math.max(math.min(next_turn, clock + waiting + 1), floor)
+local lowest = tonumber(redis.call('ZRANGEBYSCORE', KEYS[12], 1, '+inf', 'WITHSCORES',
+  'LIMIT', 0, 1)[2])
+if lowest and lowest < floor then floor = lowest end
+local turn = math.max(math.min(next_turn, last + 1), floor)
 turn = string.format('%.0f', math.min(turn, $LINES - 1))
 if ARGV[5] ~= '0' then
   local first = redis.call('GET', KEYS[5])
@@ -91,11 +106,12 @@ if KEYS[7] ~= '' then
   redis.call('ZADD', KEYS[7], ARGV[2], ARGV[1])
 end
 redis.call('SET', KEYS[3], ARGV[4])
-redis.call('HSET', KEYS[9], ARGV[8], turn + 1)
-if not known then
-  redis.call('ZADD', KEYS[11], '-inf', '')
-  if next_turn - 1 > clock then redis.call('ZADD', KEYS[11], next_turn - 1, '~') end
+redis.call('HSET', KEYS[9], ARGV[8], math.max(tonumber(turn), clock) + 1)
+if not known then redis.call('ZADD', KEYS[11], '-inf', '') end
+if (not known or unseen) and next_turn - 1 > clock then
+  redis.call('ZADD', KEYS[11], next_turn - 1, '~')
 end
+redis.call('ZADD', KEYS[11], math.max(tonumber(turn), clock), '^')
 redis.call('ZREMRANGEBYSCORE', KEYS[11], '(-inf', string.format('%.0f', clock))
 redis.call('ZADD', KEYS[11], turn, KEYS[1])
 redis.call('ZADD', KEYS[4], turn, ARGV[1])
@@ -507,12 +523,15 @@ KEEP_LOCK = (
     TERMINAL_CHECK
     + _HOLD
     + """
+-- arq's own runner (its lock "1" names no run) never holds a job: arq's own end of a held
+-- job, deferred, would leave it below 0, due at once, and nothing of arq's drops a lease
+local holds = ARGV[5] ~= '1'
 local held = redis.call('GET', KEYS[1])
 if held == ARGV[5] then
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
   local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]))
-  if score and score >= 0 then  -- put back while its lock was free, then taken at its start
-    hold(KEYS[2], KEYS[5], ARGV[2], score, ARGV[1])
+  if holds and score and score >= 0 then  -- put back while its lock was free, then taken
+    hold(KEYS[2], KEYS[5], ARGV[2], score, ARGV[1])  -- at its start
   else
     redis.call('ZADD', KEYS[5], 'XX', now + tonumber(ARGV[1]), ARGV[2])
   end
@@ -526,7 +545,9 @@ local ours = (ARGV[6] == '' and state[1] == 'queued')
 if not ours then return -1 end
 local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]))
 redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[1])
-if score and score < 0 then
+if not holds then
+  if not score then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2]) end  -- back in its place
+elseif score and score < 0 then
   redis.call('ZADD', KEYS[5], now + tonumber(ARGV[1]), ARGV[2])
 else  -- put back in its place since, or gone: held again
   hold(KEYS[2], KEYS[5], ARGV[2], score or ARGV[3], ARGV[1])

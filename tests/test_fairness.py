@@ -7,6 +7,7 @@ import asyncio
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -378,3 +379,111 @@ async def test_a_newcomer_goes_no_later_than_the_first_turn_waiting_at_the_limit
     bob, _ = await store.create("bob", request)
     turn = int(await stack.redis.hget(store.keys.job(bob.id), "order"))
     assert turn <= min(waiting.values()), turn
+
+
+async def _turn(stack: Any, job_id: str) -> int:
+    store = stack.app.state.services.store
+    return int(await stack.redis.hget(store.keys.job(job_id), "order"))
+
+
+@pytest.mark.parametrize("source", ["a retry", "another queue"])
+async def test_a_low_turn_at_the_limiter_lets_one_newcomer_job_ahead_not_all(
+    real_stack: Any, source: str
+) -> None:
+    """Alice has 100 jobs queued, 50 started (clock 50); an old turn waits at the limiter
+    (her 3rd job back from a retry's delay, or a job of another queue sharing the account's
+    limiter). Bob queues 40: his first takes that turn, the rest alternate with Alice's 51+
+    (found by a review: all 40 went ahead of hers)."""
+    from moonq.store import JobStore
+
+    stack, _client = await real_stack()
+    store = stack.app.state.services.store
+    request = JobCreate.model_validate({"body": line("x")["body"]})
+    alice = [(await store.create("alice", request))[0].id for _ in range(100)]
+    for job_id in alice[:50]:
+        assert await store.start_attempt(job_id) == 1
+    if source == "a retry":
+        low = await _turn(stack, alice[2])
+    else:
+        other = JobStore(
+            stack.redis,
+            store.keys,
+            queue_name=f"{store.queue_name}-b",
+            result_ttl=60,
+            max_events=100,
+        )
+        job, _ = await other.create("carol", request)
+        low = int(await stack.redis.hget(store.keys.job(job.id), "order"))
+    await stack.redis.zadd(store.keys.limit_waiting(), {"lease-low": low})
+    bob = [(await store.create("bob", request))[0].id for _ in range(40)]
+    turns = [await _turn(stack, j) for j in bob]
+    assert sum(1 for t in turns if t < 51) <= 2, (low, turns)
+
+
+async def test_a_new_job_never_goes_before_its_tenants_older_waiting_jobs(
+    real_stack: Any,
+) -> None:
+    """Alice queues 10 and cancels her 2nd-4th: her next job goes after her 10th, not
+    among her older ones (a review found it tied with her 8th); cancelling her last ones
+    gives their turns back."""
+    stack, _client = await real_stack()
+    store = stack.app.state.services.store
+    request = JobCreate.model_validate({"body": line("x")["body"]})
+    alice = [(await store.create("alice", request))[0].id for _ in range(10)]
+    for job_id in alice[1:4]:
+        assert await store.cancel(job_id, "alice") is not None
+    late, _ = await store.create("alice", request)
+    assert await _turn(stack, late.id) == 11
+    for job_id in [*alice[7:], late.id]:
+        assert await store.cancel(job_id, "alice") is not None
+    again, _ = await store.create("alice", request)
+    assert await _turn(stack, again.id) == 8  # right after her 7th, the latest that waits
+
+
+async def test_jobs_queued_by_the_previous_create_beside_the_new_keep_their_order(
+    real_stack: Any,
+) -> None:
+    """A rolling upgrade (or a rollback, then the upgrade again): once Alice's waiting set is
+    in use, an API process of the previous release queues 10 of hers, which the set lacks;
+    her next job from the new release still goes after them."""
+    from arq.constants import job_key_prefix
+
+    from moonq.keys import queue_fair, queue_fair_clock
+    from moonq.store import arq_payload, new_job_id, new_record
+
+    stack, _client = await real_stack()
+    store, k = stack.app.state.services.store, stack.app.state.services.store.keys
+    request = JobCreate.model_validate({"body": line("x")["body"]})
+    previous = Path(__file__).with_name("data") / "create_15d3244.lua"
+    old = stack.redis.register_script(previous.read_text())
+    first, _ = await store.create("alice", request)
+    by_old = []
+    for _ in range(10):
+        job_id, now = new_job_id(), time.time()
+        record = new_record(job_id, "alice", "moonshot-v1-8k", {}, now)
+        keys = [k.job(job_id), k.tenant_jobs("alice"), job_key_prefix + job_id, store.queue_name]
+        keys += [k.idempotency("alice", "x"), k.tenant_status("alice", Status.QUEUED.value)]
+        keys += ["", k.wake(), queue_fair(store.queue_name), queue_fair_clock(store.queue_name)]
+        args: list[Any] = [job_id, repr(now), k.job(""), arq_payload(job_id, 0), 0, "f", "0"]
+        args += ["alice", *(x for pair in record.items() for x in pair)]
+        assert await old(keys=keys, args=args) == b""
+        by_old.append(job_id)
+    late, _ = await store.create("alice", request)
+    older = [await _turn(stack, j) for j in by_old]
+    assert await _turn(stack, first.id) < min(older)
+    assert await _turn(stack, late.id) > max(older), older
+
+
+async def test_a_job_queued_before_turns_at_the_limiter_hides_no_turn_there(
+    real_stack: Any,
+) -> None:
+    """The limiter's line holds a job queued before turns (its place: 0) beside Alice's
+    turn 3, while her 10th started (clock 10): Bob's job goes no later than 3."""
+    stack, _client = await real_stack()
+    store = stack.app.state.services.store
+    request = JobCreate.model_validate({"body": line("x")["body"]})
+    alice = [(await store.create("alice", request))[0].id for _ in range(10)]
+    assert await store.start_attempt(alice[9]) == 1
+    await stack.redis.zadd(store.keys.limit_waiting(), {"legacy": 0, "lease-3": 3})
+    bob, _ = await store.create("bob", request)
+    assert await _turn(stack, bob.id) <= 3

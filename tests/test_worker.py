@@ -859,6 +859,50 @@ async def test_a_run_that_took_its_lock_back_at_its_start_holds_its_job_again(
         await redis.delete(queue, leases, lock, record, f"arq:job:{job}")
 
 
+@pytest.mark.parametrize("lapsed", [False, True], ids=["renewed", "taken back"])
+async def test_arqs_own_runner_keeps_a_retrys_delay_and_leaves_no_lease(
+    either_redis: Any, prefix: str, lapsed: bool
+) -> None:
+    """Under arq's own runner (`arq worker.main.WorkerSettings`: its lock is "1", which the
+    lock keeper renews) a job is never held: arq's own end of a held job deferred by a Retry
+    would leave it below 0, due at once, its delay lost; and nothing of arq's drops a lease
+    (found by a review)."""
+    from arq import Worker
+    from arq.constants import in_progress_key_prefix as lock_base
+
+    from moonq import scripts
+    from moonq.keys import queue_leases
+
+    redis = either_redis
+    queue, job = f"{prefix}:queue", f"{prefix}-job"
+    leases, lock, record = queue_leases(queue), lock_base + job, f"{prefix}:job:{job}"
+    seconds, _ = await redis.time()
+    score = seconds * 1000 - 1000
+    await redis.zadd(queue, {job: score})
+    await redis.hset(record, mapping={"status": "in_progress", "attempts": "1"})
+    if not lapsed:
+        await redis.set(lock, b"1", px=60_000)  # arq's start_jobs: psetex(..., b'1')
+    keep = redis.register_script(scripts.KEEP_LOCK)
+
+    async def noop(ctx: Any) -> None:
+        return None
+
+    plain = Worker(functions=[noop], redis_pool=redis, queue_name=queue, handle_signals=False)
+    try:
+        keep_keys = [lock, queue, f"arq:job:{job}", record, leases]
+        renewed = await keep(keys=keep_keys, args=[5000, job, score, b"{}", "1", "1"])
+        assert renewed == (2 if lapsed else 1)
+        assert await redis.zscore(queue, job) == score and await redis.zcard(leases) == 0
+        seconds, _ = await redis.time()
+        delay = 30_000  # Retry(defer=30): arq moves the score by the delay + (now - score)
+        await plain.finish_job(job, False, None, None, False, delay + seconds * 1000 - score, None)
+        seconds, _ = await redis.time()
+        assert await redis.zrangebyscore(queue, "-inf", seconds * 1000) == []  # not due yet
+    finally:
+        await plain.close()
+        await redis.delete(queue, leases, lock, record, f"arq:job:{job}")
+
+
 async def test_a_poll_refuses_bad_numbers_before_putting_anything_back(
     either_redis: Any, prefix: str
 ) -> None:
