@@ -46,10 +46,11 @@ end
 # its last jobs cancelled before they started are given back, and a new job never goes
 # before its tenant's older ones. Those that wait are in its waiting set (KEYS[11],
 # `keys.queue_fair_waiting`: each job is added here and taken out by FINISH; one whose turn
-# the clock passed has started). A tenant whose set is not in use yet (jobs queued before it
-# existed), or whose next turn is past the last this script gave it (member '^': an earlier
-# CREATE, beside this one in a rolling upgrade, queued jobs the set lacks), is counted by
-# its queued index, as before, until the clock passes its last turn from then (member '~').
+# the clock passed has started). This script writes a tenant's next turn as 'N.0', the
+# previous release's CREATE (beside this one in a rolling upgrade) as 'N': a tenant whose set
+# is not in use yet (jobs queued before it existed), or whose next turn that CREATE wrote
+# (jobs the set lacks), takes its next turns in order, none given back, until the clock
+# passes its last turn from then (member '~').
 # A tenant's next turn after a turn below the clock (the floor below) is past the clock: one
 # job at most takes a turn from the limiter's line.
 # Writes the record, its index entries and the queue entry together; neither expires until the
@@ -59,24 +60,24 @@ end
 # type it expects (moonq's own names), and the turns are read first.
 CREATE = """
 local clock = tonumber(redis.call('GET', KEYS[10])) or 1
-local next_turn = tonumber(redis.call('HGET', KEYS[9], ARGV[8])) or 1
+local raw_next = redis.call('HGET', KEYS[9], ARGV[8])
+local next_turn = tonumber(raw_next) or 1
 local known = redis.call('ZSCORE', KEYS[11], '')
 local before = known and redis.call('ZSCORE', KEYS[11], '~')
--- the tenant's next turn past the last this script gave ('^'): an earlier CREATE, beside
--- this one, queued jobs the set lacks: counted as before until the clock passes them
-local unseen = known and next_turn - 1 > clock
-  and tonumber(redis.call('ZSCORE', KEYS[11], '^')) ~= next_turn - 1
+-- this script writes the next turn as 'N.0', the previous release's CREATE as 'N'
+local unseen = known and next_turn - 1 > clock and not string.find(raw_next, '%.0$')
 if unseen then before = next_turn - 1 end
-local last
+-- the tenant's latest turn still waiting (markers skipped), or the clock
+local last = clock
+local top = redis.call('ZREVRANGEBYSCORE', KEYS[11], '+inf',
+  '(' .. string.format('%.0f', clock), 'WITHSCORES', 'LIMIT', 0, 2)
+for i = 1, #top, 2 do
+  if top[i] ~= '~' then last = math.max(last, tonumber(top[i + 1])) break end
+end
+-- the previous release's CREATE may have set the next turn below the set's latest
+if last > clock and next_turn <= last then next_turn = last + 1 end
 if not known or (before and tonumber(before) > clock) then
-  last = clock + redis.call('ZCARD', KEYS[6])
-else  -- the tenant's latest turn still waiting (markers skipped), or the clock
-  last = clock
-  local top = redis.call('ZREVRANGEBYSCORE', KEYS[11], '+inf',
-    '(' .. string.format('%.0f', clock), 'WITHSCORES', 'LIMIT', 0, 3)
-  for i = 1, #top, 2 do
-    if top[i] ~= '~' and top[i] ~= '^' then last = math.max(last, tonumber(top[i + 1])) break end
-  end
+  last = math.max(last, next_turn - 1)  -- jobs the set lacks wait up to here: none given back
 end
 -- Jobs reach the limiter out of turn (a free permit goes to whichever asks first while
 -- nobody waits), so the latest turn started may be ahead of turns still waiting there: a
@@ -106,12 +107,11 @@ if KEYS[7] ~= '' then
   redis.call('ZADD', KEYS[7], ARGV[2], ARGV[1])
 end
 redis.call('SET', KEYS[3], ARGV[4])
-redis.call('HSET', KEYS[9], ARGV[8], math.max(tonumber(turn), clock) + 1)
+redis.call('HSET', KEYS[9], ARGV[8], string.format('%.0f.0', math.max(tonumber(turn), clock) + 1))
 if not known then redis.call('ZADD', KEYS[11], '-inf', '') end
 if (not known or unseen) and next_turn - 1 > clock then
   redis.call('ZADD', KEYS[11], next_turn - 1, '~')
 end
-redis.call('ZADD', KEYS[11], math.max(tonumber(turn), clock), '^')
 redis.call('ZREMRANGEBYSCORE', KEYS[11], '(-inf', string.format('%.0f', clock))
 redis.call('ZADD', KEYS[11], turn, KEYS[1])
 redis.call('ZADD', KEYS[4], turn, ARGV[1])
