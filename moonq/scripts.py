@@ -519,41 +519,69 @@ return {taken, later[2] and (tonumber(later[2]) - now) or ''}
 # not over is never left without arq's entries.
 # Returns 1 when renewed, 2 when taken back, 0 when the job is over, -1 when another run
 # holds the lock or has the job (this run is fenced at its next write).
-KEEP_LOCK = (
-    TERMINAL_CHECK
+_KEEP_FUNCTION = (
+    "local KEYS, ARGV = KEYS, ARGV\n"
+    + TERMINAL_CHECK
     + _HOLD
     + """
--- arq's own runner (its lock "1" names no run) never holds a job: arq's own end of a held
--- job, deferred, would leave it below 0, due at once, and nothing of arq's drops a lease
-local holds = ARGV[5] ~= '1'
-local held = redis.call('GET', KEYS[1])
-if held == ARGV[5] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
-  local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]))
-  if holds and score and score >= 0 then  -- put back while its lock was free, then taken
-    hold(KEYS[2], KEYS[5], ARGV[2], score, ARGV[1])  -- at its start
-  else
-    redis.call('ZADD', KEYS[5], 'XX', now + tonumber(ARGV[1]), ARGV[2])
+local function keep()
+  -- arq's own runner (its lock "1" names no run) never holds a job: arq's own end of a held
+  -- job, deferred, would leave it below 0, due at once, and nothing of arq's drops a lease
+  local holds = ARGV[5] ~= '1'
+  local held = redis.call('GET', KEYS[1])
+  if held == ARGV[5] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[1])
+    local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]))
+    if holds and score and score >= 0 then  -- put back while its lock was free, then taken
+      hold(KEYS[2], KEYS[5], ARGV[2], score, ARGV[1])  -- at its start
+    else
+      redis.call('ZADD', KEYS[5], 'XX', now + tonumber(ARGV[1]), ARGV[2])
+    end
+    return 1
   end
-  return 1
+  if held then return -1 end
+  local state = redis.call('HMGET', KEYS[4], 'status', 'attempts')
+  if not state[1] or terminal(state[1]) then return 0 end
+  local ours = (ARGV[6] == '' and state[1] == 'queued')
+    or (state[1] == 'in_progress' and state[2] == ARGV[6])
+  if not ours then return -1 end
+  local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]))
+  redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[1])
+  if not holds then
+    if not score then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2]) end  -- back in its place
+  elseif score and score < 0 then
+    redis.call('ZADD', KEYS[5], now + tonumber(ARGV[1]), ARGV[2])
+  else  -- put back in its place since, or gone: held again
+    hold(KEYS[2], KEYS[5], ARGV[2], score or ARGV[3], ARGV[1])
+  end
+  redis.call('SET', KEYS[3], ARGV[4], 'NX')
+  return 2
 end
-if held then return -1 end
-local state = redis.call('HMGET', KEYS[4], 'status', 'attempts')
-if not state[1] or terminal(state[1]) then return 0 end
-local ours = (ARGV[6] == '' and state[1] == 'queued')
-  or (state[1] == 'in_progress' and state[2] == ARGV[6])
-if not ours then return -1 end
-local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]))
-redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[1])
-if not holds then
-  if not score then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2]) end  -- back in its place
-elseif score and score < 0 then
-  redis.call('ZADD', KEYS[5], now + tonumber(ARGV[1]), ARGV[2])
-else  -- put back in its place since, or gone: held again
-  hold(KEYS[2], KEYS[5], ARGV[2], score or ARGV[3], ARGV[1])
+"""
+)
+KEEP_LOCK = _KEEP_FUNCTION + "return keep()\n"
+
+# ARGV: lock ttl (ms), arq's lock key prefix, arq's job key prefix, the job key base, arq's
+# queue, the queue's lease set, then for each job: its id, queue score, arq payload, the run's
+# lock token and attempt ('' before it starts one). KEEP_LOCK for each job in turn, in one
+# call for all the running jobs of a worker (`worker.main.LockRenewer`; one call per job each
+# beat was a worker's busiest Redis traffic with thousands of long streams). Returns one
+# outcome per job, as KEEP_LOCK's. Checks its arguments before the first write; each job's
+# writes cannot fail (KEEP_LOCK's), so one job's renewal never stops another's.
+KEEP_LOCKS = (
+    _KEEP_FUNCTION
+    + """
+local batch, out = ARGV, {}
+if not tonumber(batch[1]) or (#batch - 6) % 5 ~= 0 then
+  return redis.error_reply('ERR moonq: bad KEEP_LOCKS ARGV')
 end
-redis.call('SET', KEYS[3], ARGV[4], 'NX')
-return 2
+for i = 7, #batch, 5 do
+  local id = batch[i]
+  KEYS = {batch[2] .. id, batch[5], batch[3] .. id, batch[4] .. id, batch[6]}
+  ARGV = {batch[1], id, batch[i + 1], batch[i + 2], batch[i + 3], batch[i + 4]}
+  out[#out + 1] = keep()
+end
+return out
 """
 )
 

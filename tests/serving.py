@@ -38,12 +38,12 @@ async def served(app: Any) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def worker_running(stack: Any, **injected: Any) -> AsyncIterator[None]:
+async def worker_running(stack: Any, **injected: Any) -> AsyncIterator[Any]:
     """A worker taking jobs for as long as the block runs (`injected`: e.g. `transport=`)."""
     worker = create_worker(stack.settings, redis=stack.redis, handle_signals=False, **injected)
     task = asyncio.create_task(worker.async_run())
     try:
-        yield
+        yield worker
     finally:
         await worker.close()
         await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)

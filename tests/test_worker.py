@@ -351,6 +351,35 @@ async def test_a_job_that_cannot_even_start_fails_instead_of_hanging(stack_facto
     assert [e["event"] for e in await stack.events(job_id)] == ["error"]
 
 
+async def test_a_worker_renews_all_its_jobs_locks_in_one_call_a_beat(
+    stack_factory: Any, fake: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 jobs stream for about 2 s under a 1 s lock: their locks are renewed together, a
+    call a beat for all of them (one a job each beat was the busiest Redis traffic of a worker
+    with thousands of long streams), and none lapses: each job runs once."""
+    from tests.serving import worker_running
+    from worker.main import LockRenewer
+
+    calls: list[int] = []
+    renew = LockRenewer._renew
+
+    async def counted(self: LockRenewer, keepers: list[Any]) -> None:
+        calls.append(len(keepers))
+        await renew(self, keepers)
+
+    monkeypatch.setattr(LockRenewer, "_renew", counted)
+    stack, client = await stack_factory(MOONQ_LOCK_TIMEOUT=1, MOONQ_UPSTREAM_CONCURRENCY=40)
+    payload = chat("long", fake_moonshot={"chunks": 20, "delay": 0.1})
+    jobs = [await submit(client, payload) for _ in range(40)]
+    async with worker_running(stack, max_jobs=40):
+        for job_id in jobs:
+            job = (await client.get(f"/v1/jobs/{job_id}", params={"wait": 20})).json()
+            assert (job["status"], job["attempts"]) == ("completed", 1), job
+    assert sum(calls) >= 40 * 4  # every job renewed every ttl/4 to 3/8 of a ttl...
+    assert len(calls) <= 2 * 8 + 4  # ...in a call a beat (ttl/8) for all of them
+    assert max(calls) >= 30
+
+
 async def test_a_superseded_run_never_strands_the_job(stack_factory: Any, fake: Any) -> None:
     """Worker A's lock lapses mid-stream (its lock keeper is starved), B takes the job over;
     when A's run ends, arq must not forget the job: its entries and B's lock stay, so the job
@@ -370,8 +399,7 @@ async def test_a_superseded_run_never_strands_the_job(stack_factory: Any, fake: 
         while fake.stats.in_flight < 1:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         # A's lock keeper stops renewing (starved, as behind a busy pool) and the lock lapses
-        keeper = next(t for t in asyncio.all_tasks() if t.get_name() == f"lock-{job_id}")
-        keeper.cancel()
+        next(k for k in a.ctx["moonq_locks"].keepers if k.job_id == job_id).stop()
         run_b = asyncio.create_task(b.async_run())
         async with asyncio.timeout(5):
             while (await client.get(f"/v1/jobs/{job_id}")).json()["attempts"] < 2:  # noqa: ASYNC110
@@ -1002,14 +1030,13 @@ async def test_a_run_that_stopped_renewing_is_never_relocked_by_its_own_worker(
 
     redis, build = own_stack
     stack, client = await build(MOONQ_POLL_DELAY=0.05, MOONQ_LOCK_TIMEOUT=3)
-    async with worker_running(stack):
+    async with worker_running(stack) as worker:
         payload = chat("starved", fake_moonshot={"chunks": 120, "delay": 0.05})
         job_id = await submit(client, payload)
         lock = f"arq:in-progress:{job_id}"
         while fake.stats.in_flight < 1:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-        keeper = next(t for t in asyncio.all_tasks() if t.get_name() == f"lock-{job_id}")
-        keeper.cancel()
+        next(k for k in worker.ctx["moonq_locks"].keepers if k.job_id == job_id).stop()
         async with asyncio.timeout(5):
             while await redis.exists(lock):  # noqa: ASYNC110
                 await asyncio.sleep(0.01)

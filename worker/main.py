@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -54,9 +55,10 @@ HEARTBEAT_EVERY = 5.0
 # `Worker`) writes arq's "1".
 LOCK_TOKEN = "moonq_lock_token"
 # The job context's key for the worker's leases (`MoonqWorker.leases`), which a run's
-# `LockKeeper` keeps up to date; a poll passes over the worker's own jobs whose lease ends
-# within LEASE_MARGIN seconds, or a quarter of the lock's ttl if less (their lock may be gone
-# when its script runs; a renewed lease ends 3/4 of a ttl later at the least).
+# `LockKeeper` keeps up to date (through the `LockRenewer`); a poll passes over the worker's
+# own jobs whose lease ends within LEASE_MARGIN seconds, or a quarter of the lock's ttl if less
+# (their lock may be gone when its script runs; a lease is renewed every ttl/4 to 3/8 of a
+# ttl, so it ends 5/8 of a ttl later at the least).
 LEASES = "moonq_leases"
 LEASE_MARGIN = 1.0
 ABORT_MAX_AGE_MS = 60_000
@@ -454,7 +456,8 @@ def worker_is_alive(pid: int = 1, max_age: float = 6 * HEARTBEAT_EVERY) -> bool:
 
 
 class LockKeeper:
-    """Holds arq's lock on a running job for `ttl` seconds at a time, renewed while it runs.
+    """Holds arq's lock on one running job for `ttl` seconds at a time, renewed while it runs
+    by the process's `LockRenewer`.
 
     arq locks a job for the longest job timeout + 10 s, so a killed worker's job would wait
     that long to run again; with a short lock kept alive here it runs again within `ttl` (and
@@ -466,54 +469,105 @@ class LockKeeper:
 
     def __init__(
         self,
-        redis: ArqRedis,
-        keys: Keys,
-        queue: str,
+        renewer: LockRenewer,
         job_id: str,
         score: int,
-        ttl: float,
-        leases: dict[str, float] | None = None,
+        token: str,
+        leases: dict[str, float] | None,
     ) -> None:
-        self._keep = redis.register_script(scripts.KEEP_LOCK)
-        self.job_id, self.ttl = job_id, ttl
+        self.renewer, self.job_id, self.score, self.token = renewer, job_id, score, token
+        self.payload = arq_payload(job_id, score)
         self.leases = {} if leases is None else leases
-        self.keys = [in_progress_key_prefix + job_id, queue, job_key_prefix + job_id]
-        self.keys += [keys.job(job_id), queue_leases(queue)]
-        self.args: list[str | int | bytes] = [int(ttl * 1000), job_id, score]
-        self.args.append(arq_payload(job_id, score))
         self.attempt = ""
-        self._done = asyncio.Event()
+        self.since = asyncio.get_running_loop().time()  # taken, or last asked to renew
+        self.stopped = False
+        self.context = contextvars.copy_context()  # its job's log fields
 
     def started(self, attempt: int) -> None:
         """The run started this attempt: from now on, the job is its own only under it."""
         self.attempt = str(attempt)
 
     def stop(self) -> None:
-        self._done.set()
+        self.stopped = True
+        self.renewer.forget(self)
 
-    async def renew(self, token: str) -> None:
-        """Renew every ttl/4 until `stop()`. The first renewal too waits that long: the lock
-        was taken for a whole ttl a moment ago, and most jobs end before it is due. (A flag,
-        not just cancellation: redis-py can turn a cancel that lands mid-command into a
-        connection error, which this loop rides out.)"""
-        while not self._done.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.ttl / 4):  # not wait_for: it can lose a cancel
-                    await self._done.wait()
-            if self._done.is_set():
-                return
-            try:
-                asked = asyncio.get_running_loop().time()
-                outcome = await self._keep(keys=self.keys, args=[*self.args, token, self.attempt])
-                if self.job_id in self.leases:  # the worker's run of it still goes on
-                    # Held (for a ttl from no earlier than `asked`), or not this run's.
-                    self.leases[self.job_id] = asked + self.ttl if outcome in (1, 2) else 0.0
-                if outcome == 2:
-                    log.warning("job %s: its lock had lapsed; taken back", self.job_id)
-                elif outcome == -1:
-                    log.warning("job %s: another run has it; this one is fenced", self.job_id)
-            except (RedisError, OSError):
-                log.warning("could not renew the lock of job %s", self.job_id)
+    def renewed(self, asked: float, outcome: int) -> None:
+        self.since = asked
+        if self.stopped:
+            return
+        if self.job_id in self.leases:  # the worker's run of it still goes on
+            # Held (for a ttl from no earlier than `asked`), or not this run's.
+            self.leases[self.job_id] = asked + self.renewer.ttl if outcome in (1, 2) else 0.0
+        if outcome == 2:
+            self.context.run(log.warning, "job %s: its lock had lapsed; taken back", self.job_id)
+        elif outcome == -1:
+            message = "job %s: another run has it; this one is fenced"
+            self.context.run(log.warning, message, self.job_id)
+
+
+class LockRenewer:
+    """The locks of every job a worker process runs, renewed together: each a ttl/4 after it
+    was taken or last renewed (most jobs end before their first), all those due in one script
+    call a beat (`scripts.KEEP_LOCKS`, up to `BATCH` jobs a call) rather than one call a job,
+    which was the busiest Redis traffic of a worker with thousands of long streams (and, its
+    pool saturated, made their renewals late enough to lose locks and upstream permits).
+    """
+
+    BATCH = 1000
+
+    def __init__(self, redis: ArqRedis, keys: Keys, queue: str, ttl: float) -> None:
+        self._keep = redis.register_script(scripts.KEEP_LOCKS)
+        self.ttl = ttl
+        self._base: list[str | int] = [int(ttl * 1000), in_progress_key_prefix, job_key_prefix]
+        self._base += [keys.job(""), queue, queue_leases(queue)]
+        self.keepers: dict[LockKeeper, None] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def keep(
+        self, job_id: str, score: int, token: str, leases: dict[str, float] | None
+    ) -> LockKeeper:
+        """Renew this run's lock from now until its keeper stops (call in the job's log
+        context: the keeper's lines carry it)."""
+        keeper = LockKeeper(self, job_id, score, token, leases)
+        self.keepers[keeper] = None
+        if self._task is None or self._task.done():
+            # A fresh context: the renewer serves every job, not the one that started it.
+            self._task = asyncio.create_task(
+                self._renew_forever(), name="moonq-lock-renewer", context=contextvars.Context()
+            )
+        return keeper
+
+    def forget(self, keeper: LockKeeper) -> None:
+        self.keepers.pop(keeper, None)
+
+    async def _renew_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.keepers:
+            await asyncio.sleep(self.ttl / 8)
+            now = loop.time()
+            due = [k for k in self.keepers if now - k.since >= self.ttl / 4]
+            for first in range(0, len(due), self.BATCH):
+                await self._renew(due[first : first + self.BATCH])
+
+    async def _renew(self, keepers: list[LockKeeper]) -> None:
+        args: list[str | int | bytes] = [*self._base]
+        for k in keepers:
+            args += [k.job_id, k.score, k.payload, k.token, k.attempt]
+        asked = asyncio.get_running_loop().time()
+        try:
+            outcomes = await self._keep(args=args)
+        except (RedisError, OSError) as exc:  # due again at the next beat
+            log.warning("could not renew the locks of %d jobs (%s)", len(keepers), exc)
+            return
+        for keeper, outcome in zip(keepers, outcomes, strict=True):
+            keeper.renewed(asked, int(outcome))
+
+    async def close(self) -> None:
+        self.keepers.clear()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 async def run_completion(ctx: dict[str, Any], job_id: str) -> str:
@@ -521,25 +575,14 @@ async def run_completion(ctx: dict[str, Any], job_id: str) -> str:
     over; a run that ends any other way, a run that lost its job to another included, raises
     `Retry` and leaves arq's queue entry for the job's next run (`Runner.run`)."""
     runner: Runner = ctx["moonq_runner"]
-    settings = runner.settings
-    keeper = LockKeeper(
-        ctx["redis"],
-        runner.store.keys,
-        settings.queue_name,
-        job_id,
-        int(ctx["score"]),
-        settings.lock_timeout,
-        ctx.get(LEASES),
-    )
+    locks: LockRenewer = ctx["moonq_locks"]
     token = ctx.get(LOCK_TOKEN, "1")
     with logs.job_context(job_id):  # the lock keeper's lines name the job too
-        renewing = asyncio.create_task(keeper.renew(token), name=f"lock-{job_id}")
+        keeper = locks.keep(job_id, int(ctx["score"]), token, ctx.get(LEASES))
         try:
             return await runner.run(job_id, token, keeper.started)
         finally:
             keeper.stop()
-            renewing.cancel()
-            await asyncio.wait({renewing})
 
 
 LEGACY_QUEUE = "moonq:queue"
@@ -594,6 +637,9 @@ def worker_kwargs(
         )
         recorder = Recorder(client, store.keys)
         ctx["moonq_runner"] = Runner(store, upstream, limiter, settings, recorder=recorder)
+        ctx["moonq_locks"] = LockRenewer(
+            client, store.keys, settings.queue_name, settings.lock_timeout
+        )
         ctx["moonq_metrics"] = asyncio.create_task(recorder.run(), name="moonq-metrics")
         ctx["moonq_batches"] = BatchStore(store)
         ctx["moonq_scheduler"] = Scheduler(
@@ -617,6 +663,9 @@ def worker_kwargs(
         if flushing is not None:
             flushing.cancel()
             await asyncio.gather(flushing, return_exceptions=True)
+        locks: LockRenewer | None = ctx.get("moonq_locks")
+        if locks is not None:
+            await locks.close()
         runner: Runner | None = ctx.get("moonq_runner")
         if runner is not None:
             await runner.events.close()  # its jobs are over or handed back by now
