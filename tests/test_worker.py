@@ -380,6 +380,36 @@ async def test_a_worker_renews_all_its_jobs_locks_in_one_call_a_beat(
     assert max(calls) >= 30
 
 
+async def test_a_run_whose_start_redis_failed_runs_again_without_a_traceback(
+    stack_factory: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """arq's reads before a run fail (a pool kept busy past its timeout, seen with 6,000
+    streams at once on 2 cores): the job runs again once its lock lapses, and the worker logs
+    a line, not an asyncio "Task exception was never retrieved" traceback for each."""
+    from arq import Worker
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from tests.serving import worker_running
+
+    failed = []
+    arq_run_job = Worker.run_job
+
+    async def first_fails(self: Worker, job_id: str, score: int) -> None:
+        if not failed:
+            failed.append(job_id)
+            raise RedisConnectionError("No connection available.")
+        await arq_run_job(self, job_id, score)
+
+    monkeypatch.setattr(Worker, "run_job", first_fails)
+    stack, client = await stack_factory(MOONQ_LOCK_TIMEOUT=1, MOONQ_POLL_DELAY=0.1)
+    job_id = await submit(client, chat("again"))
+    async with worker_running(stack):
+        job = (await client.get(f"/v1/jobs/{job_id}", params={"wait": 10})).json()
+    assert failed == [job_id] and job["status"] == "completed", job
+    assert "never retrieved" not in caplog.text
+    assert f"job {job_id}: Redis failed before its run" in caplog.text
+
+
 async def test_a_superseded_run_never_strands_the_job(stack_factory: Any, fake: Any) -> None:
     """Worker A's lock lapses mid-stream (its lock keeper is starved), B takes the job over;
     when A's run ends, arq must not forget the job: its entries and B's lock stay, so the job

@@ -296,6 +296,11 @@ class MoonqWorker(Worker):
             if runner is not None:
                 runner.prefetch(job_id)
             await super().run_job(job_id, score)
+        except (RedisError, OSError) as exc:
+            # arq's reads before the run (its job, its try count) failed, as from a pool kept
+            # busy past its timeout: the run never started, and the job runs again once its
+            # lock lapses (this task's error would otherwise go unretrieved, a traceback each)
+            log.warning("job %s: Redis failed before its run (%s); it runs again", job_id, exc)
         finally:
             self._scores.pop(job_id, None)
             if runner is not None:
