@@ -566,8 +566,9 @@ KEEP_LOCK = _KEEP_FUNCTION + "return keep()\n"
 # lock token and attempt ('' before it starts one). KEEP_LOCK for each job in turn, in one
 # call for all the running jobs of a worker (`worker.main.LockRenewer`; one call per job each
 # beat was a worker's busiest Redis traffic with thousands of long streams). Returns one
-# outcome per job, as KEEP_LOCK's. Checks its arguments before the first write; each job's
-# writes cannot fail (KEEP_LOCK's), so one job's renewal never stops another's.
+# outcome per job, as KEEP_LOCK's, or the error ('ERR ...') that stopped its renewal alone (a
+# key of another type: KEEP_LOCK's reads come before its writes). Checks its arguments
+# before the first write.
 KEEP_LOCKS = (
     _KEEP_FUNCTION
     + """
@@ -579,7 +580,9 @@ for i = 7, #batch, 5 do
   local id = batch[i]
   KEYS = {batch[2] .. id, batch[5], batch[3] .. id, batch[4] .. id, batch[6]}
   ARGV = {batch[1], id, batch[i + 1], batch[i + 2], batch[i + 3], batch[i + 4]}
-  out[#out + 1] = keep()
+  local ok, outcome = pcall(keep)  -- a key of another type fails its job's renewal alone
+  if not ok and type(outcome) == 'table' then outcome = outcome.err end
+  out[#out + 1] = ok and outcome or ('ERR ' .. tostring(outcome))
 end
 return out
 """

@@ -961,6 +961,36 @@ async def test_arqs_own_runner_keeps_a_retrys_delay_and_leaves_no_lease(
         await redis.delete(queue, leases, lock, record, f"arq:job:{job}")
 
 
+async def test_one_jobs_broken_keys_stop_no_other_jobs_renewal(
+    either_redis: Any, prefix: str
+) -> None:
+    """A worker renews all its jobs' locks in one call: a job whose record is not a hash (an
+    error at its read) fails its own renewal alone, and is named; the others are renewed."""
+    from arq.constants import in_progress_key_prefix as lock_base
+    from arq.constants import job_key_prefix
+
+    from moonq import scripts
+    from moonq.keys import queue_leases
+
+    redis = either_redis
+    queue, leases, base = f"{prefix}:queue", queue_leases(f"{prefix}:queue"), f"{prefix}:job:"
+    broken, fine = f"{prefix}-broken", f"{prefix}-fine"
+    await redis.set(base + broken, "not a hash")
+    await redis.hset(base + fine, mapping={"status": "in_progress", "attempts": "1"})
+    keep = redis.register_script(scripts.KEEP_LOCKS)
+    args: list[Any] = [5000, lock_base, job_key_prefix, base, queue, leases]
+    for job in (broken, fine):  # both locks lapsed: each is taken back
+        args += [job, 1000, b"{}", "w", "1"]
+    try:
+        outcomes = await keep(args=args)
+        assert outcomes[1] == 2 and await redis.get(lock_base + fine) == b"w"
+        assert isinstance(outcomes[0], bytes) and b"WRONGTYPE" in outcomes[0], outcomes
+        assert await redis.get(lock_base + broken) is None
+    finally:
+        await redis.delete(queue, leases, base + broken, base + fine, lock_base + fine)
+        await redis.delete(job_key_prefix + fine, job_key_prefix + broken)
+
+
 async def test_a_poll_refuses_bad_numbers_before_putting_anything_back(
     either_redis: Any, prefix: str
 ) -> None:

@@ -565,7 +565,11 @@ class LockRenewer:
             log.warning("could not renew the locks of %d jobs (%s)", len(keepers), exc)
             return
         for keeper, outcome in zip(keepers, outcomes, strict=True):
-            keeper.renewed(asked, int(outcome))
+            if isinstance(outcome, int):
+                keeper.renewed(asked, outcome)
+            else:  # its own keys are broken: the others' renewals went on
+                message = "could not renew the lock of job %s: %s"
+                keeper.context.run(log.warning, message, keeper.job_id, outcome)
 
     async def close(self) -> None:
         self.keepers.clear()
