@@ -235,7 +235,8 @@ def queue_fair(queue_name: str) -> str:
 def queue_fair_waiting(queue_name: str, tenant: str) -> str:
     """Sorted set beside arq's queue: a tenant's interactive jobs that have not ended (their
     record keys, by turn); those with turns past `queue_fair_clock` are its jobs that wait,
-    which `scripts.CREATE` counts. Marked as in use by the member '' (at -inf)."""
+    whose latest `scripts.CREATE` follows. Marked as in use by the member '' (at -inf); the
+    member '~' holds the tenant's last turn given while jobs the set lacks may wait."""
     return f"{queue_name}:fair:waiting:{tenant}"
 
 
