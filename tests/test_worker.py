@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -371,13 +372,95 @@ async def test_a_worker_renews_all_its_jobs_locks_in_one_call_a_beat(
     stack, client = await stack_factory(MOONQ_LOCK_TIMEOUT=1, MOONQ_UPSTREAM_CONCURRENCY=40)
     payload = chat("long", fake_moonshot={"chunks": 20, "delay": 0.1})
     jobs = [await submit(client, payload) for _ in range(40)]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
     async with worker_running(stack, max_jobs=40):
         for job_id in jobs:
             job = (await client.get(f"/v1/jobs/{job_id}", params={"wait": 20})).json()
             assert (job["status"], job["attempts"]) == ("completed", 1), job
     assert sum(calls) >= 40 * 4  # every job renewed every ttl/4 to 3/8 of a ttl...
-    assert len(calls) <= 2 * 8 + 4  # ...in a call a beat (ttl/8) for all of them
-    assert max(calls) >= 30
+    assert len(calls) <= (loop.time() - began) / (1 / 8) + 1  # ...at most a call a beat
+    assert sum(calls) / len(calls) >= 10, calls  # for all those due, not one a job
+
+
+async def _until(predicate: Any, timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_one_bad_renewal_reply_stops_no_lock_renewal(stack_factory: Any, fake: Any) -> None:
+    """A renewal whose reply is not what was asked (one outcome short) is logged and the
+    next beat renews again: the renewer goes on, the job's lock never lapses, it runs once,
+    and the worker closes cleanly (a review found the renewer gone for good, every lock
+    lapsing, and the worker's shutdown raising)."""
+    from tests.serving import worker_running
+
+    stack, client = await stack_factory(MOONQ_LOCK_TIMEOUT=1, MOONQ_POLL_DELAY=0.1)
+    job_id = await submit(client, chat("long", fake_moonshot={"chunks": 30, "delay": 0.1}))
+    async with worker_running(stack) as worker:
+        await _until(lambda: fake.stats.in_flight >= 1, 10)
+        renewer = worker.ctx["moonq_locks"]
+        real_keep, bad = renewer._keep, []
+
+        async def keep(**kwargs: Any) -> Any:
+            outcomes = await real_keep(**kwargs)
+            if not bad:  # one bad reply, once
+                bad.append(outcomes)
+                return outcomes[:-1]
+            return outcomes
+
+        renewer._keep = keep
+        job = (await client.get(f"/v1/jobs/{job_id}", params={"wait": 20})).json()
+        assert bad and not renewer._task.done()
+    assert (job["status"], job["attempts"], fake.stats.requests) == ("completed", 1, 1), job
+
+
+async def test_a_keeper_whose_run_ended_is_not_renewed_in_a_later_batch(
+    stack_factory: Any, fake: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A beat renews its due keepers a batch at a time (BATCH, here 1: as with more than
+    1,000 jobs); one whose run ended meanwhile (a job waiting for a permit, handed back at
+    SIGTERM) is not sent in a later batch: its job is left unlocked, in its place, for the
+    next worker (a review saw it taken back by the worker leaving, held out of every poll)."""
+    from tests.serving import worker_running
+    from worker.main import LockRenewer
+
+    monkeypatch.setattr(LockRenewer, "BATCH", 1)
+    stack, client = await stack_factory(
+        MOONQ_LOCK_TIMEOUT=3, MOONQ_UPSTREAM_CONCURRENCY=1, MOONQ_SHUTDOWN_GRACE=10
+    )
+    slow = {"chunks": 30, "delay": 0.1}
+    jobs = [await submit(client, chat(name, fake_moonshot=slow)) for name in "rw"]
+    async with worker_running(stack) as worker:
+        await _until(lambda: len(worker.tasks) == 2 and fake.stats.in_flight == 1, 10)
+        await asyncio.sleep(0.05)
+        attempts = [(await client.get(f"/v1/jobs/{j}")).json()["attempts"] for j in jobs]
+        running, waiting = jobs if attempts == [1, 0] else jobs[::-1]
+        renewer = worker.ctx["moonq_locks"]
+        await _until(lambda: len(renewer.keepers) == 2, 5)
+        real_keep, slow_first, sent = renewer._keep, asyncio.Event(), []
+
+        async def keep(**kwargs: Any) -> Any:
+            ids = kwargs["args"][6::5]
+            sent.extend(ids)
+            if running in ids and not slow_first.is_set():  # a slow first batch
+                slow_first.set()
+                await asyncio.sleep(0.5)
+            return await real_keep(**kwargs)
+
+        renewer._keep = keep
+        mine = next(k for k in renewer.keepers if k.job_id == waiting)
+        del renewer.keepers[mine]  # both due at the same beat, `running`'s first
+        renewer.keepers[mine] = None
+        await asyncio.wait_for(slow_first.wait(), 5)
+        task = worker.tasks[waiting]
+        worker.handle_sig_wait_for_completion(signal.SIGTERM)  # the waiter goes back now
+        await _until(task.done, 2)
+        await asyncio.sleep(0.6)  # the slow batch answered; the next would have gone
+        lock = f"arq:in-progress:{waiting}"
+        assert sent.count(waiting) == 0 and await stack.redis.get(lock) is None
+        assert await stack.redis.zscore(stack.settings.queue_name, waiting) >= 0
 
 
 async def test_a_run_whose_start_redis_failed_runs_again_without_a_traceback(
@@ -429,7 +512,7 @@ async def test_a_superseded_run_never_strands_the_job(stack_factory: Any, fake: 
         while fake.stats.in_flight < 1:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         # A's lock keeper stops renewing (starved, as behind a busy pool) and the lock lapses
-        next(k for k in a.ctx["moonq_locks"].keepers if k.job_id == job_id).stop()
+        await next(k for k in a.ctx["moonq_locks"].keepers if k.job_id == job_id).stop()
         run_b = asyncio.create_task(b.async_run())
         async with asyncio.timeout(5):
             while (await client.get(f"/v1/jobs/{job_id}")).json()["attempts"] < 2:  # noqa: ASYNC110
@@ -1096,7 +1179,7 @@ async def test_a_run_that_stopped_renewing_is_never_relocked_by_its_own_worker(
         lock = f"arq:in-progress:{job_id}"
         while fake.stats.in_flight < 1:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-        next(k for k in worker.ctx["moonq_locks"].keepers if k.job_id == job_id).stop()
+        await next(k for k in worker.ctx["moonq_locks"].keepers if k.job_id == job_id).stop()
         async with asyncio.timeout(5):
             while await redis.exists(lock):  # noqa: ASYNC110
                 await asyncio.sleep(0.01)

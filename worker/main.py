@@ -492,9 +492,12 @@ class LockKeeper:
         """The run started this attempt: from now on, the job is its own only under it."""
         self.attempt = str(attempt)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """No more renewals; returns once a renewal of this lock already sent has answered,
+        so the run's end (arq's `finish_job`, which may release the lock and put the job
+        back) never reaches Redis before it."""
         self.stopped = True
-        self.renewer.forget(self)
+        await self.renewer.forget(self)
 
     def renewed(self, asked: float, outcome: int) -> None:
         self.since = asked
@@ -527,6 +530,8 @@ class LockRenewer:
         self._base += [keys.job(""), queue, queue_leases(queue)]
         self.keepers: dict[LockKeeper, None] = {}
         self._task: asyncio.Task[None] | None = None
+        # The keepers of the renewal on its way to Redis, and its answer.
+        self._sending: tuple[set[LockKeeper], asyncio.Future[None]] | None = None
 
     def keep(
         self, job_id: str, score: int, token: str, leases: dict[str, float] | None
@@ -542,8 +547,11 @@ class LockRenewer:
             )
         return keeper
 
-    def forget(self, keeper: LockKeeper) -> None:
+    async def forget(self, keeper: LockKeeper) -> None:
         self.keepers.pop(keeper, None)
+        sending = self._sending
+        if sending is not None and keeper in sending[0]:
+            await asyncio.shield(sending[1])
 
     async def _renew_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -552,18 +560,30 @@ class LockRenewer:
             now = loop.time()
             due = [k for k in self.keepers if now - k.since >= self.ttl / 4]
             for first in range(0, len(due), self.BATCH):
-                await self._renew(due[first : first + self.BATCH])
+                # those stopped since the beat began are not renewed (their run has ended)
+                batch = [k for k in due[first : first + self.BATCH] if not k.stopped]
+                try:
+                    await self._renew(batch)
+                except Exception:  # never the end of every lock: due again at the next beat
+                    log.exception("could not renew the locks of %d jobs", len(batch))
 
     async def _renew(self, keepers: list[LockKeeper]) -> None:
+        if not keepers:
+            return
         args: list[str | int | bytes] = [*self._base]
         for k in keepers:
             args += [k.job_id, k.score, k.payload, k.token, k.attempt]
         asked = asyncio.get_running_loop().time()
+        answered = asyncio.get_running_loop().create_future()
+        self._sending = (set(keepers), answered)
         try:
             outcomes = await self._keep(args=args)
         except (RedisError, OSError) as exc:  # due again at the next beat
             log.warning("could not renew the locks of %d jobs (%s)", len(keepers), exc)
             return
+        finally:
+            self._sending = None
+            answered.set_result(None)
         for keeper, outcome in zip(keepers, outcomes, strict=True):
             if isinstance(outcome, int):
                 keeper.renewed(asked, outcome)
@@ -575,8 +595,7 @@ class LockRenewer:
         self.keepers.clear()
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.gather(self._task, return_exceptions=True)  # the shutdown goes on
 
 
 async def run_completion(ctx: dict[str, Any], job_id: str) -> str:
@@ -591,7 +610,7 @@ async def run_completion(ctx: dict[str, Any], job_id: str) -> str:
         try:
             return await runner.run(job_id, token, keeper.started)
         finally:
-            keeper.stop()
+            await keeper.stop()
 
 
 LEGACY_QUEUE = "moonq:queue"
