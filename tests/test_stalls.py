@@ -90,3 +90,25 @@ def test_a_stall_past_the_lock_loses_nothing_and_runs_once_more(cluster_factory:
     finally:
         stalled.popen.send_signal(signal.SIGCONT)
     _assert_completed_once(cluster, job_id, payload)
+
+
+def test_a_stalled_worker_whose_jobs_moved_is_fenced_on_all_of_them(
+    cluster_factory: Any,
+) -> None:
+    """Worker A runs 4 jobs and stalls (SIGSTOP) past the 1 s lock; B takes them all over. On
+    SIGCONT A's lock renewer finds every one of its jobs due in one call: none is taken back
+    (B holds them), and each job completes once, its events in order (written by a review of
+    the renewer that renews a worker's locks together)."""
+    cluster = cluster_factory(workers=1, MOONQ_LOCK_TIMEOUT="1")
+    a = cluster.workers[0]
+    payloads = [chat(f"stall {i}", fake_moonshot={"chunks": 40, "delay": 0.1}) for i in range(4)]
+    ids = [submit_to(cluster, p) for p in payloads]
+    until(lambda: all(len(events_of(cluster, j)) >= 3 for j in ids), 15)
+    a.popen.send_signal(signal.SIGSTOP)
+    try:
+        cluster.add_worker()
+        until(lambda: all(int(record_of(cluster, j)["attempts"]) == 2 for j in ids), 20)
+    finally:
+        a.popen.send_signal(signal.SIGCONT)
+    for job_id, payload in zip(ids, payloads, strict=True):
+        _assert_completed_once(cluster, job_id, payload)
