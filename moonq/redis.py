@@ -7,14 +7,16 @@ from dataclasses import replace
 from typing import Any
 
 import fakeredis
+import hiredis
 import redis as sync_redis
 import redis.sentinel as sync_sentinel
 from arq.connections import ArqRedis, RedisSettings
 from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
-from redis.asyncio.connection import ConnectionPool, parse_url
+from redis.asyncio.connection import AbstractConnection, ConnectionPool, parse_url
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.utils import HIREDIS_AVAILABLE
 
 from moonq.serde import arq_deserialize, arq_serialize
 from moonq.settings import Settings
@@ -47,6 +49,8 @@ def connect(
         pool = _SentinelPool(sentinel_master, sentinel, **master, **options)  # type: ignore[no-untyped-call]
     else:
         pool = BlockingConnectionPool.from_url(url, **options)
+    if HIREDIS_AVAILABLE:
+        pool.connection_class = _hiredis_packing(pool.connection_class)
     client = ArqRedis(pool, job_serializer=arq_serialize, job_deserializer=arq_deserialize)
     client.auto_close_connection_pool = True  # the pool is this client's alone
     return client
@@ -60,6 +64,35 @@ def from_settings(settings: Settings) -> ArqRedis:
         sentinels=settings.sentinels,
         sentinel_master=settings.redis_sentinel_master,
     )
+
+
+class _HiredisPacking(AbstractConnection):
+    """Commands packed by hiredis's C packer, as redis-py's blocking client packs them; its
+    asyncio client packs each in Python, an `encode` and a copy of the buffer so far per
+    argument (redis/redis-py#4176). A worker's script calls carry many jobs' keys and events:
+    their packing was the largest single cost of its Python (13 % of a profile at c=200),
+    and hiredis packs them ~6× faster, byte for byte the same."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        # As redis-py splits a command name of several words (`CONFIG GET`)
+        if isinstance(args[0], str):
+            args = (*args[0].encode().split(), *args[1:])
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:  # bool, None...: as redis-py's encoder refuses them
+            raise rx.DataError(str(exc)) from None
+
+
+_PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def _hiredis_packing(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    """The pool's connection class (TCP, TLS, a Unix socket, Sentinel's), packing by hiredis."""
+    if cls not in _PACKING:
+        _PACKING[cls] = type(f"Hiredis{cls.__name__}", (_HiredisPacking, cls), {})
+    return _PACKING[cls]
 
 
 class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):

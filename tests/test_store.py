@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
-from redis.exceptions import ReadOnlyError, ResponseError
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
+from redis.exceptions import DataError, ReadOnlyError, ResponseError
 
 from moonq.keys import Keys
 from moonq.listing import JobLister, UnknownCursor
@@ -343,5 +350,62 @@ async def test_a_failovers_readonly_reply_to_an_event_is_transient(own_redis: An
         await redis.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # demoted
         (result,) = await store.append_many([(job.id, attempt, [b'{"event":"chunk"}'])])
         assert isinstance(result, ReadOnlyError) and transient(result)
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.redis
+async def test_commands_are_packed_by_hiredis_as_redis_py_packs_them(real_redis: Any) -> None:
+    """moonq's pools pack commands with hiredis (redis-py's asyncio client packs in Python):
+    the same bytes for every type it takes, the same refusal for what it does not, and
+    commands that work on Redis, through scripts and pipelines alike."""
+    pool = real_redis.connection_pool
+    connection = pool.make_connection()
+    python = Connection()
+    assert type(connection).pack_command is not Connection.pack_command
+    values: list[Any] = ["abc", "é✓ \r\n", b"\x00\xff", 0, -5, 2**70, 1.5, 0.1, 1e20, -0.0]
+    values += [memoryview(b"view"), b"x" * 10_000]
+    for value in values:
+        packed = b"".join(connection.pack_command("HSET", "k", "f", value))
+        assert packed == b"".join(python.pack_command("HSET", "k", "f", value)), value
+    for name in ("CONFIG GET", b"CONFIG GET"):  # a name of two words goes as two
+        assert b"".join(connection.pack_command(name, "x")) == b"".join(
+            python.pack_command(name, "x")
+        )
+    for bad in (True, None, bytearray(b"x"), object()):
+        with pytest.raises(DataError):
+            connection.pack_command("SET", "k", bad)
+    key = f"packing:{uuid.uuid4().hex}"
+    try:
+        await real_redis.hset(key, mapping={"text": "é✓", "n": 2**70, "f": 0.1})
+        assert await real_redis.hgetall(key) == {
+            b"text": "é✓".encode(),
+            b"n": b"%d" % 2**70,
+            b"f": b"0.1",
+        }
+        async with real_redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(key, "m", 3).hget(key, "m")
+            assert await pipe.execute() == [3, b"3"]
+        echo = real_redis.register_script("return ARGV")
+        assert await echo(keys=[key], args=["a b", b"\xff", 7]) == [b"a b", b"\xff", b"7"]
+    finally:
+        await real_redis.delete(key)
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("redis://127.0.0.1:6379/0", Connection),
+        ("rediss://127.0.0.1:6379/0", SSLConnection),
+        ("unix:///tmp/redis.sock?db=0", UnixDomainSocketConnection),
+    ],
+)
+async def test_every_kind_of_connection_packs_by_hiredis(
+    url: str, kind: type[AbstractConnection]
+) -> None:
+    redis = connect(url)
+    try:
+        cls = redis.connection_pool.connection_class
+        assert issubclass(cls, kind) and cls.pack_command is not kind.pack_command
     finally:
         await redis.aclose()

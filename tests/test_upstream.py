@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import socket
 import statistics
 import time
@@ -14,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from httpx_aiohttp import AiohttpTransport
+from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
 from moonq import errors
 from moonq.errors import (
@@ -27,7 +29,7 @@ from moonq.errors import (
     UpstreamTimeout,
 )
 from moonq.fake_moonshot import ERRORS, FakeServer
-from worker.upstream import MoonshotClient
+from worker.upstream import EventData, MoonshotClient
 
 KEY = "sk-upstream-secret-4f9a2c7e1b"
 MOCK_URL = "http://upstream.test/v1"
@@ -272,6 +274,7 @@ async def test_the_request_streams_keeps_unknown_fields_and_authenticates() -> N
     assert request.method == "POST" and str(request.url) == f"{MOCK_URL}/chat/completions"
     assert request.headers["authorization"] == f"Bearer {KEY}"
     assert json.loads(request.content) == original | {"stream": True}
+    assert request.headers["content-type"] == "application/json"
     assert body == original  # the caller's body is not mutated
 
 
@@ -309,3 +312,75 @@ async def test_the_aiohttp_pool_is_sized_to_concurrency(fake: FakeServer) -> Non
         assert transport.client.connector.limit == 7  # what aiohttp actually enforces
     finally:
         await client.aclose()
+
+
+# --- reading the event stream from its bytes --------------------------------------------------
+
+
+def _httpx_sse_data(stream: bytes) -> list[str]:
+    """The non-empty event data httpx-sse reads from a stream (its line and event decoders)."""
+    lines, events = SSELineDecoder(), SSEDecoder()
+    out = []
+    for line in [*lines.decode(stream.decode()), *lines.flush()]:
+        event = events.decode(line)
+        if event is not None and event.data:
+            out.append(event.data)
+    return out
+
+
+def _event_data(pieces: list[bytes]) -> list[str]:
+    reader = EventData()
+    return [data.decode() for piece in pieces for data in reader.feed(piece) if data]
+
+
+def _random_stream(rng: random.Random) -> bytes:
+    """Lines of every kind the SSE spec knows, each ended by CRLF, LF or CR."""
+    kinds = [
+        "data: {n}",
+        "data:{n}",
+        "data:  {n} ",
+        "data",
+        "data:",
+        ": a comment {n}",
+        "event: message",
+        "id: {n}",
+        "retry: 100",
+        "unknown: x",
+        "data: é {n} ✓",
+        "",
+        "",
+        "",
+    ]
+    out = []
+    for n in range(rng.randint(0, 40)):
+        out.append(rng.choice(kinds).format(n=n) + rng.choice(["\n", "\r\n", "\r", "\n"]))
+    return "".join(out).encode()
+
+
+def _cuts(rng: random.Random, data: bytes) -> list[bytes]:
+    points = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randint(0, 12))))
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+def test_events_are_read_from_bytes_as_httpx_sse_reads_them_however_the_stream_is_cut() -> None:
+    rng = random.Random(20261127)
+    for _ in range(3000):
+        stream = _random_stream(rng)
+        assert _event_data(_cuts(rng, stream)) == _httpx_sse_data(stream), stream
+
+
+def test_a_stream_cut_at_every_byte_gives_the_same_events_and_a_first_bom_is_dropped() -> None:
+    accented = '{"choices": [{"delta": {"content": "héllo ✓"}}]}'  # cut inside its characters
+    stream = "\ufeff".encode() + sse(CHUNK, accented).replace(b"\n\n", b"\r\n\r\n", 1)
+    whole = _event_data([stream])
+    assert whole == [json.dumps(CHUNK), accented, "[DONE]"]
+    for cut in range(len(stream) + 1):
+        assert _event_data([stream[:cut], stream[cut:]]) == whole, cut
+    assert _event_data([bytes([b]) for b in stream]) == whole
+
+
+async def test_bytes_that_are_not_utf8_in_a_chunk_are_read_as_replacement_characters() -> None:
+    content = b'data: {"choices": [{"delta": {"content": "a\xffb"}}]}\n\ndata: [DONE]\n\n'
+    async with mocked(lambda request: httpx.Response(200, headers=SSE, content=content)) as c:
+        chunks = await drain(c, chat())
+    assert chunks == [{"choices": [{"delta": {"content": "a\ufffdb"}}]}]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -16,7 +15,7 @@ from typing import Any
 from arq import Retry
 from redis.exceptions import RedisError
 
-from moonq import errors, logs, metrics
+from moonq import errors, logs, metrics, serde
 from moonq.account import Account
 from moonq.assemble import Assembler
 from moonq.limits import (
@@ -249,7 +248,7 @@ class Runner:
         started: Callable[[int], None],
     ) -> str:
         """Wait for an upstream permit, then run an attempt under it."""
-        body: dict[str, Any] = json.loads(record["request"])
+        body: dict[str, Any] = serde.loads(record["request"])
         batch = bool(record.get("batch_id"))
         priority = permit_priority(record)
         tokens = await self._tokens(body)
