@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
@@ -101,6 +102,28 @@ async def _buffered(pubsub: PubSub) -> dict[str, object] | None:
         if found is not None:
             return found
     return None
+
+
+async def _next_read(pubsub: PubSub, wait: float) -> dict[str, object] | None:
+    """The next reply, read off the socket as soon as it comes within `wait` seconds (None
+    after), by the parser itself: `get_message` wraps each wait in a health check, a retry
+    wrapper and a reply's parse into a dict, which cost a lone event (one to a socket read, as
+    each chunk of a paced stream comes) a quarter of the hub's CPU. Without hiredis, or on a
+    connection that hands replies over itself (fakeredis's): None, and `get_message` reads it."""
+    connection = pubsub.connection
+    parser = getattr(connection, "_parser", None)
+    if (
+        connection is None
+        or getattr(parser, "_reader", None) is None
+        or type(connection).read_response is not AbstractConnection.read_response
+    ):
+        return None
+    try:
+        async with asyncio.timeout(wait):
+            await parser.read_from_socket()
+    except TimeoutError:
+        return None
+    return await _buffered(pubsub)
 
 
 class EventHub:
@@ -212,6 +235,8 @@ class EventHub:
                 while message is not None:
                     self._dispatch(message)
                     message = await _buffered(pubsub)
+                    if message is None:
+                        message = await _next_read(pubsub, 1.0)
             except (RedisError, OSError):
                 log.warning("pub/sub connection lost; resubscribing")
                 self._reset_pubsub()
