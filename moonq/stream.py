@@ -123,6 +123,9 @@ async def _next_read(pubsub: PubSub, wait: float) -> dict[str, object] | None:
             await parser.read_from_socket()
     except TimeoutError:
         return None
+    if connection.health_check_interval:  # as `read_response` does: the connection is alive
+        loop = asyncio.get_running_loop()
+        connection.next_health_check = loop.time() + connection.health_check_interval
     return await _buffered(pubsub)
 
 
@@ -204,6 +207,13 @@ class EventHub:
     async def _subscribe(self, name: bytes) -> None:
         if self._pubsub is None:
             self._pubsub = self._redis.pubsub()
+        connection = self._pubsub.connection
+        if self._reader is not None and not self._reader.done() and connection is not None:
+            # The reader task reads this connection, and is its health check: a SUBSCRIBE's
+            # own (sent when subscribed to nothing) would read the PING's reply beside it.
+            connection.next_health_check = asyncio.get_running_loop().time() + max(
+                connection.health_check_interval, 1.0
+            )
         try:
             await self._pubsub.subscribe(name)
         except (RedisError, OSError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -306,6 +307,45 @@ async def test_lone_messages_are_read_as_they_come_in_order_with_health_checks_a
         assert calls < n // 4  # not a `get_message` per event
     finally:
         await hub.close()
+
+
+async def test_a_listener_joining_as_a_long_stream_ends_is_subscribed_and_breaks_nothing(
+    real_redis_url: str, real_redis: ArqRedis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """From a review. A stream whose events keep coming is read by the parser directly, past
+    the connection's health-check interval (30 s in moonq; 1 s here). Once its listener leaves
+    (the connection is then subscribed to nothing), a listener joining while the hub waits on
+    the socket sent SUBSCRIBE with redis-py's health check, a PING whose reply it read itself
+    beside the hub's read: the join raised RuntimeError (the client's request failed), or the
+    hub's connection was torn down and every listener's live events stopped until it
+    resubscribed."""
+    client = connect(real_redis_url, health_check_interval=1)
+    hub = EventHub(client)
+    a, b = f"{prefix}:events:a", f"{prefix}:events:b"
+    try:
+        async with hub.listen(a) as qa:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 1.5  # longer than the health-check interval
+            i = 0
+            while loop.time() < end:  # a paced stream: one event every 20 ms
+                assert await real_redis.publish(a, b"%d" % i) == 1
+                assert await asyncio.wait_for(qa.get(), 2) == b"%d" % i
+                i += 1
+                await asyncio.sleep(0.02)
+        pubsub = hub._pubsub
+        assert pubsub is not None
+        async with asyncio.timeout(1):  # the UNSUBSCRIBE's reply read: subscribed to nothing
+            while pubsub.subscribed:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        await asyncio.sleep(0.01)  # the hub waits on the socket for the next reply
+        with caplog.at_level(logging.WARNING, logger="moonq.stream"):
+            async with hub.listen(b, confirm_within=2) as qb:
+                assert await real_redis.publish(b, b"x") == 1
+                assert await asyncio.wait_for(qb.get(), 2) == b"x"
+        assert [r.getMessage() for r in caplog.records if r.name == "moonq.stream"] == []
+    finally:
+        await hub.close()
+        await client.aclose()
 
 
 async def test_a_listener_cancelled_as_its_subscription_is_confirmed_leaves(

@@ -384,3 +384,19 @@ async def test_bytes_that_are_not_utf8_in_a_chunk_are_read_as_replacement_charac
     async with mocked(lambda request: httpx.Response(200, headers=SSE, content=content)) as c:
         chunks = await drain(c, chat())
     assert chunks == [{"choices": [{"delta": {"content": "a\ufffdb"}}]}]
+
+
+def test_a_large_event_in_network_sized_pieces_is_read_in_linear_time() -> None:
+    """From a review: the transport hands the body over in 16 KiB pieces, and the line so far
+    was copied with each piece and scanned again (a line of N bytes cost ~N²/32 KiB of copying,
+    all of it on the worker's event loop: 24 s for 32 MiB, every other job's stream stalled
+    meanwhile). The pieces are kept apart until the line ends (~0.2 s)."""
+    size = 32 << 20
+    body = b"data: " + b"x" * size + b"\n\n"
+    pieces = [body[i : i + 16384] for i in range(0, len(body), 16384)]
+    reader = EventData()
+    started = time.perf_counter()
+    events = [data for piece in pieces for data in reader.feed(piece)]
+    elapsed = time.perf_counter() - started
+    assert [len(data) for data in events] == [size]
+    assert elapsed < 5.0, f"{elapsed:.1f} s to read one {size >> 20} MiB event"

@@ -153,7 +153,7 @@ class EventData:
     __slots__ = ("_cr", "_data", "_first", "_rest")
 
     def __init__(self) -> None:
-        self._rest = b""  # the start of a line not yet ended
+        self._rest: list[bytes] = []  # the start of a line not yet ended, piece by piece
         self._data: list[bytes] | None = None  # the data lines of the event being read
         self._first = True  # nothing read yet: a byte-order mark may come
         self._cr = False  # the last line ended in CR: a LF first is that CR's
@@ -179,10 +179,19 @@ class EventData:
         if self._cr and chunk:
             self._cr = False
             chunk = chunk.removeprefix(b"\n")
-        buf = self._rest + chunk if self._rest else chunk
+        if not self._first and b"\n" not in chunk and b"\r" not in chunk:
+            if chunk:  # no line ends here: kept as a piece, not copied with the line so far
+                self._rest.append(chunk)
+            return []
+        if self._rest:
+            self._rest.append(chunk)
+            buf = b"".join(self._rest)
+        else:
+            buf = chunk
+        self._rest = []
         if self._first and buf:
             if _BOM.startswith(buf) and buf != _BOM:
-                self._rest = buf  # perhaps a mark's first bytes: wait for the rest
+                self._rest = [buf]  # perhaps a mark's first bytes: wait for the rest
                 return []
             self._first = False
             buf = buf.removeprefix(_BOM)
@@ -191,7 +200,9 @@ class EventData:
             lines = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
         else:
             lines = buf.split(b"\n")
-        self._rest = lines.pop()
+        rest = lines.pop()
+        if rest:
+            self._rest = [rest]
         return lines
 
 
