@@ -243,6 +243,7 @@ class Crowd:
     wall: float  # s until the last one ended
     rss: dict[str, float] = field(default_factory=dict)  # moonq: peak RSS (MiB) meanwhile
     rss_since: str = "the crowd began"  # or "the start", where the kernel cannot reset it
+    cpu: dict[str, float] = field(default_factory=dict)  # moonq: CPU ms per stream, by server
 
     @classmethod
     def merge(cls, parts: list[Crowd]) -> Crowd:

@@ -162,6 +162,7 @@ class Bench:
         if self.load is not None:
             straight = await self.load.crowd("direct", shape, n, stack.api_url, stack.job_ids)
             await asyncio.to_thread(stack.reset_peak_rss)
+            before = stack.cpu()
             queued = await self.load.crowd("sse", shape, n, stack.api_url, stack.job_ids)
         else:
             direct = MoonshotClient(f"{stack.fake_url}/v1", "sk-bench", concurrency=n)
@@ -169,10 +170,13 @@ class Bench:
             try:
                 straight = await crowd(n, lambda i: direct_one(direct, chat(i, shape)))
                 await asyncio.to_thread(stack.reset_peak_rss)
+                before = stack.cpu()
                 queued = await crowd(n, lambda i: moonq_one(http, ids, chat(i, shape), False))
             finally:
                 await http.aclose()
                 await direct.aclose()
+        after = stack.cpu()
+        queued.cpu = {g: (after[g] - before[g]) * 1000 / n for g in ("api", "worker")}
         queued.rss = await asyncio.to_thread(stack.peak_rss)
         if stack.rss_since_start:
             queued.rss_since = "the processes started"

@@ -3,8 +3,11 @@ dealt out to K processes and come back whole, with the CPU those processes spent
 
 from __future__ import annotations
 
+from collections import Counter
+
 from bench.load import Load
-from bench.measure import Shape
+from bench.measure import Crowd, Sample, Shape
+from bench.report import crowd_table
 from moonq.fake_moonshot import start_fake
 
 
@@ -26,3 +29,14 @@ async def test_a_run_sent_by_two_processes_comes_back_whole() -> None:
     assert (crowd.n, len(crowd.samples), sum(crowd.errors.values())) == (6, 6, 0)
     # Started together: each process's three streams took about one stream's time, not three.
     assert crowd.wall < 2 * min(s.total for s in crowd.samples)
+
+
+def test_the_slow_row_shows_what_each_stream_cost_the_api_and_the_worker() -> None:
+    samples = [Sample(0.1, 20.5, relay=[0.001, 0.002]), Sample(0.2, 21.0, relay=[0.003])]
+    direct = Crowd(2, samples, Counter(), 21.0)
+    moonq = Crowd(2, samples, Counter(), 21.5, rss={"api": 96.0, "worker": 80.0})
+    moonq.cpu = {"api": 2.25, "worker": 3.94}
+    rows = crowd_table(direct, moonq).splitlines()
+    assert rows[0].endswith("| peak RSS API / worker (MiB) | CPU ms per stream: API / worker |")
+    assert rows[-1].endswith("| 96 / 80 | 2.2 / 3.9 |")
+    assert rows[-2].endswith("| – | – |")  # the direct client's row: no moonq processes
