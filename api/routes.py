@@ -228,7 +228,7 @@ async def events_response(
     after = parse_last_event_id(last_event_id)
     if resume_from(after, last, ended, "job"):
         return Response(status_code=204)
-    return EventStream(_sse(request, job_id, after), ping=15)
+    return EventStream(_sse(request, job_id, after, live=not ended), ping=15)
 
 
 async def _own_position(request: Request, job_id: str, tenant: str | None) -> tuple[int, bool]:
@@ -244,10 +244,13 @@ async def _own_position(request: Request, job_id: str, tenant: str | None) -> tu
     return int(seq or 0), Status(status.decode()).terminal
 
 
-async def _sse(request: Request, job_id: str, after: int) -> AsyncIterator[ServerSentEvent | bytes]:
+async def _sse(
+    request: Request, job_id: str, after: int, *, live: bool = True
+) -> AsyncIterator[ServerSentEvent | bytes]:
     svc = services(request)
     try:
-        async for events in follow_batches(svc.redis, svc.hub, svc.keys, job_id, after=after):
+        follower = follow_batches(svc.redis, svc.hub, svc.keys, job_id, after=after, live=live)
+        async for events in follower:
             gap = gap_before(job_id, events, after)
             if gap is not None:  # the log was trimmed past events this reader never had
                 events = [gap, *events]

@@ -313,13 +313,39 @@ async def follow(
 
 
 def follow_batches(
-    redis: Redis, hub: EventHub, keys: Keys, job_id: str, *, after: int = 0, poll: float = 2.0
+    redis: Redis,
+    hub: EventHub,
+    keys: Keys,
+    job_id: str,
+    *,
+    after: int = 0,
+    poll: float = 2.0,
+    live: bool = True,
 ) -> AsyncIterator[list[RawEvent]]:
     """`follow`, a list of consecutive events at a time: those already at hand go together
-    (an SSE reader sends them in one write)."""
-    return follow_record(
-        redis, hub, keys.job(job_id), keys.log(job_id), keys.channel(job_id), after, poll
-    )
+    (an SSE reader sends them in one write). `live=False` for a job already over: its log
+    holds every event, and nothing is listened for."""
+    log_key = keys.log(job_id)
+    if not live:
+        return _logged(redis, keys.job(job_id), log_key, after)
+    return follow_record(redis, hub, keys.job(job_id), log_key, keys.channel(job_id), after, poll)
+
+
+async def _logged(
+    redis: Redis, record: str, log_key: str, after: int
+) -> AsyncIterator[list[RawEvent]]:
+    """The events of a record that is over, from its log alone: an ended job's terminal event
+    is its log's last, and no event comes after it. A reconnection, or a result read as a
+    stream, so costs no subscription (two pub/sub commands and the hub's lock)."""
+    more = True
+    while more:
+        events, more, _ = await _catch_up(redis, record, log_key, after)
+        events = _through_terminal(events)
+        if events:
+            after = events[-1].seq
+            yield events
+            if events[-1].terminal:
+                return
 
 
 async def follow_record(

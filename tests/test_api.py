@@ -11,6 +11,7 @@ import pytest
 
 from api import routes
 from moonq.fake_moonshot import expected_content
+from moonq.stream import EventHub
 from tests.conftest import chat, submit
 
 
@@ -347,6 +348,26 @@ async def test_resuming_at_the_end_of_an_ended_job_is_204(stack_factory: Any) ->
     assert [line for line in before_end.text.splitlines() if line.startswith("id:")] == [
         f"id: {last}"
     ]
+
+
+async def test_an_ended_jobs_stream_comes_from_its_log_without_a_subscription(
+    stack_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job already over when its stream is asked for (a result read as a stream, a
+    reconnection) is served from its log alone: every event, none live listened for."""
+    stack, client = await stack_factory()
+    job_id, last = await _ended_job(stack, client)
+
+    def no_listening(self: EventHub, channel: str, confirm_within: float = 5.0) -> Any:
+        raise AssertionError(f"listened on {channel}")
+
+    monkeypatch.setattr(EventHub, "listen", no_listening)
+    for after in (0, last - 1):
+        headers = {"Last-Event-ID": str(after)} if after else {}
+        response = await client.get(f"/v1/jobs/{job_id}/events", headers=headers)
+        assert response.status_code == 200
+        assert [seq for seq, _ in _sse(response.text)] == list(range(after + 1, last + 1))
+        assert _sse(response.text)[-1][1]["event"] == "done"
 
 
 async def test_resuming_past_the_last_event_is_400_naming_it(stack_factory: Any) -> None:

@@ -70,6 +70,17 @@ def _assert_complete(events: list[dict[str, object]], n: int, after: int = 0) ->
     assert [e["data"] for e in events[:-1]] == list(range(after, n))
 
 
+async def test_an_ended_jobs_events_come_from_the_log_alone_page_by_page(store: JobStore) -> None:
+    """`live=False` (the job is known to be over): every event after `after`, in pages of the
+    log, up to the terminal one, with no hub at all."""
+    job_id, attempt = await _running_job(store)
+    await _publish(store, job_id, attempt, 1200)  # more than two pages of the log
+    for after in (0, 700, 1200):
+        pages = follow_batches(store.redis, None, store.keys, job_id, after=after, live=False)  # type: ignore[arg-type]
+        events = [json.loads(e.raw) async for page in pages for e in page]
+        _assert_complete(events, 1200, after)
+
+
 async def test_a_reader_after_the_end_gets_the_whole_log(store: JobStore, hub: EventHub) -> None:
     job_id, attempt = await _running_job(store)
     await _publish(store, job_id, attempt, 25)
