@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from dataclasses import dataclass
 
 from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
@@ -331,20 +331,32 @@ def follow_batches(
     return follow_record(redis, hub, keys.job(job_id), log_key, keys.channel(job_id), after, poll)
 
 
+@dataclass
+class _LogRead:
+    """How a read of the log (`_logged`) ended: at the terminal event, or with nothing more
+    to come (the record gone, or over with no event past the last page)."""
+
+    terminal: bool = False
+    over: bool = False
+
+
 async def _logged(
-    redis: Redis, record: str, log_key: str, after: int
-) -> AsyncIterator[list[RawEvent]]:
-    """The events of a record that is over, from its log alone: an ended job's terminal event
-    is its log's last, and no event comes after it. A reconnection, or a result read as a
-    stream, so costs no subscription (two pub/sub commands and the hub's lock)."""
+    redis: Redis, record: str, log_key: str, after: int, read: _LogRead | None = None
+) -> AsyncGenerator[list[RawEvent], None]:
+    """The logged events after `after`, page by page, through the terminal one. Alone, the
+    events of a record known to be over (`follow_batches(live=False)`): an ended job's
+    terminal event is its log's last, and no event comes after it, so a reconnection or a
+    result read as a stream costs no subscription (two pub/sub commands and the hub's lock)."""
+    read = read or _LogRead()
     more = True
     while more:
-        events, more, _ = await _catch_up(redis, record, log_key, after)
+        events, more, read.over = await _catch_up(redis, record, log_key, after)
         events = _through_terminal(events)
         if events:
             after = events[-1].seq
             yield events
             if events[-1].terminal:
+                read.terminal = True
                 return
 
 
@@ -364,16 +376,12 @@ async def follow_record(
         try:
             last = after
             while True:
-                more = True
-                while more:
-                    events, more, over = await _catch_up(redis, record, log_key, last)
-                    events = _through_terminal(events)
-                    if events:
+                read = _LogRead()
+                async with contextlib.aclosing(_logged(redis, record, log_key, last, read)) as log:
+                    async for events in log:
                         last = events[-1].seq
                         yield events
-                        if events[-1].terminal:
-                            return
-                if over:
+                if read.terminal or read.over:
                     return
                 async for events in _live(queue, last, idle):
                     last = events[-1].seq
