@@ -39,6 +39,9 @@ prepare() {
 run() {
     local out=${OUT:-/tmp/moonq-device} site=/tmp/moonq-site port=6390
     mkdir -p "$out"
+    # 10,000 streams hold ~40,000 sockets across the processes: every one may open as many
+    # as the machine allows (moonq's own processes raise their soft limit; the load's do not).
+    ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$site" "$here"/whl/*.whl
     export PYTHONPATH="$site:$PWD" PATH="$site/bin:$PATH" PYTHONUNBUFFERED=1
@@ -54,6 +57,7 @@ run() {
     {
         echo "nproc $(nproc); $(python3 --version); $(uname -srm)"
         grep -m1 "model name" /proc/cpuinfo || true
+        echo "open files $(ulimit -n); somaxconn $(cat /proc/sys/net/core/somaxconn 2>/dev/null)"
         echo "redis $("$lib"/ld-linux-x86-64.so.2 --library-path "$lib" "$here/redis/redis-server" --version)"
     } >"$out/machine.txt"
     cat "$out/machine.txt"

@@ -53,6 +53,7 @@ class Run:
     phases: dict[str, float] = field(default_factory=dict)  # moonq: p50 ms of each phase
     pickup: list[float] = field(default_factory=list)  # moonq: s from created to started
     redis_per_chunk: float = 0.0  # Redis commands (scripts' inner ones too) per upstream chunk
+    redis_cpu: float = 0.0  # Redis's CPU ms per request (server-wide)
 
     def pct(self, name: str, q: float) -> float:
         return pct((getattr(s, name) for s in self.samples), q)
@@ -200,10 +201,12 @@ async def batch(stack: Stack, n: int, chunks: int, send: Awaitable[Sent]) -> Run
     async with httpx.AsyncClient() as fake:
         for url in stack.fake_urls:
             await fake.post(f"{url}/_fake/reset")
-        calls, before, t0 = stack.redis_calls(), stack.cpu(), time.perf_counter()
+        calls, redis_cpu = stack.redis_calls(), stack.redis_cpu()
+        before, t0 = stack.cpu(), time.perf_counter()
         sent = await send
         run = Run(sent.samples, time.perf_counter() - t0)
         after = stack.cpu()
+        run.redis_cpu = (stack.redis_cpu() - redis_cpu) * 1000 / n
         run.redis_per_chunk = (stack.redis_calls() - calls) / (n * chunks)
         # Each fake's own peak, summed: at most the upstream's (they may peak apart).
         peaks = [(await fake.get(f"{url}/_fake/stats")).json() for url in stack.fake_urls]

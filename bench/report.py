@@ -158,11 +158,19 @@ def scaling_table(scaling: Scaling) -> str:
         each = m / count
         base.setdefault(kind, each)
         api, worker = (med(run.cpu[k] for run in row.moonq) for k in ("api", "worker"))
+        redis = med(run.redis_cpu for run in row.moonq)
+        # The cores Redis and the load kept busy: is one of them the limit, not moonq?
+        busy = [
+            med(run.redis_cpu * run.rate / 1000 for run in row.moonq),
+            med(run.cpu["client"] * run.rate / 1000 for run in row.moonq),
+        ]
         name = f"{count} {kind} process{'es' if count > 1 else ''}"
         cells = [name, row.conc, f"{num(d)}", f"{num(m)}", num(each)]
-        lines.append([*cells, f"{each / base[kind]:.0%}", num(api), num(worker)])
+        cells += [f"{each / base[kind]:.0%}", num(api), num(worker), num(redis)]
+        lines.append([*cells, " / ".join(f"{b:.2f}" for b in busy)])
     head = "scaled | worker/limiter conc. | direct jobs/s | moonq jobs/s | jobs/s per process "
-    head += "| efficiency vs linear | CPU ms/job: api | worker"
+    head += "| efficiency vs linear | CPU ms/job: api | worker | Redis "
+    head += "| cores busy: Redis / load clients"
     return table(head, lines)
 
 

@@ -161,6 +161,12 @@ class Stack:
         stats: dict[str, dict[str, int]] = self.redis.info("commandstats")  # type: ignore[assignment]
         return sum(entry["calls"] for entry in stats.values())
 
+    def redis_cpu(self) -> float:
+        """CPU seconds the Redis server process has used, all its threads (server-wide, as
+        `redis_calls`)."""
+        info = self.redis.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
     def peak_rss(self) -> dict[str, float]:
         """The API's and the workers' peak resident memory (VmHWM), MiB, summed over their
         processes (the sum of each one's peak: at most the peak of the sum)."""

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 
 from bench.load import Load
-from bench.measure import Crowd, Sample, Shape
-from bench.report import crowd_table
+from bench.measure import Crowd, Row, Run, Sample, Shape
+from bench.report import crowd_table, scaling_table
 from moonq.fake_moonshot import start_fake
 
 
@@ -40,3 +40,25 @@ def test_the_slow_row_shows_what_each_stream_cost_the_api_and_the_worker() -> No
     assert rows[0].endswith("| peak RSS API / worker (MiB) | CPU ms per stream: API / worker |")
     assert rows[-1].endswith("| 96 / 80 | 2.2 / 3.9 |")
     assert rows[-2].endswith("| – | – |")  # the direct client's row: no moonq processes
+
+
+def test_the_scaling_rows_show_what_redis_and_the_load_kept_busy() -> None:
+    def run(rate: float, redis_ms: float, client_ms: float) -> Run:
+        samples = [Sample(0.01, 0.02)] * int(rate)
+        found = Run(samples, 1.0, cpu={"api": 1.5, "worker": 2.0, "client": client_ms})
+        found.redis_cpu = redis_ms
+        return found
+
+    rows = [
+        ("worker", 1, Row("workers ×1", [run(900, 0, 0)], [run(300, 0.5, 1.0)], "800/800")),
+        ("worker", 4, Row("workers ×4", [run(900, 0, 0)], [run(1000, 0.9, 1.2)], "800/800")),
+    ]
+    lines = scaling_table(rows).splitlines()
+    head = "| CPU ms/job: api | worker | Redis | cores busy: Redis / load clients |"
+    assert lines[0].endswith(head)
+    # 4 processes at 250 jobs/s each against 300 for one: 83% of linear; Redis busy 0.9 ms ×
+    # 1000 jobs/s = 0.90 of a core, the load 1.2 ms × 1000 = 1.20 cores.
+    four = "| 4 worker processes | 800/800 | 900 | 1000 | 250 | 83% | 1.5 | 2.0 | 0.9 "
+    four += "| 0.90 / 1.20 |"
+    assert lines[-1] == four
+    assert lines[-2].endswith("| 100% | 1.5 | 2.0 | 0.5 | 0.15 / 0.30 |")
