@@ -87,7 +87,11 @@ def _upload_limits(settings: Settings) -> dict[str, tuple[int, str]]:
 
 
 def app_from_env() -> FastAPI:
-    """For `uvicorn --factory api.app:app_from_env`."""
+    """For `uvicorn --factory api.app:app_from_env` (each process of `moonq api --workers N`):
+    a server process, whose garbage collector is set for one (`moonq.collector`)."""
+    from moonq import collector
     from moonq.settings import get_settings
 
-    return create_app(get_settings())
+    app = create_app(get_settings())
+    collector.tune()
+    return app

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from moonq import batch_cli, job_cli, logs
+from moonq import batch_cli, collector, job_cli, logs
 from moonq.settings import Settings, get_settings, is_loopback, redis_database
 
 
@@ -43,6 +43,7 @@ def _api(args: argparse.Namespace) -> None:
         create_app(settings), log_level="info", backlog=BACKLOG, **_server_logging(settings)
     )
     server = uvicorn.Server(config)
+    collector.tune()
     announce(sock)
     server.run(sockets=[sock])
 
@@ -90,7 +91,9 @@ def _worker(args: argparse.Namespace) -> None:
     _check_redis(settings)
     logging.config.dictConfig(logs.config(settings, verbose=args.verbose))
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # arq's loop, made by its worker
-    create_worker(settings, burst=args.burst).run()
+    worker = create_worker(settings, burst=args.burst)
+    collector.tune()
+    worker.run()
 
 
 def _dev(args: argparse.Namespace) -> None:
@@ -100,7 +103,9 @@ def _dev(args: argparse.Namespace) -> None:
     raise_open_files_limit()
     _refuse_open_api(settings, args.host)
     _check_redis(settings)  # a Redis that is down means the embedded one; a wrong one, an error
-    dev.run(settings, _listen(args.host, args.port))
+    sock = _listen(args.host, args.port)
+    collector.tune()
+    dev.run(settings, sock)
 
 
 def _fake(args: argparse.Namespace) -> None:
@@ -109,7 +114,9 @@ def _fake(args: argparse.Namespace) -> None:
     config = FakeConfig(
         chunks=args.chunks, delay=args.delay, api_key=args.api_key, usage_style=args.usage_style
     )
-    run(_listen(args.host, args.port), config)
+    sock = _listen(args.host, args.port)
+    collector.tune()
+    run(sock, config)
 
 
 def _settings() -> Settings:
