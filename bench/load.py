@@ -117,10 +117,14 @@ class Load:
     async def _parts(
         self, kind: str, shape: Shape, n: int, c: int, api_url: str, together: bool
     ) -> list[tuple[Done, float]]:
-        loop, fakes, k = asyncio.get_running_loop(), self.fake_urls, self.k
+        loop, fakes = asyncio.get_running_loop(), self.fake_urls
+        # `c` in flight in all: dealt out, never rounded up (c=1 is one process's one request).
+        k = min(self.k, n, c)
         parts = [
-            Part(kind, shape, n, i, k, -(-c // k), fakes[i % len(fakes)], api_url, together)
-            for i in range(min(k, n))
+            Part(
+                kind, shape, n, i, k, c // k + (i < c % k), fakes[i % len(fakes)], api_url, together
+            )
+            for i in range(k)
         ]
         return await asyncio.gather(*(loop.run_in_executor(self.pool, _part, p) for p in parts))
 

@@ -62,3 +62,23 @@ def test_the_scaling_rows_show_what_redis_and_the_load_kept_busy() -> None:
     four += "| 0.90 / 1.20 |"
     assert lines[-1] == four
     assert lines[-2].endswith("| 100% | 1.5 | 2.0 | 0.5 | 0.15 / 0.30 |")
+
+
+async def test_a_run_keeps_exactly_its_concurrency_across_the_processes() -> None:
+    """c=1 through two load processes is one request at a time, not one in each; c=3 through
+    two is two and one."""
+    fakes = [await start_fake(), await start_fake()]
+    load = Load(2, [fake.origin for fake in fakes])
+    try:
+        await load.run("direct", Shape(3, 0.02, 0.0), 6, 1, "http://unused", set())
+        alone = [(fake.stats.requests, fake.stats.peak_in_flight) for fake in fakes]
+        for fake in fakes:
+            fake.stats.reset()
+        await load.run("direct", Shape(3, 0.02, 0.0), 9, 3, "http://unused", set())
+        three = [fake.stats.peak_in_flight for fake in fakes]
+    finally:
+        load.close()
+        for fake in fakes:
+            await fake.close()
+    assert alone == [(6, 1), (0, 0)]
+    assert three == [2, 1]
