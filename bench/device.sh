@@ -7,9 +7,10 @@
 #           versions of this .venv, for the lent machine's Python (PYVER, default 3.12), and
 #           this machine's redis-server with every library it loads, its loader included
 #   there:  run(command="bash bench/device.sh run", carry=[".device"], timeout_s=540)
-#           writes to $OUT: machine.txt, scaling.md (the ceiling row with 1, 4, 8 workers
-#           and 4 API processes, then 1, 2, 4 API processes and 8 workers), slow.md
-#           (10,000 slow streams through one worker and one API), and the logs
+#           writes to $OUT: machine.txt, slow.md (10,000 slow streams through one worker and
+#           one API), scaling.md (the ceiling row with 1, 4, 8 workers and 4 API processes,
+#           then 1, 2, 4 API processes and 8 workers), slow2x2.md (the 10,000 streams through
+#           two of each), and the logs
 #
 # `SMALL=1 bash bench/device.sh run` is the same run at a size for two cores, to try it here
 # (after `PYVER=3.11 bash bench/device.sh prepare`).
@@ -71,14 +72,23 @@ run() {
             --fakes 2 --ceiling 100 --ceiling-requests 600)
         slow=(--slow 300 --slow-chunks 5 --slow-delay 0.2 --clients 2 --fakes 2)
     fi
-    # Each run on its own: one that fails leaves the other's table.
+    # Each run on its own, the issue's row first: one that fails or runs out of time leaves
+    # the others' tables.
+    crowd slow "$url" "$out" "${slow[@]}"
     python3 -m bench.run --redis-url "$url" "${scaling[@]}" --repeat 1 --no-relay \
         --output "$out/scaling.md" >"$out/scaling.log" 2>&1 || echo "scaling: failed"
     tail -n 12 "$out/scaling.md" 2>/dev/null || tail -n 40 "$out/scaling.log"
-    python3 -m bench.run --redis-url "$url" "${slow[@]}" --levels 1 --requests 10 \
-        --sequential 0 --ceiling 0 --queued 0 --repeat 1 --chat-level 0 --wait-level 0 \
-        --output "$out/slow.md" >"$out/slow.log" 2>&1 || echo "slow: failed"
-    tail -n 6 "$out/slow.md" 2>/dev/null || tail -n 40 "$out/slow.log"
+    # The same crowd with two API processes and two workers: what adding processes does.
+    crowd slow2x2 "$url" "$out" "${slow[@]}" --api-procs 2 --workers 2
+}
+
+crowd() { # name, Redis URL, $OUT, then bench.run's arguments
+    local name=$1 url=$2 out=$3
+    shift 3
+    python3 -m bench.run --redis-url "$url" "$@" --levels 1 --requests 10 --sequential 0 \
+        --ceiling 0 --queued 0 --repeat 1 --chat-level 0 --wait-level 0 \
+        --output "$out/$name.md" >"$out/$name.log" 2>&1 || echo "$name: failed"
+    tail -n 4 "$out/$name.md" 2>/dev/null || tail -n 40 "$out/$name.log"
 }
 
 case "${1:-}" in

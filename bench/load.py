@@ -29,6 +29,7 @@ from bench.measure import (
     direct_one,
     moonq_one,
 )
+from moonq import collector
 from worker.upstream import MoonshotClient
 
 
@@ -112,7 +113,9 @@ class Load:
 
     def __init__(self, k: int, fake_urls: list[str]) -> None:
         self.k, self.fake_urls = k, fake_urls
-        self.pool = ProcessPoolExecutor(k, mp_context=get_context("spawn"))
+        # Set like moonq's servers' (thousands of streams' objects held at once): collector
+        # pauses in a load process would count against whichever side it was reading.
+        self.pool = ProcessPoolExecutor(k, get_context("spawn"), initializer=collector.tune)
 
     async def _parts(
         self, kind: str, shape: Shape, n: int, c: int, api_url: str, together: bool
