@@ -222,18 +222,24 @@ async def batch(stack: Stack, n: int, chunks: int, send: Awaitable[Sent]) -> Run
 
 def split_phases(stack: Stack, run: Run) -> None:
     """moonq's time split with the job records' timestamps."""
+    split = phases(stack, run.samples)
+    run.pickup = split["queued"]
+    run.phases = {k: pct(v, 0.5) * 1000 for k, v in split.items()}
+
+
+def phases(stack: Stack, samples: list[Sample]) -> dict[str, list[float]]:
+    """Each sample's time queued (created → started), in the worker (started → completed),
+    and in delivery (completed → `done` at the client), s, from its job record."""
     fields = ["created_at", "started_at", "completed_at"]
     with stack.redis.pipeline(transaction=False) as pipe:
-        for s in run.samples:
+        for s in samples:
             pipe.hmget(f"{stack.prefix}:job:{s.job_id}", fields)
         times = [[float(v) for v in row] for row in pipe.execute()]
-    run.pickup = [t[1] - t[0] for t in times]
-    split = {
-        "queued": run.pickup,
+    return {
+        "queued": [t[1] - t[0] for t in times],
         "worker run": [t[2] - t[1] for t in times],
-        "delivery": [s.done_at - t[2] for s, t in zip(run.samples, times, strict=True)],
+        "delivery": [s.done_at - t[2] for s, t in zip(samples, times, strict=True)],
     }
-    run.phases = {k: pct(v, 0.5) * 1000 for k, v in split.items()}
 
 
 @dataclass
@@ -247,6 +253,7 @@ class Crowd:
     rss: dict[str, float] = field(default_factory=dict)  # moonq: peak RSS (MiB) meanwhile
     rss_since: str = "the crowd began"  # or "the start", where the kernel cannot reset it
     cpu: dict[str, float] = field(default_factory=dict)  # moonq: CPU ms per stream, by server
+    phases: dict[str, list[float]] = field(default_factory=dict)  # moonq: `phases`, completed
 
     @classmethod
     def merge(cls, parts: list[Crowd]) -> Crowd:

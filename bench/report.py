@@ -179,14 +179,16 @@ def crowd_table(direct: Crowd, moonq: Crowd) -> str:
         errors = "; ".join(f"{n}× {e}" for e, n in c.errors.most_common(3)) or "–"
         totals = [pct([s.total for s in c.samples], q) for q in (0.5, 0.99)]
         relay = [fine(pct([x for s in c.samples for x in s.relay], q) * 1000) for q in (0.5, 0.99)]
+        queued = c.phases.get("queued")
+        waited = "–" if not queued else " / ".join(f"{pct(queued, q):.1f}" for q in (0.5, 0.99))
         rss = "–" if not c.rss else f"{c.rss['api']:.0f} / {c.rss['worker']:.0f}"
         cpu = "–" if not c.cpu else f"{c.cpu['api']:.1f} / {c.cpu['worker']:.1f}"
         cells = [name, f"{len(c.samples)}/{c.n}", str(sum(c.errors.values())), errors]
-        cells += [f"{c.wall:.1f}", *(f"{t:.1f}" for t in totals), " / ".join(relay)]
+        cells += [f"{c.wall:.1f}", *(f"{t:.1f}" for t in totals), waited, " / ".join(relay)]
         return [*cells, rss, cpu]
 
     head = "client | completed | client errors | the errors | all done (s) | stream total p50 (s) "
-    head += "| p99 (s) | relay p50 / p99 (ms) | peak RSS API / worker (MiB) "
+    head += "| p99 (s) | queued p50 / p99 (s) | relay p50 / p99 (ms) | peak RSS API / worker (MiB) "
     head += "| CPU ms per stream: API / worker"
     return table(head, [line("direct", direct), line("moonq", moonq)])
 

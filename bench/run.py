@@ -38,6 +38,7 @@ from bench.measure import (
     crowd,
     direct_one,
     moonq_one,
+    phases,
 )
 from bench.report import Result, Scaling, report
 from bench.stack import Stack
@@ -178,6 +179,7 @@ class Bench:
         after = stack.cpu()
         queued.cpu = {g: (after[g] - before[g]) * 1000 / n for g in ("api", "worker")}
         queued.rss = await asyncio.to_thread(stack.peak_rss)
+        queued.phases = await asyncio.to_thread(phases, stack, queued.samples)
         if stack.rss_since_start:
             queued.rss_since = "the processes started"
         return straight, queued

@@ -11,7 +11,7 @@ measured with 4,000 slow streams on two cores, the collector took 44 % of the AP
 Collecting the young generation every 10,000 allocations instead gives a stream's short-lived
 objects the time to die young (fewer reach the old generation, which is then collected about
 a tenth as often), and freezing what the process built to start keeps it out of every later
-collection. Same run: 4.2 → 2.5 ms of API CPU and 6.2 → 2.7 ms of worker CPU a stream, the
+collection. Same run: 4.2 → 2.7 ms of API CPU and 6.2 → 3.0 ms of worker CPU a stream, the
 same peak RSS. Reference cycles still die, at the next young collection (milliseconds later).
 """
 

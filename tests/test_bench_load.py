@@ -36,7 +36,11 @@ def test_the_slow_row_shows_what_each_stream_cost_the_api_and_the_worker() -> No
     direct = Crowd(2, samples, Counter(), 21.0)
     moonq = Crowd(2, samples, Counter(), 21.5, rss={"api": 96.0, "worker": 80.0})
     moonq.cpu = {"api": 2.25, "worker": 3.94}
+    moonq.phases = {"queued": [0.25, 1.5]}  # created → started, each completed stream
     rows = crowd_table(direct, moonq).splitlines()
+    assert "| queued p50 / p99 (s) | relay p50 / p99 (ms) |" in rows[0]
+    assert "| 0.2 / 1.5 | 2.0 / 3.0 |" in rows[-1]  # the time queued, then the relay's
+    assert "| 21.0 | – | 2.0 / 3.0 |" in rows[-2]
     assert rows[0].endswith("| peak RSS API / worker (MiB) | CPU ms per stream: API / worker |")
     assert rows[-1].endswith("| 96 / 80 | 2.2 / 3.9 |")
     assert rows[-2].endswith("| – | – |")  # the direct client's row: no moonq processes
