@@ -87,8 +87,9 @@ def _upload_limits(settings: Settings) -> dict[str, tuple[int, str]]:
 
 
 def app_from_env() -> FastAPI:
-    """For `uvicorn --factory api.app:app_from_env` (each process of `moonq api --workers N`):
-    a server process, whose garbage collector is set for one (`moonq.collector`)."""
+    """For `uvicorn --factory api.app:app_from_env` (each process of `moonq api --workers N`).
+    It also sets the calling process's garbage collector for a server (`moonq.collector`):
+    a process that imports this factory for anything but serving should call `create_app`."""
     from moonq import collector
     from moonq.settings import get_settings
 

@@ -35,13 +35,11 @@ from worker.upstream import MoonshotClient
 
 @dataclass(frozen=True)
 class Part:
-    """One load process's share of a run: requests `first`, `first + step`, … below `n`."""
+    """One load process's share of a run: the requests of these `indices`, `c` at a time."""
 
     kind: str  # "direct", "sse", "wait" (long-poll) or "chat"
     shape: Shape
-    n: int
-    first: int
-    step: int
+    indices: tuple[int, ...]
     c: int  # at a time; with `together`, all at once instead
     fake_url: str  # the direct client's upstream
     api_url: str
@@ -74,7 +72,7 @@ def _client(part: Part) -> Any:
 async def _send(part: Part) -> Done:
     ids: set[str] = set()
     client = _client(part)
-    indices = range(part.first, part.n, part.step)
+    indices = part.indices
 
     def one(j: int) -> Awaitable[Sample]:
         body = chat(indices[j], part.shape)
@@ -121,13 +119,19 @@ class Load:
         self, kind: str, shape: Shape, n: int, c: int, api_url: str, together: bool
     ) -> list[tuple[Done, float]]:
         loop, fakes = asyncio.get_running_loop(), self.fake_urls
-        # `c` in flight in all: dealt out, never rounded up (c=1 is one process's one request).
-        k = min(self.k, n, c)
+        # `c` in flight in all (never more than `n`), dealt out, never rounded up: c=1 is one
+        # process's one request. Each process holds some of the c slots and gets the requests
+        # those slots would take in turn, so all of them end after the same number of rounds.
+        c = min(c, n)
+        k = min(self.k, c)
+        shares = [c // k + (i < c % k) for i in range(k)]
+        owner = [i for i, share in enumerate(shares) for _ in range(share)]  # slot → process
+        dealt: list[list[int]] = [[] for _ in shares]
+        for j in range(n):
+            dealt[owner[j % c]].append(j)
         parts = [
-            Part(
-                kind, shape, n, i, k, c // k + (i < c % k), fakes[i % len(fakes)], api_url, together
-            )
-            for i in range(k)
+            Part(kind, shape, tuple(dealt[i]), share, fakes[i % len(fakes)], api_url, together)
+            for i, share in enumerate(shares)
         ]
         return await asyncio.gather(*(loop.run_in_executor(self.pool, _part, p) for p in parts))
 

@@ -234,11 +234,18 @@ def phases(stack: Stack, samples: list[Sample]) -> dict[str, list[float]]:
     with stack.redis.pipeline(transaction=False) as pipe:
         for s in samples:
             pipe.hmget(f"{stack.prefix}:job:{s.job_id}", fields)
-        times = [[float(v) for v in row] for row in pipe.execute()]
+        rows = pipe.execute()
+    # A record without its times (gone, or never started) has no phases: left out, rather
+    # than losing a whole run's report to it.
+    found = [
+        (s, [float(v) for v in row])
+        for s, row in zip(samples, rows, strict=True)
+        if None not in row
+    ]
     return {
-        "queued": [t[1] - t[0] for t in times],
-        "worker run": [t[2] - t[1] for t in times],
-        "delivery": [s.done_at - t[2] for s, t in zip(samples, times, strict=True)],
+        "queued": [t[1] - t[0] for _, t in found],
+        "worker run": [t[2] - t[1] for _, t in found],
+        "delivery": [s.done_at - t[2] for s, t in found],
     }
 
 

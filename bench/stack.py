@@ -164,7 +164,7 @@ class Stack:
     def redis_cpu(self) -> float:
         """CPU seconds the Redis server process has used, all its threads (server-wide, as
         `redis_calls`)."""
-        info = self.redis.info("cpu")
+        info: dict[str, float] = self.redis.info("cpu")  # type: ignore[assignment]
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
     def peak_rss(self) -> dict[str, float]:

@@ -60,3 +60,38 @@ def test_cyclic_garbage_is_still_collected_after_the_tuning() -> None:
         a.other, b.other = b, a  # type: ignore[attr-defined]
     alive = sum(isinstance(o, Node) for o in gc.get_objects())
     assert alive < 2 * collector.YOUNG  # the young collections ran as allocation went on
+
+
+@pytest.mark.usefixtures("restored_collector")
+@pytest.mark.parametrize("command", [["worker"], ["fake-moonshot", "--port", "0"]])
+def test_the_server_commands_set_their_collector_before_serving(
+    monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """`moonq worker` and `moonq fake-moonshot` (the API's processes: above) serve with the
+    collector set; the serving itself is replaced by a look at the setting."""
+    import asyncio
+    import logging.config
+
+    import moonq.fake_moonshot
+    import worker.main
+    from moonq import cli
+    from moonq.settings import get_settings
+
+    seen: list[int] = []
+
+    class Served:
+        def run(self, *_: object) -> None:
+            seen.append(gc.get_threshold()[0])
+
+    monkeypatch.setattr(cli, "_check_redis", lambda settings: None)
+    monkeypatch.setattr(logging.config, "dictConfig", lambda config: None)
+    monkeypatch.setattr(asyncio, "set_event_loop_policy", lambda policy: None)
+    monkeypatch.setattr(worker.main, "create_worker", lambda settings, burst: Served())
+    monkeypatch.setattr(moonq.fake_moonshot, "run", lambda sock, config: Served().run(sock.close()))
+    monkeypatch.setenv("MOONSHOT_API_KEY", "sk-test")
+    get_settings.cache_clear()
+    try:
+        cli.main(command)
+    finally:
+        get_settings.cache_clear()
+    assert seen == [collector.YOUNG]
