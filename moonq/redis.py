@@ -82,6 +82,7 @@ _ALONE = frozenset({
     "DEBUG", "SYNC", "PSYNC", "REPLICAOF", "SLAVEOF", "FAILOVER",
 })
 # fmt: on
+CLOSE_GRACE = 1.0  # seconds `Client.aclose` lets round trips under way finish
 _Queued = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
 # Errors after which a connection's replies cannot be trusted to line up with its commands.
 _BROKEN = (rx.ConnectionError, rx.TimeoutError, rx.InvalidResponse, OSError, asyncio.CancelledError)
@@ -119,7 +120,7 @@ class Client(ArqRedis):
             return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # a new loop: what an old, closed one left is gone
-            self._loop, self._queued = loop, []
+            self._loop, self._queued, self._sending, self._waiting = loop, [], set(), set()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._queued:
             loop.call_soon(self._flush)
@@ -192,11 +193,17 @@ class Client(ArqRedis):
                 raise
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
-        """Also lets the round trips under way end, whose callers still wait on them."""
+        """Lets the round trips under way end for up to `CLOSE_GRACE` s; the callers of
+        those still waiting then hear that the client closed (as redis-py's own close cuts
+        the connections in use), so a Redis that stopped answering does not hold it up."""
         if self._queued:
             self._flush()
         if self._sending:
-            await asyncio.wait(set(self._sending))
+            _, late = await asyncio.wait(set(self._sending), timeout=CLOSE_GRACE)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
         await super().aclose(close_connection_pool)
 
 

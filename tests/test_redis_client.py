@@ -198,3 +198,18 @@ async def test_a_caller_that_gives_up_waiting_for_a_connection_sends_nothing(
         assert await client.get(f"{prefix}:dropped") is None
     finally:
         await client.aclose()
+
+
+async def test_closing_does_not_wait_on_a_redis_that_stopped_answering() -> None:
+    """A caller still waits on a stalled reply: closing the client lets it go within about a
+    second (it hears the client closed), not at the socket's 10 s timeout."""
+    async with _Stub("hangs") as stub:
+        client = connect(f"redis://127.0.0.1:{stub.port}/0")
+        waiting = asyncio.create_task(client.get("k"))
+        await asyncio.sleep(0.3)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await client.aclose()
+        assert loop.time() - started < 3
+        with pytest.raises(RedisConnectionError, match="closed"):
+            await waiting
