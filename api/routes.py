@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator, Iterable
 from typing import Annotated
@@ -25,6 +26,8 @@ from moonq.listing import JobLister, UnknownCursor
 from moonq.models import Job, JobCreate, JobList, Status
 from moonq.store import AlreadyFinished
 from moonq.stream import RawEvent, follow_batches, gap_before
+
+log = logging.getLogger("moonq.api")
 
 router = APIRouter()
 
@@ -256,8 +259,9 @@ async def _sse(
                 events = [gap, *events]
             after = events[-1].seq
             yield b"".join(event.sse() for event in events)  # those at hand: one write
-    except (RedisError, OSError):
+    except (RedisError, OSError) as exc:
         # The response has started: report the failure as an event, never raise.
+        log.warning("job %s: its stream ended on a Redis error (%s)", job_id, type(exc).__name__)
         message = "The job store became unavailable; reconnect with Last-Event-ID to resume."
         yield ServerSentEvent(
             event="stream_error",

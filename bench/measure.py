@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import math
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -134,6 +135,9 @@ async def moonq_one(http: httpx.AsyncClient, ids: set[str], body: Body, poll: bo
             async for sse in source.aiter_sse():
                 if not sse.data:  # httpx-sse's reading of the API's `: ping` every 15 s
                     continue
+                if sse.event == "stream_error":  # the API lost Redis mid-stream
+                    end = sse.event
+                    break
                 event = json.loads(sse.data)
                 if event["event"] == "chunk":
                     s.received(event["data"])
@@ -284,5 +288,12 @@ async def crowd(n: int, one: Callable[[int], Awaitable[Sample]]) -> Crowd:
     t0 = time.perf_counter()
     ended = await asyncio.gather(*map(guarded, range(n)))
     wall = time.perf_counter() - t0
-    errors = Counter(f"{type(e).__name__}: {e}"[:120] for e in ended if not isinstance(e, Sample))
+    errors = Counter(error_line(e) for e in ended if not isinstance(e, Sample))
     return Crowd(n, [s for s in ended if isinstance(s, Sample)], errors, wall)
+
+
+def error_line(exc: BaseException) -> str:
+    """An error as one line of a table cell: its type and first line, job ids left out (so
+    like errors count together), at most 120 characters."""
+    first = str(exc).split("\n", 1)[0].replace("|", "/")
+    return re.sub(r"job_[0-9a-f]{32}", "job_…", f"{type(exc).__name__}: {first}")[:120]

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import redis
@@ -191,6 +193,8 @@ class Stack:
     def down(self) -> None:
         for proc in reversed(list(self.procs.values())):
             proc.stop()
+        for line in complaints(self.workdir):
+            print(line, file=sys.stderr)
         shutil.rmtree(self.workdir, ignore_errors=True)
         doomed = list(self.redis.scan_iter(f"{self.prefix}:*", count=1000))
         ids = self.job_ids | {k.decode().rsplit(":", 1)[1] for k in doomed if b":job:" in k}
@@ -198,3 +202,24 @@ class Stack:
         for i in range(0, len(doomed), 500):
             self.redis.delete(*doomed[i : i + 500])
         self.redis.close()
+
+
+_LEVEL = re.compile(r" (WARNING|ERROR|CRITICAL) ")
+_VARYING = re.compile(r"job_[0-9a-f]{32}|\b[0-9a-f]{32}\b|\d+(\.\d+)?")
+
+
+def complaints(workdir: Path, top: int = 6) -> list[str]:
+    """What the servers of a run warned of, each log's most frequent messages counted (job
+    ids and numbers made alike): a run's errors say what the client saw, these why."""
+    lines: list[str] = []
+    for log in sorted(workdir.glob("*.log")):
+        found: Counter[str] = Counter()
+        with log.open(errors="replace") as text:
+            for line in text:
+                level = _LEVEL.search(line)
+                if level:
+                    found[_VARYING.sub("N", line[level.start() + 1 :].strip())[:160]] += 1
+        if found:
+            lines.append(f"{log.stem}: {sum(found.values())} warnings and errors, most often:")
+            lines += [f"  {n}× {message}" for message, n in found.most_common(top)]
+    return lines

@@ -3,8 +3,9 @@
 Moonshot's limits are per account (e.g. 50 concurrent requests, 200 RPM at the first paid
 tier); only a limiter shared across workers keeps a large batch out of a 429 storm. Concurrency
 is a set of leases that expire unless their holder renews them, so a crashed worker's permits
-come back on their own; a holder that stalled past its lease learns at its next renewal that
-the permit is gone (`Permit.lost`) and must stop. RPM and TPM are a sliding 60 s window of the
+come back on their own; a holder that stalled past its lease takes its permit back at its next
+renewal if the limit has room and nobody waits, else learns that the permit is gone
+(`Permit.lost`) and must stop. RPM and TPM are a sliding 60 s window of the
 requests made, with the window's token total kept beside it so no ask has to sum it.
 
 The limiter's keys outlive any lease (an hour, renewed on use): entries expire by their
@@ -185,26 +186,44 @@ end
 return 1
 """
 
-# KEYS: 1 leases. ARGV: ttl ms, leases... Renews the leases still held and returns the ones it
-# did not: gone (an ACQUIRE dropped them once expired, and may have given their place away)
-# or past their expiry (dropped here). A lost lease is never revived: its holder must stop.
-# An error reply, before any write, when the ttl is malformed; no command after that can fail.
+# KEYS: 1 leases, 2 waiting (as in ACQUIRE). ARGV: ttl ms, concurrency (0 = off), leases...
+# Renews the leases still held. A lease that lapsed (past its expiry, or already dropped by an
+# ACQUIRE that may have given its place away) is taken back when the limit has room for it now
+# and nobody waits in line: the cap holds and nobody is passed over, and its request, already
+# under way upstream and counted in the window, goes on rather than being cut off and run again
+# (which, with a loop late under load, restarted thousands of streams). Otherwise it is lost:
+# its holder must stop. Returns {the lost leases, how many were taken back}. An error reply,
+# before any write, when an ARGV is malformed; no command after that can fail.
 RENEW = (
     _NOW
     + """
-if not string.match(ARGV[1], '^%d+$') then return redis.error_reply('ERR bad ttl') end
-local lost = {}
-for i = 2, #ARGV do
+if not string.match(ARGV[1], '^%d+$') or not string.match(ARGV[2], '^%d+$') then
+  return redis.error_reply('ERR bad ttl or concurrency')
+end
+local expiry_at, limit = now + tonumber(ARGV[1]), tonumber(ARGV[2])
+local room = nil  -- read once, when a lapsed lease first needs it
+local lost, taken = {}, 0
+for i = 3, #ARGV do
   local expiry = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i]))
   if expiry and expiry > now then
-    redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i])
+    redis.call('ZADD', KEYS[1], 'XX', expiry_at, ARGV[i])
   else
-    if expiry then redis.call('ZREM', KEYS[1], ARGV[i]) end
-    lost[#lost + 1] = ARGV[i]
+    if room == nil then
+      if redis.call('EXISTS', KEYS[2]) == 1 then room = 0
+      elseif limit == 0 then room = #ARGV
+      else room = limit - redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf') end
+    end
+    if room > 0 then
+      redis.call('ZADD', KEYS[1], expiry_at, ARGV[i])
+      room, taken = room - 1, taken + 1
+    else
+      if expiry then redis.call('ZREM', KEYS[1], ARGV[i]) end
+      lost[#lost + 1] = ARGV[i]
+    end
   end
 end
 redis.call('PEXPIRE', KEYS[1], 3600000)
-return lost
+return {lost, taken}
 """
 )
 
@@ -265,8 +284,9 @@ class PermitImpossible(Exception):
 
 @dataclass
 class Permit:
-    """One upstream request's permit. `lost` is set when a renewal finds the lease gone (its
-    holder stalled past the lease's ttl and the place may be someone else's): stop at once."""
+    """One upstream request's permit. `lost` is set when a renewal finds the lease lapsed (its
+    holder stalled past the lease's ttl) with no room to take it back, or someone waiting in
+    line: the place may be someone else's, so stop at once."""
 
     lease: str
     tokens: int
@@ -319,8 +339,8 @@ class UpstreamLimiter:
         and only while the `gate` (the account's pause) is open, limits on or off.
         Raises `PermitImpossible` at once when `tokens` exceeds the TPM limit, and
         `PermitAbandoned` when `give_up()` turns true while waiting. While held, watch
-        `permit.lost`: it is set if the lease lapsed and was not renewed. A `batch` request
-        leaves a tenth of RPM and TPM (`kept_back`) to the others: a batch that filled the
+        `permit.lost`: it is set if the lease lapsed and could not be taken back. A `batch`
+        request leaves a tenth of RPM and TPM (`kept_back`) to the others: a batch that filled the
         minute's window would otherwise hold an interactive job back until the window moved.
         """
         if self.tpm and tokens > self.tpm:
@@ -438,13 +458,20 @@ class UpstreamLimiter:
         held = list(self._held)
         if not held:
             return
+        keys = [self.keys.limit_leases(), self.keys.limit_waiting()]
         try:
-            lost = await self._renew(
-                keys=[self.keys.limit_leases()], args=[self.lease_ttl_ms, *held]
+            lost, taken = await self._renew(
+                keys=keys, args=[self.lease_ttl_ms, self.concurrency, *held]
             )
         except (RedisError, OSError) as exc:  # keep renewing through a Redis blip
             log.warning("could not renew upstream permits: %s", type(exc).__name__)
             return
+        if taken:
+            log.warning(
+                "%d upstream permits had lapsed before they were renewed (this process was "
+                "late); taken back, the limit having room",
+                taken,
+            )
         for raw in lost:
             permit = self._held.pop(raw.decode() if isinstance(raw, bytes) else str(raw), None)
             if permit is not None:

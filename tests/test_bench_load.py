@@ -4,10 +4,12 @@ dealt out to K processes and come back whole, with the CPU those processes spent
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from bench.load import Load
-from bench.measure import Crowd, Row, Run, Sample, Shape
+from bench.measure import Crowd, Row, Run, Sample, Shape, error_line
 from bench.report import crowd_table, scaling_table
+from bench.stack import complaints
 from moonq.fake_moonshot import start_fake
 
 
@@ -87,3 +89,30 @@ async def test_a_run_keeps_exactly_its_concurrency_across_the_processes() -> Non
             await fake.close()
     assert alone == [(6, 1), (0, 0)]
     assert three == [(6, 2), (3, 1)]
+
+
+def test_a_crowd_error_is_one_line_of_its_table_cell(tmp_path: Path) -> None:
+    """An error's text (httpx's has a second line, a job's its id) stays one line of the
+    crowd table, like errors counted together; and the servers' own warnings are summed up."""
+    ids = ["job_" + "a" * 32, "job_" + "b" * 32]
+    errors = Counter(
+        error_line(RuntimeError(f"job {i} ended with stream_error\nmore | text")) for i in ids
+    )
+    assert errors == Counter({"RuntimeError: job job_… ended with stream_error": 2})
+    samples = [Sample(0.1, 20.5)]
+    moonq = Crowd(3, samples, errors, 21.5)
+    table = crowd_table(Crowd(3, samples * 3, Counter(), 21.0), moonq)
+    assert len(table.splitlines()) == 4
+    assert "| 2× RuntimeError: job job_… ended with stream_error |" in table
+    log = tmp_path / "worker1.log"
+    log.write_text(
+        "".join(
+            f"2026-11-27 18:44:0{n},761 WARNING moonq.worker job {i}: its lock had lapsed\n"
+            for n, i in enumerate(ids)
+        )
+        + "2026-11-27 18:44:09,000 INFO arq.worker fine\n"
+    )
+    assert complaints(tmp_path) == [
+        "worker1: 2 warnings and errors, most often:",
+        "  2× WARNING moonq.worker job N: its lock had lapsed",
+    ]

@@ -123,6 +123,8 @@ def test_a_redis_blip_mid_stream_loses_nothing(
         own_redis.kill()
         cut = first.result(timeout=30)
     assert cut[-1][0] == "stream_error"  # the open stream says so, and ends
+    api = next(proc for proc in cluster.procs if proc.name.startswith("api"))
+    wait_log(api, f"job {job_id}: its stream ended on a Redis error", 5)  # and the API's log
     seen = [(i, d) for name, i, d in cut if name == "message"]
     time.sleep(1.0)
     own_redis.start()

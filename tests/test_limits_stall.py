@@ -1,5 +1,6 @@
 """The limiter under stalls and load: a holder that stalled past its lease learns it lost the
-permit (and never gets it back), and a limiter's Redis work per ask stays bounded."""
+permit when its place was given away or someone waits (and never gets it back), takes it back
+when neither, and a limiter's Redis work per ask stays bounded."""
 
 from __future__ import annotations
 
@@ -165,13 +166,9 @@ async def test_an_ask_costs_the_same_however_long_the_line_and_window(
     assert max(work.values()) <= 800, sorted(work.items(), key=lambda kv: -kv[1])[:5]
 
 
-async def test_a_lease_that_lapsed_unclaimed_is_lost_too(
-    redis: ArqRedis, prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Past its expiry a lease is not renewed even if nobody took its place yet: whether
-    someone did is not knowable from the holder's side, so it always stops."""
-    ttl = 0.3
-    limiter = _limiter(redis, prefix, concurrency=1, lease_ttl=ttl)
+def _stuck(limiter: UpstreamLimiter, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """The limiter's renewals wait until the event is set (its holder is late, as a process
+    whose loop is behind under load is); the returned event resumes them."""
     resume = asyncio.Event()
     renew = limiter._renew
 
@@ -180,14 +177,86 @@ async def test_a_lease_that_lapsed_unclaimed_is_lost_too(
         return await renew(**kwargs)
 
     monkeypatch.setattr(limiter, "_renew", stuck_renewal)
+    return resume
+
+
+async def test_a_lapsed_lease_is_taken_back_while_the_limit_has_room(
+    redis: ArqRedis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its expiry, a lease nobody took and nobody waits for is taken back at the late
+    renewal: its request goes on (it used to be stopped and run again: with a worker's loop
+    late under load, thousands of streams were restarted), and the limit still holds."""
+    ttl = 0.3
+    limiter = _limiter(redis, prefix, concurrency=2, lease_ttl=ttl)
+    other = _limiter(redis, prefix, concurrency=2, lease_ttl=ttl)
+    resume = _stuck(limiter, monkeypatch)
     try:
         async with limiter.permit(10) as permit:
             await asyncio.sleep(3 * ttl)
-            resume.set()
-            await asyncio.wait_for(permit.lost.wait(), 2 * ttl)
-            assert await _leases(redis, prefix) == []  # dropped, not revived
+            assert await _leases(redis, prefix) == [permit.lease]  # lapsed, not yet dropped
+            async with other.permit(10) as second:  # an ACQUIRE drops the lapsed lease...
+                assert await _leases(redis, prefix) == [second.lease]
+                resume.set()
+                await asyncio.sleep(4 * ttl)  # several renewals: taken back, then renewed
+                assert not permit.lost.is_set()
+                assert sorted(await _leases(redis, prefix)) == sorted([permit.lease, second.lease])
+                with pytest.raises(TimeoutError):  # ... and the limit of 2 still holds
+                    async with asyncio.timeout(3 * ttl), other.permit(10):
+                        pass
     finally:
         await limiter.close()
+        await other.close()
+
+
+async def test_a_lapsed_lease_is_lost_when_the_limit_is_full(
+    redis: ArqRedis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taking a lapsed lease back never goes past the limit: with its place given away
+    meanwhile, its holder must stop."""
+    ttl = 0.3
+    limiter = _limiter(redis, prefix, concurrency=2, lease_ttl=ttl)
+    others = [_limiter(redis, prefix, concurrency=2, lease_ttl=ttl) for _ in range(2)]
+    resume = _stuck(limiter, monkeypatch)
+    holders: list[Holder] = []
+    try:
+        async with limiter.permit(10) as permit:
+            holders = [Holder(other, 10) for other in others]
+            for holder in holders:  # one at once, one once the stalled lease lapsed
+                await holder.wait_granted(3.0)
+            resume.set()
+            await asyncio.wait_for(permit.lost.wait(), 2 * ttl)
+            assert permit.lease not in await _leases(redis, prefix)
+    finally:
+        for holder in holders:
+            await holder.end()
+        await limiter.close()
+        for other in others:
+            await other.close()
+
+
+async def test_a_lapsed_lease_is_lost_when_someone_waits(
+    redis: ArqRedis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nor does it pass over a job waiting in line, even with a permit free: the holder stops
+    (here the waiter waits for the minute's requests, not for a permit)."""
+    ttl = 0.3
+    limiter = _limiter(redis, prefix, concurrency=2, rpm=1, lease_ttl=ttl)
+    other = _limiter(redis, prefix, concurrency=2, rpm=1, lease_ttl=ttl)
+    resume = _stuck(limiter, monkeypatch)
+    waiter: Holder | None = None
+    try:
+        async with limiter.permit(10) as permit:
+            waiter = Holder(other, 10)
+            await asyncio.sleep(3 * ttl)  # the lease lapsed; the waiter is in line
+            assert await redis.zcard(Keys(prefix).limit_waiting()) == 1
+            resume.set()
+            await asyncio.wait_for(permit.lost.wait(), 2 * ttl)
+            assert permit.lease not in await _leases(redis, prefix)
+    finally:
+        if waiter is not None:
+            await waiter.end()
+        await limiter.close()
+        await other.close()
 
 
 async def test_tpm_forgets_requests_older_than_a_minute(redis: ArqRedis, prefix: str) -> None:
