@@ -278,6 +278,36 @@ async def test_the_request_streams_keeps_unknown_fields_and_authenticates() -> N
     assert body == original  # the caller's body is not mutated
 
 
+async def test_cookies_an_answer_sets_are_kept_and_answers_without_are_not_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client keeps the cookies an upstream sets (a load balancer's), as httpx does; an
+    answer that sets none is not handed to the cookie jar (httpx builds urllib stand-ins of
+    the request and the response for each, only for the jar to find no cookie header)."""
+    sent: list[httpx.Request] = []
+    built = 0
+    stand_in = httpx.Cookies._CookieCompatResponse  # built only to read an answer's cookies
+
+    class Counted(stand_in):  # type: ignore[misc, valid-type]
+        def __init__(self, response: httpx.Response) -> None:
+            nonlocal built
+            built += 1
+            super().__init__(response)
+
+    monkeypatch.setattr(httpx.Cookies, "_CookieCompatResponse", Counted)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        cookie = {"set-cookie": "lb=node-7; Path=/"} if len(sent) == 2 else {}
+        return httpx.Response(200, headers=SSE | cookie, content=sse(CHUNK))
+
+    async with mocked(handler) as client:
+        for _ in range(4):
+            assert await drain(client, chat()) == [CHUNK]
+    assert [r.headers.get("cookie") for r in sent] == [None, None, "lb=node-7", "lb=node-7"]
+    assert built == 1  # only the answer that set a cookie went to the jar
+
+
 def _echo_key(request: httpx.Request) -> httpx.Response:
     key = request.headers["authorization"].removeprefix("Bearer ")
     error = {"type": "invalid_authentication_error", "message": f"Incorrect API key: {key}"}
