@@ -277,22 +277,30 @@ async def test_listing_filters_by_custom_id(real_redis: ArqRedis, prefix: str) -
     assert await JobLister(store).page("t", limit=10, batch_id="batch_x") == ([], False)
 
 
+async def _lapse_mid_stream(stack: Any, job_id: str, handed_on: bool) -> None:
+    """As if the job's permit lapsed during a stall once 4 events were out: its lease is
+    gone, and with `handed_on` its place is another holder's for the next 1.5 s."""
+    leases = f"{stack.settings.key_prefix}:limit:leases"
+    for _ in range(500):
+        if len(await stack.events(job_id)) >= 4:
+            break
+        await asyncio.sleep(0.02)
+    seconds, micros = await stack.redis.time()
+    async with stack.redis.pipeline(transaction=True) as pipe:
+        pipe.delete(leases)
+        if handed_on:
+            pipe.zadd(leases, {"another-holder": seconds * 1000 + micros // 1000 + 1500})
+        await pipe.execute()
+
+
 async def test_a_run_whose_permit_lapsed_stops_and_the_job_runs_again(real_stack: Any) -> None:
-    """A worker that stalled past its upstream permit's lease learns it at its next renewal,
-    stops its stream and hands the job back: the concurrency limit is never exceeded."""
+    """A worker that stalled past its upstream permit's lease, its place handed on, learns it
+    at its next renewal, stops its stream and hands the job back: the concurrency limit is
+    never exceeded."""
     stack, client = await real_stack(MOONQ_UPSTREAM_CONCURRENCY=1, MOONQ_LOCK_TIMEOUT=1)
     payload = chat("permit", fake_moonshot={"chunks": 20, "delay": 0.1})
     job_id = await submit(client, payload)
-    leases = f"{stack.settings.key_prefix}:limit:leases"
-
-    async def lapse() -> None:  # as if the lease expired during a stall and was handed on
-        for _ in range(500):
-            if len(await stack.events(job_id)) >= 4:
-                break
-            await asyncio.sleep(0.02)
-        await stack.redis.delete(leases)
-
-    lapsing = asyncio.create_task(lapse())
+    lapsing = asyncio.create_task(_lapse_mid_stream(stack, job_id, handed_on=True))
     await stack.run_worker()
     await lapsing
     job = await _job(client, job_id)
@@ -302,6 +310,25 @@ async def test_a_run_whose_permit_lapsed_stops_and_the_job_runs_again(real_stack
     first = [e for e in events if e["attempt"] == 1 and e["event"] == "chunk"]
     assert 4 <= len(first) < 22  # the first attempt stopped mid-stream
     assert [e["event"] for e in events].count("retry") == 1
+
+
+async def test_a_run_whose_permit_lapsed_unclaimed_goes_on(real_stack: Any) -> None:
+    """The same stall with nobody taking the place or waiting for it: the renewal takes the
+    permit back and the stream goes on, one attempt, nothing sent upstream twice."""
+    stack, client = await real_stack(MOONQ_UPSTREAM_CONCURRENCY=1, MOONQ_LOCK_TIMEOUT=1)
+    payload = chat("permit kept", fake_moonshot={"chunks": 20, "delay": 0.1})
+    job_id = await submit(client, payload)
+    lapsing = asyncio.create_task(_lapse_mid_stream(stack, job_id, handed_on=False))
+    await stack.run_worker()
+    await lapsing
+    job = await _job(client, job_id)
+    assert job["status"] == "completed" and job["attempts"] == 1
+    assert job["result"]["choices"][0]["message"]["content"] == expected_content(payload["body"])
+    events = await stack.events(job_id)
+    assert {e["attempt"] for e in events} == {1}  # no retry: one stream, read once
+    assert [e["event"] for e in events].count("chunk") >= 20
+    leases = f"{stack.settings.key_prefix}:limit:leases"
+    assert await stack.redis.zcard(leases) == 0  # taken back, then released at the end
 
 
 async def test_a_run_fenced_at_its_last_write_leaves_the_job_to_its_new_holder(
