@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import contextvars
 import copy
+import inspect
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fakeredis
@@ -20,6 +21,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection, Connection, ConnectionPool, parse_url
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.client import EMPTY_RESPONSE
 from redis.utils import HIREDIS_AVAILABLE
 
 from moonq.serde import arq_deserialize, arq_serialize
@@ -118,6 +120,15 @@ class Client(ArqRedis):
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         if self._alone or self.connection is not None or _name(args[0]) in _ALONE:
             return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        return await self._enqueue(args, options)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Pipeline:
+        """A pipeline whose commands, once executed, go in the next shared round trip
+        together, in order (a transaction as MULTI ... EXEC), unless it must hold a connection
+        of its own (`_SharedPipeline`)."""
+        return _SharedPipeline(self, transaction, shard_hint)
+
+    def _enqueue(self, args: tuple[Any, ...], options: dict[str, Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # a new loop: what an old, closed one left is gone
             self._loop, self._queued, self._sending, self._waiting = loop, [], set(), set()
@@ -125,7 +136,7 @@ class Client(ArqRedis):
         if not self._queued:
             loop.call_soon(self._flush)
         self._queued.append((args, options, future))
-        return await future
+        return future
 
     def _flush(self) -> None:
         batch = [queued for queued in self._queued if not queued[2].done()]
@@ -178,7 +189,11 @@ class Client(ArqRedis):
             await conn.send_packed_command(packed)
             for args, options, future in sent:
                 try:
-                    reply = await self.parse_response(conn, args[0], **options)
+                    group = options.get(_GROUP)
+                    if group is None:
+                        reply = await self.parse_response(conn, args[0], **options)
+                    else:
+                        reply = await self._group_replies(conn, group)
                 except _BROKEN:
                     raise
                 except Exception as exc:  # an error reply, or its callback's: this one's alone
@@ -191,6 +206,48 @@ class Client(ArqRedis):
             _fail(sent[done:], exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+
+    async def _group_replies(self, conn: Connection, group: _Group) -> list[Any]:
+        """A pipeline's replies, read as redis-py's `Pipeline` reads them; each command's error
+        reply in its place. Every reply of the group is read before anything is raised, so
+        the connection's later replies stay in line with their commands."""
+        if group.transaction:
+            return await self._transaction_replies(conn, group)
+        replies: list[Any] = []
+        for args, options in group.commands:
+            try:
+                replies.append(await self.parse_response(conn, args[0], **options))
+            except _BROKEN:
+                raise
+            except Exception as exc:  # an error reply, or its callback's: this command's
+                replies.append(exc)
+        return replies
+
+    async def _transaction_replies(self, conn: Connection, group: _Group) -> list[Any]:
+        """MULTI's reply, each command's QUEUED (or its refusal), then EXEC's answers, as
+        redis-py reads them; callbacks are the pipeline's to run."""
+        refused: list[tuple[int, Exception]] = []
+        for i in range(-1, len(group.commands)):
+            try:
+                await self.parse_response(conn, "_")
+            except rx.ResponseError as exc:
+                if i >= 0:
+                    group.pipeline.annotate_exception(exc, i + 1, group.commands[i][0])
+                refused.append((max(i, 0), exc))
+        try:
+            answer = await self.parse_response(conn, "_")
+        except rx.ExecAbortError as exc:  # a command refused as it was queued: none ran
+            if refused:
+                raise refused[0][1] from exc
+            raise
+        if answer is None:
+            raise rx.WatchError("Watched variable changed.")
+        replies = list(answer)
+        for i, error in refused:
+            replies.insert(i, error)
+        if len(replies) != len(group.commands):
+            raise rx.InvalidResponse("Wrong number of response items from pipeline execution")
+        return replies
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         """Lets the round trips under way end for up to `CLOSE_GRACE` s; the callers of
@@ -207,6 +264,78 @@ class Client(ArqRedis):
         await super().aclose(close_connection_pool)
 
 
+_GROUP = "moonq_pipeline"  # the option that makes a queued entry a whole pipeline
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A pipeline's commands as one entry of a shared round trip: packed together (one
+    that cannot be packed fails the whole pipeline, nothing sent, as in redis-py), sent
+    together, read together."""
+
+    pipeline: Pipeline
+    commands: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    transaction: bool
+
+    def packing(self) -> list[tuple[Any, ...]]:
+        commands = [args for args, _ in self.commands]
+        return [("MULTI",), *commands, ("EXEC",)] if self.transaction else commands
+
+
+class _SharedPipeline(Pipeline):
+    """redis-py's pipeline, executed in the client's next shared round trip. One that must
+    hold a connection of its own goes as redis-py sends it: WATCH (the check-and-set it
+    guards needs the connection until EXEC), `multi()` after a WATCH, scripts (their SHA
+    checked first), a command that goes alone, or a client with retries."""
+
+    def __init__(self, client: Client, transaction: bool, shard_hint: Any) -> None:
+        super().__init__(client.connection_pool, client.response_callbacks, transaction, shard_hint)
+        self._client = client
+
+    def _shared(self) -> bool:
+        return bool(
+            self.command_stack
+            and not (self.watching or self.explicit_transaction or self.scripts)
+            and self.connection is None
+            and not self._client._alone
+            and all(
+                _name(args[0]) not in _ALONE and EMPTY_RESPONSE not in options
+                for args, options in self.command_stack
+            )
+        )
+
+    @staticmethod
+    def _stack(commands: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> Any:
+        return commands  # redis-py's CommandStackT, which its Mapping makes invariant
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        if not self._shared():
+            return await super().execute(raise_on_error)
+        commands = [(args, dict(options)) for args, options in self.command_stack]
+        group = _Group(self, commands, self.is_transaction)
+        try:
+            replies: list[Any] = await self._client._enqueue(("PIPELINE",), {_GROUP: group})
+        finally:
+            await self.reset()  # type: ignore[no-untyped-call]
+        if raise_on_error:
+            self.raise_first_error(self._stack(commands), replies)
+            failed = next((r for r in replies if isinstance(r, Exception)), None)
+            if failed is not None:  # a callback's error: raised as redis-py lets it out
+                raise failed
+        if not self.is_transaction:  # replies read through their callbacks already
+            return replies
+        answers = []
+        for reply, (args, options) in zip(replies, commands, strict=True):
+            callback = self.response_callbacks.get(args[0])
+            if callback is not None and not isinstance(reply, Exception):
+                options = {k: v for k, v in options.items() if k != "keys"}
+                reply = callback(reply, **options)
+                if inspect.isawaitable(reply):
+                    reply = await reply
+            answers.append(reply)
+        return answers
+
+
 def _name(command: str | bytes) -> str:
     name = command.decode() if isinstance(command, bytes) else command
     return name.split(" ", 1)[0].upper()
@@ -217,8 +346,12 @@ def _packed(conn: Connection, batch: list[_Queued]) -> tuple[list[bytes], list[_
     packed: list[bytes] = []
     sent: list[_Queued] = []
     for queued in batch:
+        group = queued[1].get(_GROUP)
         try:
-            packed += conn.pack_command(*queued[0])
+            if group is None:
+                packed += conn.pack_command(*queued[0])
+            else:
+                packed += conn.pack_commands(group.packing())
         except Exception as exc:
             _settle(queued[2], exc)
         else:

@@ -11,7 +11,7 @@ import hiredis
 import pytest
 import redis as sync_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, ResponseError
+from redis.exceptions import DataError, ResponseError, WatchError
 
 from moonq.redis import connect
 from tests.procs import free_port
@@ -213,3 +213,126 @@ async def test_closing_does_not_wait_on_a_redis_that_stopped_answering() -> None
         assert loop.time() - started < 3
         with pytest.raises(RedisConnectionError, match="closed"):
             await waiting
+
+
+@pytest.mark.redis
+async def test_pipelines_issued_together_share_the_round_trip_each_with_its_replies(
+    real_redis_url: str, prefix: str
+) -> None:
+    """100 tasks each run a pipeline and a transaction beside lone commands: each gets its
+    own replies (through redis-py's reply callbacks), a transaction's commands run together,
+    and the pool opens one or two connections (redis-py takes one for each pipeline)."""
+    name = f"moonq-test-{uuid.uuid4().hex[:8]}"
+    client = connect(real_redis_url, client_name=name)
+
+    async def one(i: int) -> tuple[list[Any], list[Any], Any]:
+        key = f"{prefix}:p{i}"
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.incr(key)
+            pipe.hset(f"{key}:h", mapping={"a": i, "b": 2 * i})
+            pipe.hgetall(f"{key}:h")
+            piped = await pipe.execute()
+        async with client.pipeline(transaction=True) as tr:
+            tr.incrby(key, 10)
+            tr.hincrby(f"{key}:h", "a", 1)
+            tr.hgetall(f"{key}:h")
+            tr.exists(f"{key}:none")
+            done = await tr.execute()
+        return piped, done, await client.get(key)
+
+    try:
+        results = await asyncio.gather(*(one(i) for i in range(100)))
+        for i, (piped, done, value) in enumerate(results):
+            assert piped == [1, 2, {b"a": str(i).encode(), b"b": str(2 * i).encode()}]
+            assert done == [11, i + 1, {b"a": str(i + 1).encode(), b"b": str(2 * i).encode()}, 0]
+            assert value == b"11"
+        assert 1 <= _connections_named(real_redis_url, name) <= 2
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_a_pipelines_errors_are_its_own(real_redis: Any, prefix: str) -> None:
+    """In one round trip: a transaction whose command fails as it runs (the others ran), one
+    refused as it was queued (none ran), a pipeline with an error reply, one that cannot be
+    packed (nothing sent), and a lone command: each hears of its own failure alone, as
+    redis-py's own pipelines report them."""
+    await real_redis.hset(f"{prefix}:hash", "f", "v")
+
+    async def run(transaction: bool, fill: Any, raise_on_error: bool = True) -> list[Any]:
+        async with real_redis.pipeline(transaction=transaction) as pipe:
+            fill(pipe)
+            return list(await pipe.execute(raise_on_error=raise_on_error))
+
+    def runtime_error(pipe: Any) -> None:
+        pipe.set(f"{prefix}:ran", "1")
+        pipe.incr(f"{prefix}:hash")  # WRONGTYPE, when EXEC runs it
+        pipe.get(f"{prefix}:ran")
+
+    def refused(pipe: Any) -> None:
+        pipe.set(f"{prefix}:never", "1")
+        pipe.execute_command("NO-SUCH-COMMAND")
+
+    def unpackable(pipe: Any) -> None:
+        pipe.set(f"{prefix}:unsent", "1")
+        pipe.set(f"{prefix}:bad", None)
+
+    answers = await asyncio.gather(
+        run(True, runtime_error),
+        run(True, runtime_error, raise_on_error=False),
+        run(True, refused),
+        run(False, runtime_error, raise_on_error=False),
+        run(False, unpackable),
+        real_redis.hget(f"{prefix}:hash", "f"),
+        return_exceptions=True,
+    )
+    raised, kept, aborted, piped, unpacked, lone = answers
+    assert isinstance(raised, ResponseError) and "Command # 2" in str(raised)
+    assert "WRONGTYPE" in str(raised)
+    assert kept[0] is True and isinstance(kept[1], ResponseError) and kept[2] == b"1"
+    assert isinstance(aborted, ResponseError) and "NO-SUCH-COMMAND" in str(aborted)
+    assert await real_redis.get(f"{prefix}:never") is None  # nothing of it ran
+    assert piped[0] is True and isinstance(piped[1], ResponseError) and piped[2] == b"1"
+    assert isinstance(unpacked, DataError)
+    assert await real_redis.get(f"{prefix}:unsent") is None
+    assert lone == b"v"
+
+
+@pytest.mark.redis
+async def test_a_watched_transaction_keeps_its_connection(real_redis: Any, prefix: str) -> None:
+    """WATCH ... MULTI ... EXEC goes as redis-py sends it: a write by someone else between
+    the WATCH and the EXEC aborts it."""
+    key = f"{prefix}:watched"
+    await real_redis.set(key, "0")
+    async with real_redis.pipeline(transaction=True) as pipe:
+        await pipe.watch(key)
+        assert await pipe.get(key) == b"0"
+        await real_redis.set(key, "changed")
+        pipe.multi()
+        pipe.set(key, "mine")
+        with pytest.raises(WatchError):
+            await pipe.execute()
+    assert await real_redis.get(key) == b"changed"
+
+
+async def test_a_connection_lost_mid_pipeline_fails_the_pipeline() -> None:
+    """The round trip's first command had its reply; a pipeline after it hears the
+    connection error, as it would have alone."""
+    async with _Stub("drops") as stub:
+        client = connect(f"redis://127.0.0.1:{stub.port}/0")
+        try:
+
+            async def piped() -> Any:
+                async with client.pipeline(transaction=False) as pipe:
+                    pipe.set("a", "1")
+                    pipe.set("b", "2")
+                    return await pipe.execute()
+
+            first, second = await asyncio.gather(
+                client.set("k", "v"), piped(), return_exceptions=True
+            )
+            assert first is True
+            assert isinstance(second, RedisConnectionError)
+            assert await piped() == [True, True]  # the next one reconnects
+        finally:
+            await client.aclose()
