@@ -317,6 +317,8 @@ class UpstreamLimiter:
         self._release = redis.register_script(RELEASE)
         self._renew = redis.register_script(RENEW)
         self._held: dict[str, Permit] = {}
+        # The leases of the renewal on its way to Redis, and its answer.
+        self._renewing: tuple[set[str], asyncio.Future[None]] | None = None
         self._renewer: asyncio.Task[None] | None = None
 
     @property
@@ -363,6 +365,11 @@ class UpstreamLimiter:
             yield permit
         finally:
             self._held.pop(permit.lease, None)
+            renewing = self._renewing
+            if renewing is not None and permit.lease in renewing[0]:
+                # A renewal naming this lease is on its way: the release must not overtake it
+                # (RENEW would find the lease gone and take it back, for nobody to hold).
+                await asyncio.shield(renewing[1])
             used = "" if permit.used is None else str(max(0, permit.used))
             try:
                 await asyncio.shield(
@@ -459,6 +466,8 @@ class UpstreamLimiter:
         if not held:
             return
         keys = [self.keys.limit_leases(), self.keys.limit_waiting()]
+        answered = asyncio.get_running_loop().create_future()
+        self._renewing = (set(held), answered)
         try:
             lost, taken = await self._renew(
                 keys=keys, args=[self.lease_ttl_ms, self.concurrency, *held]
@@ -466,6 +475,9 @@ class UpstreamLimiter:
         except (RedisError, OSError) as exc:  # keep renewing through a Redis blip
             log.warning("could not renew upstream permits: %s", type(exc).__name__)
             return
+        finally:
+            self._renewing = None
+            answered.set_result(None)
         if taken:
             log.warning(
                 "%d upstream permits had lapsed before they were renewed (this process was "

@@ -259,6 +259,34 @@ async def test_a_lapsed_lease_is_lost_when_someone_waits(
         await other.close()
 
 
+async def test_a_permit_released_while_its_renewal_is_on_its_way_stays_released(
+    redis: ArqRedis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A permit ends while a renewal naming its lease is on its way: its release waits for
+    that renewal's answer, since a release that overtook it (different tasks' commands are
+    not ordered) would leave RENEW to find the lease gone and take it back, held by nobody,
+    filling a place for a whole ttl (a review's finding)."""
+    ttl = 1.5
+    limiter = _limiter(redis, prefix, concurrency=1, lease_ttl=ttl)
+    other = _limiter(redis, prefix, concurrency=1, lease_ttl=ttl)
+    resume = _stuck(limiter, monkeypatch)
+    try:
+        held = limiter.permit(10)
+        permit = await held.__aenter__()
+        await asyncio.sleep(ttl / 3 + 0.1)  # the first renewal is on its way (held up)
+        ending = asyncio.create_task(held.__aexit__(None, None, None))
+        await asyncio.sleep(0.2)
+        assert not ending.done() and await _leases(redis, prefix) == [permit.lease]
+        resume.set()  # the renewal answers first, then the release goes
+        await asyncio.wait_for(ending, 2.0)
+        assert await _leases(redis, prefix) == []
+        async with asyncio.timeout(0.5), other.permit(10):  # the place is free at once
+            pass
+    finally:
+        await limiter.close()
+        await other.close()
+
+
 async def test_tpm_forgets_requests_older_than_a_minute(redis: ArqRedis, prefix: str) -> None:
     """The window's token total follows entries leaving the window."""
     keys = Keys(prefix)
