@@ -317,11 +317,13 @@ class _SharedPipeline(Pipeline):
             replies: list[Any] = await self._client._enqueue(("PIPELINE",), {_GROUP: group})
         finally:
             await self.reset()  # type: ignore[no-untyped-call]
+        # A reply callback's error is raised whatever `raise_on_error` says, as redis-py lets
+        # it out (though redis-py leaves the connection's later replies unread then).
+        failed = next((r for r in replies if isinstance(r, Exception) and _not_a_reply(r)), None)
+        if failed is not None:
+            raise failed
         if raise_on_error:
             self.raise_first_error(self._stack(commands), replies)
-            failed = next((r for r in replies if isinstance(r, Exception)), None)
-            if failed is not None:  # a callback's error: raised as redis-py lets it out
-                raise failed
         if not self.is_transaction:  # replies read through their callbacks already
             return replies
         answers = []
@@ -334,6 +336,10 @@ class _SharedPipeline(Pipeline):
                     reply = await reply
             answers.append(reply)
         return answers
+
+
+def _not_a_reply(exc: Exception) -> bool:
+    return not isinstance(exc, rx.ResponseError)
 
 
 def _name(command: str | bytes) -> str:

@@ -336,3 +336,26 @@ async def test_a_connection_lost_mid_pipeline_fails_the_pipeline() -> None:
             assert await piped() == [True, True]  # the next one reconnects
         finally:
             await client.aclose()
+
+
+@pytest.mark.redis
+async def test_a_reply_callbacks_error_is_raised_as_redis_py_raises_it(
+    real_redis: Any, prefix: str
+) -> None:
+    """A callback that fails on its reply is raised whatever `raise_on_error` says, as
+    redis-py raises it, and the pipeline's other replies are read off the connection: the
+    next command gets its own."""
+    key = f"{prefix}:z"
+    await real_redis.zadd(key, {"a": 1})
+
+    def broken(value: Any) -> float:
+        raise ZeroDivisionError("the callback failed")
+
+    async with real_redis.pipeline(transaction=False) as pipe:
+        pipe.zscore(key, "a")
+        pipe.zrange(key, 0, -1, withscores=True, score_cast_func=broken)
+        pipe.incr(f"{prefix}:n")
+        with pytest.raises(ZeroDivisionError):
+            await pipe.execute(raise_on_error=False)
+    assert await real_redis.get(f"{prefix}:n") == b"1"  # it ran, and its reply was read
+    assert await real_redis.zscore(key, "a") == 1.0
