@@ -293,20 +293,26 @@ async def _lapse_mid_stream(stack: Any, job_id: str, handed_on: bool) -> None:
         await pipe.execute()
 
 
+async def _through_a_lapse(real_stack: Any, handed_on: bool) -> tuple[Any, Any, list[Any]]:
+    """A 20-chunk job run by a worker whose permit lapses mid-stream (`_lapse_mid_stream`),
+    to its end: (the stack, the job as the API shows it, its events). Its answer is whole."""
+    stack, client = await real_stack(MOONQ_UPSTREAM_CONCURRENCY=1, MOONQ_LOCK_TIMEOUT=1)
+    payload = chat(f"permit handed on: {handed_on}", fake_moonshot={"chunks": 20, "delay": 0.1})
+    job_id = await submit(client, payload)
+    lapsing = asyncio.create_task(_lapse_mid_stream(stack, job_id, handed_on=handed_on))
+    await stack.run_worker()
+    await lapsing
+    job = await _job(client, job_id)
+    assert job["result"]["choices"][0]["message"]["content"] == expected_content(payload["body"])
+    return stack, job, await stack.events(job_id)
+
+
 async def test_a_run_whose_permit_lapsed_stops_and_the_job_runs_again(real_stack: Any) -> None:
     """A worker that stalled past its upstream permit's lease, its place handed on, learns it
     at its next renewal, stops its stream and hands the job back: the concurrency limit is
     never exceeded."""
-    stack, client = await real_stack(MOONQ_UPSTREAM_CONCURRENCY=1, MOONQ_LOCK_TIMEOUT=1)
-    payload = chat("permit", fake_moonshot={"chunks": 20, "delay": 0.1})
-    job_id = await submit(client, payload)
-    lapsing = asyncio.create_task(_lapse_mid_stream(stack, job_id, handed_on=True))
-    await stack.run_worker()
-    await lapsing
-    job = await _job(client, job_id)
+    _, job, events = await _through_a_lapse(real_stack, handed_on=True)
     assert job["status"] == "completed" and job["attempts"] == 2
-    assert job["result"]["choices"][0]["message"]["content"] == expected_content(payload["body"])
-    events = await stack.events(job_id)
     first = [e for e in events if e["attempt"] == 1 and e["event"] == "chunk"]
     assert 4 <= len(first) < 22  # the first attempt stopped mid-stream
     assert [e["event"] for e in events].count("retry") == 1
@@ -315,16 +321,8 @@ async def test_a_run_whose_permit_lapsed_stops_and_the_job_runs_again(real_stack
 async def test_a_run_whose_permit_lapsed_unclaimed_goes_on(real_stack: Any) -> None:
     """The same stall with nobody taking the place or waiting for it: the renewal takes the
     permit back and the stream goes on, one attempt, nothing sent upstream twice."""
-    stack, client = await real_stack(MOONQ_UPSTREAM_CONCURRENCY=1, MOONQ_LOCK_TIMEOUT=1)
-    payload = chat("permit kept", fake_moonshot={"chunks": 20, "delay": 0.1})
-    job_id = await submit(client, payload)
-    lapsing = asyncio.create_task(_lapse_mid_stream(stack, job_id, handed_on=False))
-    await stack.run_worker()
-    await lapsing
-    job = await _job(client, job_id)
+    stack, job, events = await _through_a_lapse(real_stack, handed_on=False)
     assert job["status"] == "completed" and job["attempts"] == 1
-    assert job["result"]["choices"][0]["message"]["content"] == expected_content(payload["body"])
-    events = await stack.events(job_id)
     assert {e["attempt"] for e in events} == {1}  # no retry: one stream, read once
     assert [e["event"] for e in events].count("chunk") >= 20
     leases = f"{stack.settings.key_prefix}:limit:leases"
