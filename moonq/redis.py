@@ -9,7 +9,7 @@ import copy
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import fakeredis
 import hiredis
@@ -304,10 +304,6 @@ class _SharedPipeline(Pipeline):
             )
         )
 
-    @staticmethod
-    def _stack(commands: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> Any:
-        return commands  # redis-py's CommandStackT, which its Mapping makes invariant
-
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         if not self._shared():
             return await super().execute(raise_on_error)
@@ -319,11 +315,11 @@ class _SharedPipeline(Pipeline):
             await self.reset()  # type: ignore[no-untyped-call]
         # A reply callback's error is raised whatever `raise_on_error` says, as redis-py lets
         # it out (though redis-py leaves the connection's later replies unread then).
-        failed = next((r for r in replies if isinstance(r, Exception) and _not_a_reply(r)), None)
-        if failed is not None:
-            raise failed
-        if raise_on_error:
-            self.raise_first_error(self._stack(commands), replies)
+        for reply in replies:
+            if isinstance(reply, Exception) and not isinstance(reply, rx.ResponseError):
+                raise reply
+        if raise_on_error:  # (redis-py's stack type, whose Mapping makes a list invariant)
+            self.raise_first_error(cast(Any, commands), replies)
         if not self.is_transaction:  # replies read through their callbacks already
             return replies
         answers = []
@@ -336,10 +332,6 @@ class _SharedPipeline(Pipeline):
                     reply = await reply
             answers.append(reply)
         return answers
-
-
-def _not_a_reply(exc: Exception) -> bool:
-    return not isinstance(exc, rx.ResponseError)
 
 
 def _name(command: str | bytes) -> str:
