@@ -69,12 +69,13 @@ end
 # KEYS[6] the tenants' virtual times, KEYS[7] the active tenants; ARGV[1] the tenant index base,
 # ARGV[9] the batch key base (`{prefix}:batch:`), ARGV[10] the line's outcome for its batch
 # ('' = the job's status; 'expired' for a line its batch's window ended before it ran).
-# `batch_line(job, status)` reads and checks what the batch's update needs, before FINISH's
-# first write: nil when the job is not a line of a live batch, a table otherwise, or a table
-# with `err` (FINISH then answers an error reply, nothing written) when the batch record is
-# malformed. `batch_line_done` then only writes: HINCRBY of checked integer fields,
-# HINCRBYFLOAT of a number, HSET, ZADD, ZREM, EXPIRE, XADD with the next id of a log only this
-# code writes (after the job's own XADD, the one write that could fail), PUBLISH.
+# `batch_line(job, status)` reads (the job's fields through scripts.RECORD's `fields`: FINISH
+# reads them ahead) and checks what the batch's update needs, before FINISH's first write: nil
+# when the job is not a line of a live batch, a table otherwise, or a table with `err` (FINISH
+# then answers an error reply, nothing written) when the batch record is malformed.
+# `batch_line_done` then only writes: HINCRBY of checked integer fields, HINCRBYFLOAT of a
+# number, HSET, ZADD, ZREM, EXPIRE, XADD with the next id of a log only this code writes
+# (after the job's own XADD, the one write that could fail), PUBLISH.
 # A tenant's virtual time is charged a line's (capped) estimate when the line is handed out
 # (DISPATCH); here it is corrected to the real usage, or refunded for a line that ran and
 # produced none; an interactive job's usage is charged when it completes.
@@ -89,7 +90,7 @@ local function charge(tenant, delta, now)
   if redis.call('ZSCORE', KEYS[7], tenant) then redis.call('ZINCRBY', KEYS[7], delta, tenant) end
 end
 local function batch_line(job, status)
-  local f = redis.call('HMGET', job, 'batch_id', 'tenant', 'estimate', 'custom_id', 'id')
+  local f = fields(job, 'batch_id', 'tenant', 'estimate', 'custom_id', 'id')
   if not f[1] then return nil end
   local b = batch_of(ARGV[9] .. f[1], ARGV[9], ARGV[1], f[2], f[1])
   if not b or b.err then return b end

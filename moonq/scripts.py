@@ -15,9 +15,36 @@ local function terminal(s) return s == 'completed' or s == 'failed' or s == 'can
 # `status_index` reads and checks what the move needs before a script's first write (nil for a
 # record without its tenant or creation time); the move itself, a ZADD with a checked score
 # then a ZREM, cannot fail.
-MOVE_STATUS = """
+# `read_record(job, names)` reads a job record's fields in one HMGET and keeps them for the
+# rest of the script: `fields(job, ...)` then answers from them as HMGET would (false for a
+# field the record lacks), or reads the record itself for a field not read ahead. A script
+# reads ahead only what it does not write before it reads it again.
+RECORD = """
+local UNPACKED = 1000  -- values passed from a list in one call (Lua unpacks ~8,000 at most)
+local read_ahead = {}
+local function read_record(job, names)
+  local values = redis.call('HMGET', job, unpack(names))
+  local known = {}
+  for i, name in ipairs(names) do known[name] = values[i] end
+  read_ahead[job] = known
+  return values
+end
+local function fields(job, ...)
+  local known, names, out = read_ahead[job], {...}, {}
+  if not known then return redis.call('HMGET', job, ...) end
+  for i, name in ipairs(names) do
+    if known[name] == nil then return redis.call('HMGET', job, ...) end
+    out[i] = known[name]
+  end
+  return out
+end
+"""
+
+MOVE_STATUS = (
+    RECORD
+    + """
 local function status_index(job)
-  local t = redis.call('HMGET', job, 'tenant', 'created_at')
+  local t = fields(job, 'tenant', 'created_at')
   local score = tonumber(t[2])
   if not t[1] or not score or score ~= score then return nil end
   return {base = ARGV[1] .. t[1] .. ':status:', score = t[2], id = string.match(job, '[^:]+$')}
@@ -31,6 +58,7 @@ local function malformed(job)
   return redis.error_reply('ERR moonq: the record ' .. job .. ' is malformed')
 end
 """
+)
 
 
 # KEYS: job, tenant index, arq job, arq queue, idempotency key, the tenant's `queued` index,
@@ -131,7 +159,10 @@ START = (
     TERMINAL_CHECK
     + MOVE_STATUS
     + """
-local state = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'order')
+-- With what earlier attempts left, as of this start (a run's own earlier read may be stale: a
+-- stalled run may have written since); this script writes none of it.
+local state = read_record(KEYS[1], {'status', 'attempts', 'order', 'tenant', 'created_at', 'seq',
+  'failures', 'pauses', 'last_error'})
 if not state[1] then return -2 end
 if terminal(state[1]) then return -1 end
 local held = ARGV[4] ~= '' and redis.call('GET', KEYS[2])
@@ -146,10 +177,7 @@ move_status(index, state[1], 'in_progress')
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'worker', ARGV[3])
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
 local number = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
--- What earlier attempts left, as of this start (a run's own earlier read may be stale: a
--- stalled run may have written since).
-local past = redis.call('HMGET', KEYS[1], 'seq', 'failures', 'pauses', 'last_error')
-return {number, past[1], past[2], past[3], past[4]}
+return {number, state[6], state[7], state[8], state[9]}
 """
 )
 
@@ -212,7 +240,7 @@ return out
 HELD_BACK = """
 local function held_back(job, base)
   local found = {}
-  local hold, tenant = unpack(redis.call('HMGET', job, 'hold', 'tenant'))
+  local hold, tenant = unpack(fields(job, 'hold', 'tenant'))
   if not hold or not tenant or base == '' then return found end
   local tokens, nanos, day, month = string.match(hold, '^(%d+) (%d+) (%S+) (%S+)$')
   if not tokens or #tokens > 15 or #nanos > 15 then return found end
@@ -244,31 +272,46 @@ end
 # The job and its log then expire after ttl. Returns the event's seq; -1 if the job is already over
 # (or the attempt is stale), -2 if it is missing, -3 if its log moved past the expected seq.
 # Redis does not undo a script's writes when a later command fails, so everything that could
-# fail is checked first: every usage amount is a non-negative integer and no total can
-# overflow, the record has its tenant and creation time, its batch record is well formed
-# (else an error reply, nothing written); and the XADD, the one write that could still fail
-# (an id out of order), comes before all the others.
+# fail is checked first: ARGV holds the N field pairs it says, every usage amount is a
+# non-negative integer and no total can overflow, the record has its tenant and creation
+# time, its batch record is well formed (else an error reply, nothing written); and the XADD,
+# the one write that could still fail (an id out of order), comes before all the others. Lists
+# go to a command at most UNPACKED values at a time (past ~8,000, Lua's `unpack` fails).
 # FINISH's body is one function over KEYS and ARGV made locals (its helpers' upvalues too), so
 # that END_LINES can run it for many jobs in one call by pointing them at each job's.
 _FINISH_FUNCTION = (
     "local KEYS, ARGV = KEYS, ARGV\n"
-    + HELD_BACK
     + TERMINAL_CHECK
     + MOVE_STATUS
+    + HELD_BACK
     + BATCH_HOOK
     + """
 local function finish()
-local state = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'seq')
+local state = read_record(KEYS[1], {'status', 'attempts', 'seq', 'model', 'tenant',
+  'created_at', 'hold', 'batch_id', 'estimate', 'custom_id', 'id'})
 if not state[1] then return -2 end
 if terminal(state[1]) then return -1 end
 if ARGV[2] ~= '' and state[2] ~= ARGV[2] then return -1 end
 if ARGV[7] ~= '' and state[3] ~= ARGV[7] then return -3 end
-local last_field = 14 + 2 * tonumber(ARGV[11])
-local model = ARGV[13] ~= '' and ARGV[13] or redis.call('HGET', KEYS[1], 'model') or '?'
+local pairs_given = tonumber(ARGV[11])
+if not pairs_given or pairs_given < 0 or pairs_given % 1 ~= 0 or 14 + 2 * pairs_given > #ARGV then
+  return redis.error_reply('ERR moonq: bad number of field pairs')
+end
+local last_field = 14 + 2 * pairs_given
+local model = ARGV[13] ~= '' and ARGV[13] or state[4] or '?'
+local counted = {}
+for i = last_field + 1, #ARGV, 2 do counted[#counted + 1] = model .. '|' .. ARGV[i] end
+local totals = {}
+for first = 1, #counted, UNPACKED do
+  local last = math.min(#counted, first + UNPACKED - 1)
+  for _, total in ipairs(redis.call('HMGET', KEYS[4], unpack(counted, first, last))) do
+    totals[#totals + 1] = total
+  end
+end
 local usage = {}
 for i = last_field + 1, #ARGV, 2 do
   local amount = string.match(ARGV[i + 1], '^%d+$') and #ARGV[i + 1] <= 16 and ARGV[i + 1]
-  local total = string.match(redis.call('HGET', KEYS[4], model .. '|' .. ARGV[i]) or '0', '^%d+$')
+  local total = string.match(totals[(i - last_field + 1) / 2] or '0', '^%d+$')
   if not amount or not total or #total > 18 or tonumber(total) + tonumber(amount) >= 9e18 then
     return redis.error_reply('ERR moonq: usage ' .. ARGV[i] .. ' is not a countable amount')
   end
@@ -291,8 +334,11 @@ end
 local seq = (tonumber(state[3]) or 0) + 1
 local event = '{"seq":' .. seq .. ',' .. string.sub(ARGV[6], 2)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '0-' .. seq, 'e', event)
-redis.call('HSET', KEYS[1], 'seq', seq, 'status', ARGV[3])
-for i = 15, last_field, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local upto = math.min(last_field, 14 + UNPACKED)
+redis.call('HSET', KEYS[1], 'seq', seq, 'status', ARGV[3], unpack(ARGV, 15, upto))
+for first = upto + 1, last_field, UNPACKED do
+  redis.call('HSET', KEYS[1], unpack(ARGV, first, math.min(last_field, first + UNPACKED - 1)))
+end
 for _, key in ipairs(holds) do
   redis.call('HINCRBY', key, 'tokens', -holds.tokens)
   redis.call('HINCRBY', key, 'nanos', -holds.nanos)
@@ -310,7 +356,9 @@ local keep = ARGV[4]
 if line then
   keep = batch_line_done(line, usage, now, ARGV[4])  -- a line is kept as long as its batch
 elseif usage['total_tokens'] then
-  charge(redis.call('HGET', KEYS[1], 'tenant'), usage['total_tokens'], now)
+  local tenant = state[5]  -- as the record now says (a field pair may have set it)
+  for i = 15, last_field, 2 do if ARGV[i] == 'tenant' then tenant = ARGV[i + 1] end end
+  charge(tenant, usage['total_tokens'], now)
 end
 redis.call('EXPIRE', KEYS[1], keep)
 redis.call('EXPIRE', KEYS[2], keep)
