@@ -7,7 +7,6 @@ the standard library takes over for what orjson refuses: integers beyond 64 bits
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
@@ -16,9 +15,12 @@ _OPTIONS = orjson.OPT_NON_STR_KEYS
 
 
 # An integer of 19 digits or more may not fit 64 bits (signed, below zero), which orjson reads
-# as a float: text with such a run of digits goes to the standard library's exact parser.
-_LONG_NUMBER = re.compile(r"\d{19}")
-_LONG_NUMBER_BYTES = re.compile(rb"\d{19}")
+# as a float: text with such a run of digits goes to the standard library's exact parser. The
+# run is found by mapping every ASCII digit to "0" and all else to "." (one C pass), then a
+# substring search: a sixth of a regex's `\d{19}` scan, which was 5 % of a worker's CPU, run on
+# every chunk. JSON's numbers are ASCII digits only.
+_DIGITS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x2E for i in range(256))
+_LONG_RUN = b"0" * 19
 
 
 def dump_bytes(value: Any) -> bytes:
@@ -40,8 +42,8 @@ def dumps(value: Any) -> str:
 def loads(raw: str | bytes) -> Any:
     """Strict JSON (no `NaN` or `Infinity`), integers of any size kept exact; `ValueError`
     for anything else, too deep nesting included."""
-    long = _LONG_NUMBER.search(raw) if isinstance(raw, str) else _LONG_NUMBER_BYTES.search(raw)
-    if long is None:
+    encoded = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if _LONG_RUN not in encoded.translate(_DIGITS):
         return orjson.loads(raw)
     try:
         return json.loads(raw, parse_constant=_not_json)

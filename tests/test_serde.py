@@ -18,6 +18,13 @@ def test_integers_of_any_size_are_read_and_written_exactly() -> None:
     assert serde.dump_bytes(value) == text.encode() and serde.dumps(value) == text
 
 
+def test_a_long_number_after_any_text_is_read_exactly() -> None:
+    text = '["ünïcödé",-1234567890123456789012]'
+    assert serde.loads(text) == serde.loads(text.encode()) == ["ünïcödé", -1234567890123456789012]
+    # A lone surrogate (text that came from JSON's "\\ud800") cannot be UTF-8, yet is seen past.
+    assert serde.loads('["\ud800",1234567890123456789012]')[1] == 1234567890123456789012
+
+
 @pytest.mark.parametrize(
     "text", ['{"x":NaN}', '{"x":-Infinity}', '{"x":1,}', "[" * 2000 + "]" * 2000]
 )
