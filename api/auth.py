@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import HTTPConnection
 
 from api.errors import APIError
 from api.services import services
@@ -42,15 +43,21 @@ def tenant_for(token: str | None, keys: dict[str, str]) -> str:
     return tenant
 
 
-async def current_tenant(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
-) -> str:
-    token = credentials.credentials if credentials is not None else None
-    return tenant_for(token, services(request).tenants)
+class TenantBearer(HTTPBearer):
+    """`bearer` (the same scheme to OpenAPI) answering the caller's tenant itself: one
+    dependency where a function on `Security(bearer)` made FastAPI solve two (~12 µs more
+    a request, ~1.5% of the API's CPU per job)."""
+
+    async def __call__(self, request: HTTPConnection) -> str:  # type: ignore[override]
+        credentials = await super().__call__(request)
+        token = credentials.credentials if credentials is not None else None
+        return tenant_for(token, services(request).tenants)
 
 
-Tenant = Annotated[str, Depends(current_tenant)]
+current_tenant = TenantBearer(
+    auto_error=False, scheme_name="HTTPBearer", description=bearer.model.description
+)
+Tenant = Annotated[str, Security(current_tenant)]
 
 
 @dataclass(frozen=True)

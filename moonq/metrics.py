@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -179,6 +180,7 @@ def error_type(kind: str) -> str:
     return kind if kind in ERROR_TYPES else OTHER
 
 
+@functools.lru_cache(maxsize=256)  # a few names, each cleaned a few times a job
 def model_name(model: str) -> str:
     """A model name as a label value: printable and short (the cap bounds how many)."""
     cleaned = "".join(c if c.isprintable() else "_" for c in model[:MODEL_CHARS])
