@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -414,6 +415,41 @@ async def test_one_bad_renewal_reply_stops_no_lock_renewal(stack_factory: Any, f
         job = (await client.get(f"/v1/jobs/{job_id}", params={"wait": 20})).json()
         assert bad and not renewer._task.done()
     assert (job["status"], job["attempts"], fake.stats.requests) == ("completed", 1, 1), job
+
+
+async def test_lapsed_locks_taken_back_are_one_warning_not_one_a_job(
+    stack_factory: Any, fake: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Locks that lapsed while the worker was late (here: deleted under three running jobs)
+    are taken back by the next renewal, every job running on once, and the worker says so in
+    one warning with their count: a loop seconds behind lets thousands lapse at once, and a
+    line a job was 12,000 warnings for 10,000 slow streams."""
+    from arq.constants import in_progress_key_prefix as lock_base
+
+    from tests.serving import worker_running
+
+    stack, client = await stack_factory(MOONQ_LOCK_TIMEOUT=1, MOONQ_POLL_DELAY=0.1)
+    payload = chat("long", fake_moonshot={"chunks": 20, "delay": 0.1})
+    jobs = [await submit(client, payload) for _ in range(3)]
+    async with worker_running(stack, max_jobs=3) as worker:
+        await _until(lambda: fake.stats.in_flight >= 3, 10)
+        renewer = worker.ctx["moonq_locks"]
+        await _until(lambda: all(k.attempt for k in renewer.keepers), 10)
+        caplog.clear()
+        await stack.redis.delete(*(lock_base + job_id for job_id in jobs))
+        await _until(lambda: "had lapsed" in caplog.text, 10)
+        for job_id in jobs:
+            job = (await client.get(f"/v1/jobs/{job_id}", params={"wait": 20})).json()
+            assert (job["status"], job["attempts"]) == ("completed", 1), job
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert not [line for line in warned if any(job_id in line for job_id in jobs)], warned
+    summary = re.compile(
+        r"the locks of (\d+) jobs had lapsed before they were renewed \(this process was "
+        r"late\); taken back, nobody else having them"
+    )
+    counts = [int(found[1]) for line in warned if (found := summary.fullmatch(line))]
+    assert sum(counts) == 3 and len(counts) <= 2, warned  # one call renews them all, or two
+    assert fake.stats.requests == 3  # none run again
 
 
 async def test_a_keeper_whose_run_ended_is_not_renewed_in_a_later_batch(

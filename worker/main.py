@@ -506,8 +506,8 @@ class LockKeeper:
         if self.job_id in self.leases:  # the worker's run of it still goes on
             # Held (for a ttl from no earlier than `asked`), or not this run's.
             self.leases[self.job_id] = asked + self.renewer.ttl if outcome in (1, 2) else 0.0
-        if outcome == 2:
-            self.context.run(log.warning, "job %s: its lock had lapsed; taken back", self.job_id)
+        if outcome == 2:  # the renewer warns once for all those of a call
+            self.context.run(log.debug, "job %s: its lock had lapsed; taken back", self.job_id)
         elif outcome == -1:
             message = "job %s: another run has it; this one is fenced"
             self.context.run(log.warning, message, self.job_id)
@@ -590,6 +590,13 @@ class LockRenewer:
             else:  # its own keys are broken: the others' renewals went on
                 message = "could not renew the lock of job %s: %s"
                 keeper.context.run(log.warning, message, keeper.job_id, outcome)
+        taken = sum(1 for outcome in outcomes if outcome == 2)
+        if taken:  # one line, not one a job: a loop late under load lets thousands lapse
+            log.warning(
+                "the locks of %d jobs had lapsed before they were renewed (this process was "
+                "late); taken back, nobody else having them",
+                taken,
+            )
 
     async def close(self) -> None:
         self.keepers.clear()
