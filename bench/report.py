@@ -34,6 +34,12 @@ def num(value: float) -> str:
     return "–" if math.isnan(value) else f"{value:.1f}" if abs(value) < 10 else f"{value:.0f}"
 
 
+def cpu_ms(value: float) -> str:
+    """CPU milliseconds to a hundredth below 10: a job costs a process 1-3 ms, and the
+    changes steered by are a few percent of that."""
+    return f"{value:.2f}" if abs(value) < 10 else num(value)
+
+
 def fine(value: float) -> str:
     """Milliseconds to a hundredth below 1."""
     return f"{value:.2f}" if abs(value) < 1 else num(value)
@@ -91,7 +97,7 @@ def cost_cells(r: Row) -> list[str]:
     cells += [num(med(run.pct("total", 0.5) * 1000 for run in r.direct)), phases[2]]
     for process in PROCS:
         direct, moonq = both(r, cpu(process))
-        cells.append(f"{num(direct)}→{num(moonq)}")
+        cells.append(f"{cpu_ms(direct)}→{cpu_ms(moonq)}")
     direct, moonq = both(r, cpu("rest"))
     return [*cells, f"{direct:.2f}→{moonq:.2f}", f"{med(x.redis_per_chunk for x in r.moonq):.1f}"]
 
@@ -166,7 +172,7 @@ def scaling_table(scaling: Scaling) -> str:
         ]
         name = f"{count} {kind} process{'es' if count > 1 else ''}"
         cells = [name, row.conc, f"{num(d)}", f"{num(m)}", num(each)]
-        cells += [f"{each / base[kind]:.0%}", num(api), num(worker), num(redis)]
+        cells += [f"{each / base[kind]:.0%}", cpu_ms(api), cpu_ms(worker), cpu_ms(redis)]
         lines.append([*cells, " / ".join(f"{b:.2f}" for b in busy)])
     head = "scaled | worker/limiter conc. | direct jobs/s | moonq jobs/s | jobs/s per process "
     head += "| efficiency vs linear | CPU ms/job: api | worker | Redis "
@@ -182,7 +188,7 @@ def crowd_table(direct: Crowd, moonq: Crowd) -> str:
         queued = c.phases.get("queued")
         waited = "–" if not queued else " / ".join(f"{pct(queued, q):.1f}" for q in (0.5, 0.99))
         rss = "–" if not c.rss else f"{c.rss['api']:.0f} / {c.rss['worker']:.0f}"
-        cpu = "–" if not c.cpu else f"{c.cpu['api']:.1f} / {c.cpu['worker']:.1f}"
+        cpu = "–" if not c.cpu else f"{cpu_ms(c.cpu['api'])} / {cpu_ms(c.cpu['worker'])}"
         cells = [name, f"{len(c.samples)}/{c.n}", str(sum(c.errors.values())), errors]
         cells += [f"{c.wall:.1f}", *(f"{t:.1f}" for t in totals), waited, " / ".join(relay)]
         return [*cells, rss, cpu]

@@ -44,7 +44,7 @@ def test_the_slow_row_shows_what_each_stream_cost_the_api_and_the_worker() -> No
     assert "| 0.2 / 1.5 | 2.0 / 3.0 |" in rows[-1]  # the time queued, then the relay's
     assert "| 21.0 | – | 2.0 / 3.0 |" in rows[-2]
     assert rows[0].endswith("| peak RSS API / worker (MiB) | CPU ms per stream: API / worker |")
-    assert rows[-1].endswith("| 96 / 80 | 2.2 / 3.9 |")
+    assert rows[-1].endswith("| 96 / 80 | 2.25 / 3.94 |")  # CPU to a hundredth
     assert rows[-2].endswith("| – | – |")  # the direct client's row: no moonq processes
 
 
@@ -64,10 +64,10 @@ def test_the_scaling_rows_show_what_redis_and_the_load_kept_busy() -> None:
     assert lines[0].endswith(head)
     # 4 processes at 250 jobs/s each against 300 for one: 83% of linear; Redis busy 0.9 ms ×
     # 1000 jobs/s = 0.90 of a core, the load 1.2 ms × 1000 = 1.20 cores.
-    four = "| 4 worker processes | 800/800 | 900 | 1000 | 250 | 83% | 1.5 | 2.0 | 0.9 "
+    four = "| 4 worker processes | 800/800 | 900 | 1000 | 250 | 83% | 1.50 | 2.00 | 0.90 "
     four += "| 0.90 / 1.20 |"
     assert lines[-1] == four
-    assert lines[-2].endswith("| 100% | 1.5 | 2.0 | 0.5 | 0.15 / 0.30 |")
+    assert lines[-2].endswith("| 100% | 1.50 | 2.00 | 0.50 | 0.15 / 0.30 |")
 
 
 async def test_a_run_keeps_exactly_its_concurrency_across_the_processes() -> None:
