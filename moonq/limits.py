@@ -21,7 +21,7 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -294,6 +294,9 @@ class Permit:
     priority: float = 0.0
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     probe: bool = False  # let through a closed gate, to learn whether the account works
+    # What `permit(along=...)` answered, sent beside the ask that granted this permit; None
+    # when the permit was not granted at its first ask (or nothing was sent along).
+    along: Any = None
 
 
 class UpstreamLimiter:
@@ -320,6 +323,7 @@ class UpstreamLimiter:
         # The leases of the renewal on its way to Redis, and its answer.
         self._renewing: tuple[set[str], asyncio.Future[None]] | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._waited = False  # this process's last ask for a permit was told to wait
 
     @property
     def enabled(self) -> bool:
@@ -333,9 +337,15 @@ class UpstreamLimiter:
         give_up: Callable[[], bool] = lambda: False,
         *,
         batch: bool = False,
+        along: Callable[[str], Awaitable[Any]] | None = None,
     ) -> AsyncIterator[Permit]:
         """Hold one upstream request's permit; set `permit.used` to the real token count
         (0 when the attempt ended without usage: its estimate leaves the TPM window).
+
+        `along(lease)` is sent in the same round trip as the first ask for the permit, after
+        it (moonq's START, which checks the lease itself): when that ask grants the permit,
+        `permit.along` is its answer (or the exception it raised), and the job starts a round
+        trip sooner. Not sent while this process's last ask had to wait: it would be wasted.
 
         Waiters are served lowest `priority` first (moonq passes the job's creation time),
         and only while the `gate` (the account's pause) is open, limits on or off.
@@ -352,7 +362,7 @@ class UpstreamLimiter:
             )
         permit = Permit(uuid.uuid4().hex, tokens, priority=priority)
         try:
-            await self._wait_for(permit, give_up, batch)
+            await self._wait_for(permit, give_up, batch, along)
         except BaseException:
             if self.enabled:
                 with contextlib.suppress(RedisError, OSError):  # give up the place in line
@@ -378,7 +388,13 @@ class UpstreamLimiter:
             except (RedisError, OSError):
                 log.warning("could not release an upstream permit; it expires on its own")
 
-    async def _wait_for(self, permit: Permit, give_up: Callable[[], bool], batch: bool) -> None:
+    async def _wait_for(
+        self,
+        permit: Permit,
+        give_up: Callable[[], bool],
+        batch: bool,
+        along: Callable[[str], Awaitable[Any]] | None,
+    ) -> None:
         limits = [self.concurrency, self.rpm, self.tpm]
         if batch:
             limits[1:] = [kept_back(self.rpm), kept_back(self.tpm)]
@@ -398,8 +414,8 @@ class UpstreamLimiter:
             if wait_ms == 0:
                 if not self.enabled:
                     return
-                probe = "1" if permit.probe else "0"
-                wait_ms = int(await self._acquire(keys=self._keys(), args=[*args, probe]))
+                wait_ms = await self._ask(permit, args, along)
+                along = None
                 closed = wait_ms == -1
                 if closed:
                     continue
@@ -410,6 +426,32 @@ class UpstreamLimiter:
             # jitter keeps waiting workers from asking in lockstep; never past the 3 s after
             # which a silent waiter loses its place
             await asyncio.sleep(min(wait_ms, 1000) / 1000 * random.uniform(0.5, 1.5))
+
+    async def _ask(
+        self,
+        permit: Permit,
+        args: list[str | int | float],
+        along: Callable[[str], Awaitable[Any]] | None,
+    ) -> int:
+        """ACQUIRE's answer for `permit` (0: granted; else wait this many ms, -1: the gate is
+        closed), with `along` sent after it in the same round trip unless the last ask waited."""
+        ask: Awaitable[Any] = self._acquire(
+            keys=self._keys(), args=[*args, "1" if permit.probe else "0"]
+        )
+        if along is None or self._waited:
+            wait_ms = int(await ask)
+        else:  # both queued in this turn of the loop: one round trip, in this order
+            sent: Awaitable[Any] = along(permit.lease)
+            answer: Any
+            alongside: Any
+            answer, alongside = await asyncio.gather(ask, sent, return_exceptions=True)
+            if isinstance(answer, BaseException):
+                raise answer
+            wait_ms = int(answer)
+            if wait_ms == 0:
+                permit.along = alongside
+        self._waited = wait_ms > 0
+        return wait_ms
 
     async def _closed_ms(self, permit: Permit) -> int:
         """How long the gate keeps this waiter out (one cheap read per ask); 0 when open. A

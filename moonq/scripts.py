@@ -147,14 +147,18 @@ redis.call('PUBLISH', KEYS[8], '')
 return ''
 """.replace("$LINES", str(LINES))
 
-# KEYS: job, arq's lock on it, the latest turn started (`keys.queue_fair_clock`). ARGV: status
-# index base, now, worker id, lock token ('' = do not check the lock), lock ttl (ms). Returns
-# {the new attempt number, and the record's seq, failures, pauses and last_error as of this
-# start (nil where unset)}; or -1 if the job is already over, -2 if it does not exist, -3 if
-# another run holds arq's lock (this run lost it in a stall: starting would cut off the
-# holder). Takes the lock if nobody holds it. Moves the latest turn started up to the job's.
-# Everything is read and checked first; the writes (SET, the index move, HSET, HSETNX, HINCRBY
-# of a checked integer) cannot fail.
+# KEYS: job, arq's lock on it, the latest turn started (`keys.queue_fair_clock`), and, with a
+# lease, the limiter's leases (`keys.limit_leases`). ARGV: status index base, now, worker id,
+# lock token ('' = do not check the lock), lock ttl (ms), and optionally the lease of the
+# upstream permit the attempt runs under ('' or absent = not checked). Returns {the new attempt
+# number, and the record's seq, failures, pauses and last_error as of this start (nil where
+# unset)}; or -1 if the job is already over, -2 if it does not exist, -3 if another run holds
+# arq's lock (this run lost it in a stall: starting would cut off the holder), -4 if the lease
+# is not held (the permit has not been granted: the worker sends this script in the same round
+# trip as its ask for the permit, and starts the job again once it holds one). Takes the lock if
+# nobody holds it. Moves the latest turn started up to the job's. Everything is read and checked
+# first; the writes (SET, the index move, HSET, HSETNX, HINCRBY of a checked integer) cannot
+# fail.
 START = (
     TERMINAL_CHECK
     + MOVE_STATUS
@@ -167,6 +171,7 @@ if not state[1] then return -2 end
 if terminal(state[1]) then return -1 end
 local held = ARGV[4] ~= '' and redis.call('GET', KEYS[2])
 if held and held ~= ARGV[4] then return -3 end
+if (ARGV[6] or '') ~= '' and not redis.call('ZSCORE', KEYS[4], ARGV[6]) then return -4 end
 local index = status_index(KEYS[1])
 if not index or not string.match(state[2] or '0', '^%d+$') then return malformed(KEYS[1]) end
 local turn = tonumber(state[3])

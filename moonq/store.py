@@ -26,6 +26,8 @@ from moonq.settings import Settings
 log = logging.getLogger("moonq.store")
 
 JOB_FUNCTION = "run_completion"
+# `JobStore.start`'s answer when the upstream permit it was to start under is not held.
+NOT_GRANTED = -4
 # A tenant's index forgets ids older than MOONQ_RESULT_TTL + this: such jobs have long expired
 # (unless one waited in the queue for a month).
 INDEX_SLACK = 30 * 24 * 3600
@@ -260,16 +262,25 @@ class JobStore:
         return number
 
     async def start(
-        self, job_id: str, worker: str = "", lock_token: str = "", lock_ttl: float = 0.0
+        self,
+        job_id: str,
+        worker: str = "",
+        lock_token: str = "",
+        lock_ttl: float = 0.0,
+        lease: str = "",
     ) -> tuple[int, dict[str, str]]:
         """`start_attempt`, with what earlier attempts left in the record as of the start
         (`seq`, `failures`, `pauses`, `last_error`, where set): a record read before it may
-        be stale, as a stalled run may have written since."""
+        be stale, as a stalled run may have written since. With a `lease`, only if the
+        limiter holds that upstream permit: else -4, and nothing is written."""
         args: list[str | int] = [self.keys.tenant_status_base(), repr(self.clock()), worker]
         args.append(lock_token)
         args.append(int(lock_ttl * 1000))
         keys = [self.keys.job(job_id), in_progress_key_prefix + job_id]
         keys.append(queue_fair_clock(self.queue_name))
+        if lease:
+            keys.append(self.keys.limit_leases())
+            args.append(lease)
         reply = await self._start(keys=keys, args=args)
         if not isinstance(reply, list):
             return int(reply), {}

@@ -383,6 +383,60 @@ async def test_with_nobody_waiting_a_permit_skips_the_line(redis: ArqRedis, pref
         await limiter.close()
 
 
+@pytest.mark.redis
+async def test_what_goes_along_shares_the_asks_round_trip_and_counts_once_granted(
+    real_redis_url: str, prefix: str
+) -> None:
+    """The worker sends its job's START with its first ask for a permit: one round trip, the
+    ask first (START checks that the lease is held, as the ZSCORE here does). A permit not
+    granted at that ask gets no `along` (START went for nothing: it wrote nothing, and the job
+    starts once the permit comes); and while this process's asks wait, nothing goes along."""
+    from moonq.redis import connect
+
+    client = connect(real_redis_url)
+    batches: list[list[bytes | str]] = []
+    send_on = client._send_on  # type: ignore[attr-defined]
+
+    async def spy(conn: Any, batch: list[Any]) -> None:
+        batches.append([args[0] for args, _, _ in batch])
+        await send_on(conn, batch)
+
+    client._send_on = spy  # type: ignore[attr-defined]
+    limiter = _limiter(client, prefix, concurrency=1)
+    sent: list[str] = []
+
+    async def along(lease: str) -> Any:
+        sent.append(lease)
+        return await client.zscore(Keys(prefix).limit_leases(), lease)
+
+    try:
+        async with limiter.permit(10):  # ACQUIRE loaded (a first EVALSHA told NOSCRIPT would
+            pass  # be sent again, after what went along: that START would just go again)
+        async with limiter.permit(10, along=along) as first:
+            assert sent == [first.lease] and first.along is not None  # held when it ran
+            assert ["EVALSHA", "ZSCORE"] in batches
+            waiting = asyncio.create_task(_enter(limiter.permit(10, along=along)))
+            while len(sent) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            later = asyncio.create_task(_enter(limiter.permit(10, along=along)))
+            await asyncio.sleep(0.2)  # its first ask has waited too: it sent nothing along
+            assert len(sent) == 2 and not waiting.done() and not later.done()
+        second, third = await asyncio.wait_for(asyncio.gather(waiting, later), 10)
+        assert second.along is None  # it ran, but before the permit was granted
+        assert third.along is None and len(sent) == 2
+        async with limiter.permit(10, along=along) as fourth:  # the last ask did not wait
+            assert sent[-1] == fourth.lease and fourth.along is not None
+    finally:
+        await limiter.close()
+        await client.aclose()
+
+
+async def _enter(permit: Any) -> Any:
+    """Take a permit and give it back at once; the permit."""
+    async with permit as held:
+        return held
+
+
 async def test_an_uncontended_permit_costs_redis_half_the_work(own_redis: Any) -> None:
     """What the fast path saves, counted by a Redis of the test's own (INFO commandstats,
     the script's inner commands included): a permit while nobody waits runs 13 commands or

@@ -132,6 +132,31 @@ async def test_finish_charges_the_tenant_its_record_names_once_written(store: Jo
     assert {k.decode(): float(v) for k, v in vtimes.items()} == {"u": 10.0}
 
 
+async def test_a_start_under_a_permit_not_granted_writes_nothing(store: JobStore) -> None:
+    """START sent beside the ask for an upstream permit (one round trip) starts the job only
+    if the limiter holds that permit's lease: else -4, and the job is as it was, queued,
+    listed as queued, its lock and attempts untouched; once the lease is held, it starts."""
+    from arq.constants import in_progress_key_prefix
+
+    from moonq.store import NOT_GRANTED
+
+    job, _ = await store.create("t", _request())
+    redis, keys = store.redis, store.keys
+    record = await redis.hgetall(keys.job(job.id))
+    queued = await redis.zrange(keys.tenant_status("t", Status.QUEUED.value), 0, -1)
+    number, past = await store.start(job.id, "w1", "token-1", 5.0, lease="lease-1")
+    assert (number, past) == (NOT_GRANTED, {})
+    assert await redis.hgetall(keys.job(job.id)) == record
+    assert await redis.zrange(keys.tenant_status("t", Status.QUEUED.value), 0, -1) == queued
+    assert await redis.get(in_progress_key_prefix + job.id) is None
+    await redis.zadd(keys.limit_leases(), {"lease-2": 1.0})  # another permit's lease
+    assert (await store.start(job.id, "w1", "token-1", 5.0, lease="lease-1"))[0] == NOT_GRANTED
+    await redis.zadd(keys.limit_leases(), {"lease-1": 1.0})
+    assert (await store.start(job.id, "w1", "token-1", 5.0, lease="lease-1"))[0] == 1
+    assert (await store.get(job.id, "t")).status is Status.IN_PROGRESS  # type: ignore[union-attr]
+    assert await redis.get(in_progress_key_prefix + job.id) == b"token-1"
+
+
 async def test_a_superseded_attempt_cannot_write(store: JobStore) -> None:
     job, _ = await store.create("t", _request())
     old = await store.start_attempt(job.id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -29,7 +30,7 @@ from moonq.models import Status
 from moonq.redis import transient
 from moonq.scheduler import BATCH_PRIORITY_OFFSET
 from moonq.settings import Settings
-from moonq.store import InvalidUsage, JobStore, usage_counts
+from moonq.store import NOT_GRANTED, InvalidUsage, JobStore, usage_counts
 from worker.publisher import AttemptLost, EventPublisher, EventWriter, NotStorable
 from worker.upstream import MoonshotClient
 
@@ -252,10 +253,20 @@ class Runner:
         batch = bool(record.get("batch_id"))
         priority = permit_priority(record)
         tokens = await self._tokens(body)
-        async with self.limiter.permit(tokens, priority, self._is_draining, batch=batch) as permit:
-            number, past = await self.store.start(
-                job_id, self.worker_id, lock_token, self.settings.lock_timeout
-            )
+        start = functools.partial(
+            self.store.start, job_id, self.worker_id, lock_token, self.settings.lock_timeout
+        )
+        # START goes in the same round trip as the ask for a permit (after it), and starts the
+        # job only if that ask granted the permit: the job starts a round trip sooner.
+        async with self.limiter.permit(
+            tokens, priority, self._is_draining, batch=batch, along=lambda lease: start(lease=lease)
+        ) as permit:
+            early = permit.along
+            if isinstance(early, BaseException):
+                raise early
+            if early is None or early[0] == NOT_GRANTED:
+                early = await start()  # asked alone, or sent before the ask was granted
+            number, past = early
             if number < 0:  # no request is sent: the permit goes back unused
                 permit.used = 0
                 # -3: this run lost arq's lock (a stall), another run has the job; else it
