@@ -324,6 +324,7 @@ class UpstreamLimiter:
         self._renewing: tuple[set[str], asyncio.Future[None]] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._waited = False  # this process's last ask for a permit was told to wait
+        self._asking = 0  # asks in flight with something sent along
 
     @property
     def enabled(self) -> bool:
@@ -365,8 +366,14 @@ class UpstreamLimiter:
             await self._wait_for(permit, give_up, batch, along)
         except BaseException:
             if self.enabled:
-                with contextlib.suppress(RedisError, OSError):  # give up the place in line
-                    await asyncio.shield(self._leave_line(permit.lease))
+                # Give up the place in line, and the permit if an ask in flight as this wait
+                # ended (a cancel: a shutdown, an abort) granted it: it would hold a place
+                # until its lease lapsed. Nothing was sent under it: its tokens go back.
+                with contextlib.suppress(RedisError, OSError):
+                    release = self._release(
+                        keys=self._release_keys(), args=[permit.lease, tokens, 0]
+                    )
+                    await asyncio.shield(asyncio.gather(self._leave_line(permit.lease), release))
             raise
         if not self.enabled:
             yield permit
@@ -434,23 +441,35 @@ class UpstreamLimiter:
         along: Callable[[str], Awaitable[Any]] | None,
     ) -> int:
         """ACQUIRE's answer for `permit` (0: granted; else wait this many ms, -1: the gate is
-        closed), with `along` sent after it in the same round trip unless the last ask waited."""
-        ask: Awaitable[Any] = self._acquire(
-            keys=self._keys(), args=[*args, "1" if permit.probe else "0"]
-        )
-        if along is None or self._waited:
+        closed), with `along` sent after it, in the same round trip on moonq's client."""
+        ask = self._acquire(keys=self._keys(), args=[*args, "1" if permit.probe else "0"])
+        # Nothing goes along when the permit would most likely have to wait: this process's
+        # last ask waited (or met a closed gate), or the permits it holds and is asking for
+        # already fill the concurrency limit (a burst of starts).
+        full = self.concurrency and len(self._held) + self._asking >= self.concurrency
+        if along is None or self._waited or full:
             wait_ms = int(await ask)
-        else:  # both queued in this turn of the loop: one round trip, in this order
-            sent: Awaitable[Any] = along(permit.lease)
-            answer: Any
-            alongside: Any
-            answer, alongside = await asyncio.gather(ask, sent, return_exceptions=True)
-            if isinstance(answer, BaseException):
-                raise answer
-            wait_ms = int(answer)
-            if wait_ms == 0:
-                permit.along = alongside
-        self._waited = wait_ms > 0
+        else:
+            # `along` starts on the loop's next turn, the ask in this one: its command is
+            # queued after the ask's (and after those of other asks made in this turn), and
+            # the client sends what was queued by then as one round trip.
+            later = asyncio.ensure_future(along(permit.lease))
+            self._asking += 1
+            try:
+                wait_ms = int(await ask)
+            except BaseException:
+                later.cancel()  # not sent if it has not gone yet; its answer unread if it has
+                raise
+            finally:
+                self._asking -= 1
+            if wait_ms != 0:
+                later.cancel()  # it found no permit: it wrote nothing
+            else:
+                try:
+                    permit.along = await later
+                except Exception as exc:  # the caller's, to raise while it holds the permit
+                    permit.along = exc
+        self._waited = wait_ms != 0
         return wait_ms
 
     async def _closed_ms(self, permit: Permit) -> int:

@@ -389,8 +389,9 @@ async def test_what_goes_along_shares_the_asks_round_trip_and_counts_once_grante
 ) -> None:
     """The worker sends its job's START with its first ask for a permit: one round trip, the
     ask first (START checks that the lease is held, as the ZSCORE here does). A permit not
-    granted at that ask gets no `along` (START went for nothing: it wrote nothing, and the job
-    starts once the permit comes); and while this process's asks wait, nothing goes along."""
+    granted at that ask (another worker holds the only one) gets no `along`: START went for
+    nothing (it wrote nothing, and the job starts once the permit comes); and while this
+    process's asks wait, nothing goes along."""
     from moonq.redis import connect
 
     client = connect(real_redis_url)
@@ -403,6 +404,7 @@ async def test_what_goes_along_shares_the_asks_round_trip_and_counts_once_grante
 
     client._send_on = spy  # type: ignore[attr-defined]
     limiter = _limiter(client, prefix, concurrency=1)
+    other = _limiter(client, prefix, concurrency=1)  # another worker's
     sent: list[str] = []
 
     async def along(lease: str) -> Any:
@@ -415,12 +417,15 @@ async def test_what_goes_along_shares_the_asks_round_trip_and_counts_once_grante
         async with limiter.permit(10, along=along) as first:
             assert sent == [first.lease] and first.along is not None  # held when it ran
             assert ["EVALSHA", "ZSCORE"] in batches
-            waiting = asyncio.create_task(_enter(limiter.permit(10, along=along)))
-            while len(sent) < 2:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-            later = asyncio.create_task(_enter(limiter.permit(10, along=along)))
-            await asyncio.sleep(0.2)  # its first ask has waited too: it sent nothing along
-            assert len(sent) == 2 and not waiting.done() and not later.done()
+        holder = Holder(other, 10)
+        await holder.wait_granted(2.0)
+        waiting = asyncio.create_task(_enter(limiter.permit(10, along=along)))
+        while len(sent) < 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        later = asyncio.create_task(_enter(limiter.permit(10, along=along)))
+        await asyncio.sleep(0.2)  # its first ask has waited too: it sent nothing along
+        assert len(sent) == 2 and not waiting.done() and not later.done()
+        await holder.end()
         second, third = await asyncio.wait_for(asyncio.gather(waiting, later), 10)
         assert second.along is None  # it ran, but before the permit was granted
         assert third.along is None and len(sent) == 2
@@ -428,7 +433,55 @@ async def test_what_goes_along_shares_the_asks_round_trip_and_counts_once_grante
             assert sent[-1] == fourth.lease and fourth.along is not None
     finally:
         await limiter.close()
+        await other.close()
         await client.aclose()
+
+
+async def test_a_wait_cancelled_as_its_ask_granted_the_permit_gives_it_back(
+    redis: ArqRedis, prefix: str
+) -> None:
+    """A worker's shutdown (or an abort) cancels a job while its ask for a permit is on its
+    way: if the ask granted it, the permit goes back at once, not when its lease lapses (it
+    would hold a place of the account's concurrency meanwhile)."""
+    limiter = _limiter(redis, prefix, concurrency=2, lease_ttl=30.0)
+    asked = asyncio.Event()
+
+    async def along(lease: str) -> None:  # the rest of the round trip, slow to answer
+        asked.set()
+        await asyncio.sleep(30)
+
+    try:
+        waiting = asyncio.create_task(_enter(limiter.permit(10, along=along)))
+        await asyncio.wait_for(asked.wait(), 5)
+        await asyncio.sleep(0.1)  # ACQUIRE has answered: granted
+        assert await redis.zcard(Keys(prefix).limit_leases()) == 1
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert await redis.zcard(Keys(prefix).limit_leases()) == 0
+    finally:
+        await limiter.close()
+
+
+async def test_a_burst_of_asks_sends_along_only_what_the_limit_can_grant(
+    redis: ArqRedis, prefix: str
+) -> None:
+    """Twenty jobs asking at once where two permits are free: only two send their START
+    along (the others would be told to wait, their START wasted); every one gets its permit."""
+    limiter = _limiter(redis, prefix, concurrency=2)
+    sent: list[str] = []
+
+    async def along(lease: str) -> str:
+        sent.append(lease)
+        return lease
+
+    try:
+        held = await asyncio.wait_for(
+            asyncio.gather(*(_enter(limiter.permit(10, along=along)) for _ in range(20))), 30
+        )
+        assert len(held) == 20 and len(sent) == 2
+        assert [p.along for p in held if p.along is not None] == sent
+    finally:
+        await limiter.close()
 
 
 async def _enter(permit: Any) -> Any:
