@@ -346,7 +346,8 @@ class UpstreamLimiter:
         `along(lease)` is sent in the same round trip as the first ask for the permit, after
         it (moonq's START, which checks the lease itself): when that ask grants the permit,
         `permit.along` is its answer (or the exception it raised), and the job starts a round
-        trip sooner. Not sent while this process's last ask had to wait: it would be wasted.
+        trip sooner. Not sent while this process's last ask had to wait, or while the permits
+        it holds and asks for fill the concurrency limit: it would most likely be wasted.
 
         Waiters are served lowest `priority` first (moonq passes the job's creation time),
         and only while the `gate` (the account's pause) is open, limits on or off.
@@ -458,12 +459,12 @@ class UpstreamLimiter:
             try:
                 wait_ms = int(await ask)
             except BaseException:
-                later.cancel()  # not sent if it has not gone yet; its answer unread if it has
+                _drop(later)  # not sent if it has not gone yet; its answer unread if it has
                 raise
             finally:
                 self._asking -= 1
             if wait_ms != 0:
-                later.cancel()  # it found no permit: it wrote nothing
+                _drop(later)  # it found no permit: it wrote nothing
             else:
                 try:
                     permit.along = await later
@@ -558,3 +559,9 @@ class UpstreamLimiter:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
+
+
+def _drop(task: asyncio.Future[Any]) -> None:
+    """Stop waiting for `task`; an error it ended with is not reported as never retrieved."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
