@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import random
+import re
 import socket
 import statistics
 import time
@@ -430,3 +432,85 @@ def test_a_large_event_in_network_sized_pieces_is_read_in_linear_time() -> None:
     elapsed = time.perf_counter() - started
     assert [len(data) for data in events] == [size]
     assert elapsed < 5.0, f"{elapsed:.1f} s to read one {size >> 20} MiB event"
+
+
+# --- The connection after [DONE] -------------------------------------------------------------
+
+
+class _ChunkedServer:
+    """A raw HTTP/1.1 server answering each POST with an event stream in chunked encoding: two
+    chunks, [DONE], then (after `tail_after` s; never if None) more bytes `tail` and the body's
+    end. It counts the connections it accepts, as an upstream behind a TLS handshake would."""
+
+    CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+
+    def __init__(self, tail_after: float | None, tail: bytes = b"") -> None:
+        self.tail_after, self.tail = tail_after, tail
+        self.connections = 0
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+
+    async def __aexit__(self, *_: object) -> None:
+        self.server.close()
+        for writer in self._writers:
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+                await reader.readexactly(length)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n"
+                )
+                for piece in (self.CHUNK, self.CHUNK, b"data: [DONE]\n\n"):
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+                if self.tail_after is None:
+                    await asyncio.Event().wait()  # the body never ends
+                await asyncio.sleep(self.tail_after)
+                if self.tail:
+                    writer.write(b"%x\r\n%s\r\n" % (len(self.tail), self.tail))
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+
+
+async def test_a_stream_read_to_done_keeps_its_connection_for_the_next_one() -> None:
+    """The body's end comes a moment after [DONE] (as it often does across a network): the
+    client reads it, so the next request reuses the connection rather than opening another
+    (with the real upstream, another TLS handshake)."""
+    upstream = _ChunkedServer(tail_after=0.01)
+    async with upstream as url:
+        client = MoonshotClient(url, KEY)
+        try:
+            for _ in range(3):
+                assert len(await drain(client, chat())) == 2
+        finally:
+            await client.aclose()
+    assert upstream.connections == 1
+
+
+@pytest.mark.parametrize("tail", [b"", b"data: more after the end\n\n" * 10])
+async def test_a_body_that_does_not_end_after_done_delays_the_answer_only_briefly(
+    tail: bytes,
+) -> None:
+    """An upstream that keeps the body open (or sends more) after [DONE]: the answer is what
+    came before [DONE], a moment later (DRAIN_PATIENCE), not after the read timeout."""
+    upstream = _ChunkedServer(tail_after=None if not tail else 0.0, tail=tail)
+    async with upstream as url:
+        client = MoonshotClient(url, KEY, read_timeout=30)
+        try:
+            started = time.monotonic()
+            chunks = await drain(client, chat())
+            took = time.monotonic() - started
+        finally:
+            await client.aclose()
+    assert [c["choices"][0]["delta"]["content"] for c in chunks] == ["x", "x"]
+    assert took < 5

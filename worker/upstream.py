@@ -27,6 +27,10 @@ ACCOUNT_TIMEOUT = 3.0
 _JSON = {"Accept": "application/json"}
 _JSON_BODY = {"Content-Type": "application/json"}
 _BOM = "\ufeff".encode()
+# After [DONE], what is left of the body (as a rule only the end of its chunked encoding) is
+# read for at most this long: a connection whose body was not read to its end is closed rather
+# than kept, and the next job opens another (a TLS handshake, with the real upstream).
+DRAIN_PATIENCE = 0.05
 
 
 class _SetCookies(httpx.Cookies):
@@ -226,15 +230,28 @@ async def _chunks(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
             f"not an event stream: the upstream answered with Content-Type {content_type!r}"
         )
     events = EventData()
-    async for raw in response.aiter_bytes():
+    stream = response.aiter_bytes()
+    async for raw in stream:
         for data in events.feed(raw):
             if data.strip() == b"[DONE]":
+                await _read_rest(stream)
                 return
             if data:
                 yield _parse(data)
     raise errors.UpstreamConnectionError(
         "the upstream stream ended before [DONE]", type="stream_interrupted"
     )
+
+
+async def _read_rest(stream: AsyncIterator[bytes]) -> None:
+    """The body's end, after [DONE], so that its connection goes back to the pool: read for at
+    most DRAIN_PATIENCE and dropped; a failure or a wait past it only costs the connection."""
+    try:
+        async with asyncio.timeout(DRAIN_PATIENCE):
+            async for _ in stream:
+                pass
+    except (TimeoutError, httpx.HTTPError, aiohttp.ClientError, OSError):
+        pass
 
 
 def _parse(data: bytes) -> dict[str, Any]:
