@@ -33,17 +33,42 @@ LEAN = _shutdown_state is not None and _start_watcher is not None
 
 class _Stop:
     """Ends one stream early, once: set by the client's disconnect, by a failed ping, or by
-    sse-starlette's shutdown watcher (which calls `set()` on each stream it holds)."""
+    sse-starlette's shutdown watcher (which calls `set()` on each stream it holds). Its cancel
+    is sent again every `AGAIN` seconds until the stream has taken it, as sse-starlette's
+    cancel scope cancels again at each await: a cancel can be lost on the way (on Python 3.11
+    `asyncio.wait_for`, which redis-py's `send_packed_command` awaits under a socket timeout,
+    returns the result of a wait that completes as the cancel lands)."""
 
-    __slots__ = ("armed", "fired", "task")
+    AGAIN = 0.1
+    __slots__ = ("again", "armed", "fired", "sent", "task")
 
     def __init__(self, task: asyncio.Task[Any]) -> None:
-        self.task, self.armed, self.fired = task, True, False
+        self.task, self.armed, self.fired, self.sent = task, True, False, 0
+        self.again: asyncio.TimerHandle | None = None
 
     def set(self) -> None:
         if self.armed and not self.fired:
             self.fired = True
+            self._cancel()
+
+    def _cancel(self) -> None:
+        if self.armed:
+            self.sent += 1
             self.task.cancel()
+            self.again = self.task.get_loop().call_later(self.AGAIN, self._cancel)
+
+    def disarm(self) -> None:
+        self.armed = False
+        if self.again is not None:
+            self.again.cancel()
+
+    def settle(self) -> int:
+        """Takes back each cancel sent; the task's cancels left (from outside)."""
+        left = self.task.cancelling()
+        for _ in range(self.sent):
+            left = self.task.uncancel()
+        self.sent = 0
+        return left
 
 
 class EventStream(EventSourceResponse):
@@ -83,12 +108,14 @@ class EventStream(EventSourceResponse):
         waiting.add(stop)
         helper = asyncio.get_running_loop().create_task(self._listen(receive, send, stop))
         try:
-            await self._stream(send)
+            await self._stream(send, stop)
         except asyncio.CancelledError:
-            if not stop.fired or task.uncancel() > 0:
+            stop.disarm()
+            if not stop.fired or stop.settle() > 0:
                 raise  # cancelled from outside, not (only) ended by the client or the server
         finally:
-            stop.armed = False
+            stop.disarm()
+            stop.settle()  # a cancel lost on the way, the stream having ended meanwhile
             waiting.discard(stop)
             helper.cancel()
         if not helper.cancelled() and helper.done() and helper.exception() is not None:
@@ -96,7 +123,7 @@ class EventStream(EventSourceResponse):
         if self.background is not None:
             await self.background()
 
-    async def _stream(self, send: Send) -> None:
+    async def _stream(self, send: Send, stop: _Stop) -> None:
         """sse-starlette's `_stream_response`, its last send serialised with the pings by
         `active` rather than by a lock: neither awaits between its check and its send."""
         await send(
@@ -108,6 +135,7 @@ class EventStream(EventSourceResponse):
                 chunk = ensure_bytes(data, self.sep)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except BaseException:
+            stop.disarm()  # its cleanup is not cancelled again (sse-starlette shields it)
             # Suspended at its yield while a send failed or was cancelled: close it so that
             # its cleanup runs now (a stream that raised itself is closed already).
             aclose = getattr(iterator, "aclose", None)

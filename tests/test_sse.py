@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from sse_starlette import EventSourceResponse, ServerSentEvent
-from sse_starlette.sse import AppStatus
+from sse_starlette.sse import AppStatus, _get_shutdown_state
 
 from api import sse
 from api.sse import EventStream
@@ -151,6 +151,42 @@ async def test_a_cancel_that_lands_with_the_clients_disconnect_stays_a_cancel() 
     serving.cancel()  # both before the stream's task runs again
     with pytest.raises(asyncio.CancelledError):
         await serving
+
+
+@pytest.mark.parametrize("by", ["disconnect", "exit"])
+async def test_a_stop_that_lands_as_a_wait_for_completes_still_ends_the_stream(by: str) -> None:
+    """Python 3.11's `asyncio.wait_for` returns its result when a cancel lands as its wait
+    completes (redis-py awaits one for each command under a socket timeout, in the request's
+    task when a stream subscribes): the stop is sent again, as sse-starlette's cancel scope
+    cancels again at each await, so the stream still ends (found by a review helper)."""
+    client, cleaned = Client(), asyncio.Event()
+
+    async def a_command_on_the_socket() -> None:
+        await asyncio.sleep(0)
+        if by == "disconnect":
+            client.gone.set()
+        else:
+            for stop in list(_get_shutdown_state().events):
+                stop.set()  # what sse-starlette's watcher does at the server's exit
+
+    async def source() -> AsyncIterator[str]:
+        try:
+            yield "a"
+            await asyncio.wait_for(a_command_on_the_socket(), 5)
+            while True:
+                await asyncio.sleep(0.05)  # a job that has not run: nothing else would end it
+                yield "tick"
+        finally:
+            cleaned.set()
+
+    serving = asyncio.create_task(EventStream(source(), ping=15)(GET, client.receive, client.send))
+    try:
+        async with asyncio.timeout(2):
+            await asyncio.shield(serving)
+    finally:
+        serving.cancel()
+    assert cleaned.is_set() and not serving.cancelled()
+    assert not serving.exception() and serving.get_coro() is not None
 
 
 async def test_a_ping_that_cannot_be_sent_ends_the_stream_with_its_error() -> None:
