@@ -71,6 +71,11 @@ class _Stop:
         return left
 
 
+def _retrieved(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class EventStream(EventSourceResponse):
     """An `EventSourceResponse` served by one helper task rather than a task group of four,
     and that, without a `send_timeout`, sends each event as is (sse-starlette wraps every send
@@ -102,6 +107,7 @@ class EventStream(EventSourceResponse):
             await super().__call__(scope, receive, send)
             return
         assert _shutdown_state is not None and _start_watcher is not None
+        cancels = task.cancelling()  # any before this response are not its own to take
         stop = _Stop(task)
         _start_watcher()
         waiting = _shutdown_state().events
@@ -111,13 +117,14 @@ class EventStream(EventSourceResponse):
             await self._stream(send, stop)
         except asyncio.CancelledError:
             stop.disarm()
-            if not stop.fired or stop.settle() > 0:
+            if not stop.fired or stop.settle() > cancels:
                 raise  # cancelled from outside, not (only) ended by the client or the server
         finally:
             stop.disarm()
             stop.settle()  # a cancel lost on the way, the stream having ended meanwhile
             waiting.discard(stop)
             helper.cancel()
+            helper.add_done_callback(_retrieved)  # a failed ping's error, when one is raising
         if not helper.cancelled() and helper.done() and helper.exception() is not None:
             raise helper.exception()  # type: ignore[misc]  # a ping that could not be sent
         if self.background is not None:

@@ -6,6 +6,7 @@ where they must agree."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,27 @@ async def test_a_stop_that_lands_as_a_wait_for_completes_still_ends_the_stream(b
         serving.cancel()
     assert cleaned.is_set() and not serving.cancelled()
     assert not serving.exception() and serving.get_coro() is not None
+
+
+async def test_a_disconnect_in_a_task_with_an_earlier_swallowed_cancel_ends_quietly() -> None:
+    """A cancel taken (and swallowed) before the response began is not the stream's to count:
+    the client's disconnect still ends the stream without raising, as sse-starlette's does."""
+    client, source = Client(), Source(["a"], then_wait=True)
+
+    async def serve() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(1)  # some earlier code took a cancel and went on
+        await EventStream(source(), ping=15)(GET, client.receive, client.send)
+
+    serving = asyncio.create_task(serve())
+    await asyncio.sleep(0.05)
+    client.gone.set()
+    async with asyncio.timeout(2):
+        await serving
+    assert source.closed.is_set()
 
 
 async def test_a_ping_that_cannot_be_sent_ends_the_stream_with_its_error() -> None:

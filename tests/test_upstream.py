@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp.http_exceptions import TransferEncodingError
 from httpx_aiohttp import AiohttpTransport
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
@@ -514,3 +515,32 @@ async def test_a_body_that_does_not_end_after_done_delays_the_answer_only_briefl
             await client.aclose()
     assert [c["choices"][0]["delta"]["content"] for c in chunks] == ["x", "x"]
     assert took < 5
+
+
+class _BrokenBody(httpx.AsyncByteStream):
+    """A body whose chunked encoding turns out malformed after `good` (aiohttp's pure-Python
+    parser raises this, an `HttpProcessingError` that the transport does not map)."""
+
+    def __init__(self, good: bytes) -> None:
+        self.good = good
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.good
+        raise TransferEncodingError("Not enough data to satisfy transfer length header.")
+
+
+async def test_a_body_broken_after_done_still_answers() -> None:
+    good = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\ndata: [DONE]\n\n'
+    answer = httpx.Response(200, headers=SSE, stream=_BrokenBody(good))
+    async with mocked(lambda request: answer) as client:
+        chunks = await drain(client, chat())
+    assert [c["choices"][0]["delta"]["content"] for c in chunks] == ["x"]
+
+
+async def test_a_body_broken_midway_is_a_protocol_error() -> None:
+    good = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+    answer = httpx.Response(200, headers=SSE, stream=_BrokenBody(good))
+    async with mocked(lambda request: answer) as client:
+        error = await failure(client, chat(), seen := [])
+    assert type(error) is UpstreamProtocolError and len(seen) == 1
+    assert "TransferEncodingError" in str(error) and KEY not in str(error)

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+from aiohttp.http_exceptions import HttpProcessingError
 from httpx_aiohttp import AiohttpTransport
 
 from moonq import errors, serde
@@ -112,7 +113,7 @@ class MoonshotClient:
                     yield chunk
         except httpx.TransportError as exc:
             raise self._redact(errors.from_transport(exc)) from exc
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, HttpProcessingError) as exc:
             # Not mapped by the transport (e.g. a malformed status line). Its repr carries the
             # request headers, the key among them: keep only the kind of failure.
             raise errors.UpstreamProtocolError(
@@ -250,7 +251,7 @@ async def _read_rest(stream: AsyncIterator[bytes]) -> None:
         async with asyncio.timeout(DRAIN_PATIENCE):
             async for _ in stream:
                 pass
-    except (TimeoutError, httpx.HTTPError, aiohttp.ClientError, OSError):
+    except Exception:  # any (a parser's own error too): the answer is whole, the connection lost
         pass
 
 
