@@ -12,6 +12,7 @@ import pytest
 import redis as sync_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from moonq.redis import connect
 from tests.procs import free_port
@@ -99,10 +100,12 @@ async def test_a_caller_that_gives_up_before_its_turn_sends_nothing(
 
 
 class _Stub:
-    """A Redis stand-in. On its first connection it `hangs` (reads, never answers) or
-    `drops` (answers the first command of a round trip of several, then hangs up); later
-    connections answer every command (PING with PONG, for redis-py's health check, anything
-    else with OK)."""
+    """A Redis stand-in. On its first connection it `hangs` (reads, never answers), `stalls`
+    (answers redis-py's handshake on connecting, `CLIENT SETINFO` and a `PING`, then
+    nothing else) or `drops`
+    (answers the first command of a round trip of several, then hangs up); later connections
+    answer every command (PING with PONG, for redis-py's health check, anything else with
+    OK)."""
 
     def __init__(self, first: str) -> None:
         self.first = first
@@ -129,9 +132,13 @@ class _Stub:
                 commands = []
                 while (command := parser.gets()) is not False:
                     commands.append(command)
+                if first and self.first == "stalls":
+                    commands = [c for c in commands if c[0].upper() in (b"CLIENT", b"PING")]
+                if first and self.first in ("hangs", "stalls") and not commands:
+                    continue
                 if first and self.first == "hangs":
                     continue
-                if first and len(commands) > 1:
+                if first and self.first == "drops" and len(commands) > 1:
                     writer.write(b"+OK\r\n")
                     await writer.drain()
                     break
@@ -157,6 +164,29 @@ async def test_a_connection_lost_mid_round_trip_fails_only_the_callers_left_unan
             again = await asyncio.gather(*(client.set(f"k{i}", "v") for i in range(5)))
             assert again == [True] * 5
             assert stub.connections == 2
+        finally:
+            await client.aclose()
+
+
+async def test_a_round_trip_redis_does_not_answer_times_out_as_redis_py_times_out() -> None:
+    """Redis stopped answering: after `socket_timeout` every caller of the round trip hears
+    redis-py's own `TimeoutError` (one deadline for the whole round trip, not one per reply),
+    the connection is dropped, and the next commands go over a new one, under the same
+    timeout."""
+    async with _Stub("stalls") as stub:
+        client = connect(f"redis://127.0.0.1:{stub.port}/0", socket_timeout=0.3)
+        loop = asyncio.get_running_loop()
+        try:
+            started = loop.time()
+            answers = await asyncio.gather(
+                *(client.get(f"k{i}") for i in range(3)), return_exceptions=True
+            )
+            assert all(isinstance(answer, RedisTimeoutError) for answer in answers), answers
+            assert 0.25 < loop.time() - started < 2
+            assert await client.set("k", "v") is True
+            assert stub.connections == 2
+            (conn,) = client.connection_pool._available_connections  # type: ignore[attr-defined]
+            assert conn.socket_timeout == 0.3
         finally:
             await client.aclose()
 
