@@ -353,7 +353,7 @@ async def _in_time(conn: Connection) -> AsyncIterator[None]:
         async with asyncio.timeout(timeout):
             yield
     except TimeoutError:
-        raise rx.TimeoutError(f"Redis did not answer within {timeout} s") from None
+        raise rx.TimeoutError(f"Timeout talking to {conn._host_error()} ({timeout} s)") from None
     finally:
         conn.socket_timeout = timeout
 
