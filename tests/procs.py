@@ -63,6 +63,14 @@ def clean_env(**values: str) -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1", **values}
 
 
+def real_env(redis_url: str, prefix: str, **values: str) -> dict[str, str]:
+    """`clean_env` for processes of a deployment on real Redis, under a prefix of its own
+    (and the queue that goes with it), plus `values`."""
+    return clean_env(
+        REDIS_URL=redis_url, MOONQ_KEY_PREFIX=prefix, MOONQ_QUEUE_NAME=f"{prefix}:queue", **values
+    )
+
+
 @dataclass
 class Proc:
     name: str

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import chat
-from tests.procs import Proc, clean_env, start, wait_http, wait_log
+from tests.procs import Proc, clean_env, real_env, start, wait_http, wait_log
 from worker.main import heartbeat_file
 
 UVICORN = r"Uvicorn running on http://127\.0\.0\.1:(\d+)"
@@ -27,12 +27,6 @@ def exited(proc: Proc, timeout: float = 20) -> str:
     finally:
         proc.stop(signal.SIGKILL)
     return proc.output()
-
-
-def real_env(redis_url: str, prefix: str, **values: str) -> dict[str, str]:
-    return clean_env(
-        REDIS_URL=redis_url, MOONQ_KEY_PREFIX=prefix, MOONQ_QUEUE_NAME=f"{prefix}:queue", **values
-    )
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from httpx_sse import aconnect_sse
 
 from moonq.fake_moonshot import expected_content, expected_usage
 from tests.conftest import chat, cleanup_prefix
-from tests.procs import Proc, clean_env, start, start_api, start_fake
+from tests.procs import Proc, real_env, start, start_api, start_fake
 
 pytestmark = pytest.mark.e2e
 
@@ -45,10 +45,9 @@ def deployment(
 ) -> Iterator[Deployment]:
     workdir: Path = tmp_path_factory.mktemp("e2e")
     prefix = f"e2e{uuid.uuid4().hex[:12]}"
-    env = clean_env(
-        REDIS_URL=real_redis_url,
-        MOONQ_KEY_PREFIX=prefix,
-        MOONQ_QUEUE_NAME=f"{prefix}:queue",
+    env = real_env(
+        real_redis_url,
+        prefix,
         MOONSHOT_API_KEY=UPSTREAM_KEY,
         MOONQ_API_KEYS=",".join(f"{key}={tenant}" for tenant, key in KEYS.items()),
         MOONQ_POLL_DELAY="0.01",

@@ -17,7 +17,7 @@ import pytest
 
 from moonq.logs import Formatter, JobFilter, job_context, secrets_of
 from tests.conftest import chat, submit
-from tests.procs import clean_env, start, wait_http, wait_log
+from tests.procs import clean_env, real_env, start, wait_http, wait_log
 
 API_KEY = "sk-tenant-known-key-0001"
 UPSTREAM_KEY = "sk-upstream-known-key-0002"
@@ -183,10 +183,9 @@ def test_the_api_logs_json_lines_and_access_lines_only_when_asked(
 
 @pytest.mark.e2e
 def test_the_worker_logs_json_lines(tmp_path: Path, real_redis_url: str, prefix: str) -> None:
-    env = clean_env(
-        REDIS_URL=real_redis_url,
-        MOONQ_KEY_PREFIX=prefix,
-        MOONQ_QUEUE_NAME=f"{prefix}:queue",
+    env = real_env(
+        real_redis_url,
+        prefix,
         MOONSHOT_BASE_URL="http://127.0.0.1:9/v1",
         MOONQ_LOG_FORMAT="json",
     )

@@ -12,7 +12,7 @@ import pytest
 from pydantic import SecretStr
 
 from moonq.settings import Settings
-from tests.procs import clean_env, start, wait_http, wait_log
+from tests.procs import real_env, start, wait_http, wait_log
 
 README = Path(__file__).parent.parent / "README.md"
 ROW = re.compile(r"^\| `([A-Z_]+)` \| (.+?) \|", re.M)
@@ -89,9 +89,7 @@ def test_the_processes_by_hand_work_as_written(
     """The README's commands, only with ports of their own and the test's Redis."""
     (fake_env, fake_args), (api_env, api_args), (worker_env, worker_args) = _by_hand()
     assert fake_args == ["fake-moonshot"] and api_args == ["api"] and worker_args == ["worker"]
-    base = clean_env(
-        REDIS_URL=real_redis_url, MOONQ_KEY_PREFIX=prefix, MOONQ_QUEUE_NAME=f"{prefix}:queue"
-    )
+    base = real_env(real_redis_url, prefix)
     procs = [start("fake", [*fake_args, "--port", "0"], {**base, **fake_env}, tmp_path)]
     try:
         fake_port = wait_log(procs[0], FAKE_LISTENING).group(1)

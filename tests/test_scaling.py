@@ -28,7 +28,16 @@ from api.app import create_app
 from moonq.fake_moonshot import FakeServer
 from moonq.settings import Settings
 from tests.conftest import IN_CI, chat, make_settings
-from tests.procs import Proc, clean_env, serve_on_free_port, spawn, start, start_api, wait_log
+from tests.procs import (
+    Proc,
+    clean_env,
+    real_env,
+    serve_on_free_port,
+    spawn,
+    start,
+    start_api,
+    wait_log,
+)
 from worker.main import create_worker
 
 _TCP_ESTABLISHED = "01"
@@ -80,10 +89,9 @@ def _connections_by_process(parent: int, port: int) -> dict[int, int]:
 def api_two_processes(
     real_redis_url: str, prefix: str, tmp_path: Path
 ) -> Iterator[tuple[Proc, str, Settings]]:
-    env = clean_env(
-        REDIS_URL=real_redis_url,
-        MOONQ_KEY_PREFIX=prefix,
-        MOONQ_QUEUE_NAME=f"{prefix}:queue",
+    env = real_env(
+        real_redis_url,
+        prefix,
         MOONQ_API_KEYS="key1=team-a",
         MOONQ_API_WORKERS="2",
     )

@@ -19,7 +19,7 @@ from sse_starlette.sse import AppStatus, _get_shutdown_state
 from api import sse
 from api.sse import EventStream
 from tests.conftest import chat
-from tests.procs import clean_env, start_api
+from tests.procs import real_env, start_api
 
 GET = {"type": "http", "method": "GET", "asgi": {"spec_version": "2.3"}}
 
@@ -254,10 +254,9 @@ def test_a_stopping_api_process_ends_the_streams_it_serves(
     """`moonq api` told to stop (SIGTERM) while a client follows a job that has not run (no
     worker): the stream is cut and the process exits at once, rather than waiting for a job
     that may run for minutes."""
-    env = clean_env(
-        REDIS_URL=real_redis_url,
-        MOONQ_KEY_PREFIX=prefix,
-        MOONQ_QUEUE_NAME=f"{prefix}:queue",
+    env = real_env(
+        real_redis_url,
+        prefix,
         MOONSHOT_API_KEY="sk-unused",
         MOONQ_API_KEYS="",
     )
