@@ -63,13 +63,13 @@ class _Transport(AiohttpTransport):
     `_chunks` reads aiohttp's reader instead when the body is not compressed (aiohttp is told
     not to decompress; httpx decodes a compressed body, so that one still goes through
     httpx), under the transport's own mapping of aiohttp's errors to httpx's; the answer is
-    still closed by httpx. Where the installed httpx-aiohttp keeps its answer elsewhere,
-    bodies go through httpx as before."""
+    still closed by httpx. Where the installed httpx-aiohttp keeps its answer elsewhere, or
+    maps its errors elsewhere, bodies go through httpx as before."""
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await super().handle_async_request(request)
         answer = getattr(response.stream, "_aiohttp_response", None)
-        if isinstance(answer, aiohttp.ClientResponse) and _MAP_ERRORS is not None:
+        if isinstance(answer, aiohttp.ClientResponse):
             response.extensions[_BODY] = answer.content
         return response
 
