@@ -89,12 +89,7 @@ def _connections_by_process(parent: int, port: int) -> dict[int, int]:
 def api_two_processes(
     real_redis_url: str, prefix: str, tmp_path: Path
 ) -> Iterator[tuple[Proc, str, Settings]]:
-    env = real_env(
-        real_redis_url,
-        prefix,
-        MOONQ_API_KEYS="key1=team-a",
-        MOONQ_API_WORKERS="2",
-    )
+    env = real_env(real_redis_url, prefix, MOONQ_API_KEYS="key1=team-a", MOONQ_API_WORKERS="2")
     proc, url = start_api("api", env, tmp_path)
     try:
         yield proc, url, make_settings(real_redis_url, prefix, "http://unused")

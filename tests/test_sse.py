@@ -254,12 +254,7 @@ def test_a_stopping_api_process_ends_the_streams_it_serves(
     """`moonq api` told to stop (SIGTERM) while a client follows a job that has not run (no
     worker): the stream is cut and the process exits at once, rather than waiting for a job
     that may run for minutes."""
-    env = real_env(
-        real_redis_url,
-        prefix,
-        MOONSHOT_API_KEY="sk-unused",
-        MOONQ_API_KEYS="",
-    )
+    env = real_env(real_redis_url, prefix, MOONSHOT_API_KEY="sk-unused", MOONQ_API_KEYS="")
     proc, url = start_api("api", env, tmp_path)
     try:
         with httpx.Client(base_url=url, timeout=10) as http:
